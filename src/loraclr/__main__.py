@@ -1,0 +1,5 @@
+import sys
+
+from loraclr.cli import main
+
+sys.exit(main())

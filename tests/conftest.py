@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny SD1 / SDXL pipelines built from configs (no downloads), session-scoped.
+
+Tests must not modify the session pipelines in place; use ``copy.deepcopy`` or the ``fresh_*`` builders.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraclr.models import build_components, build_pipeline
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1():
+    return build_pipeline("sd1", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl():
+    return build_pipeline("sdxl", "tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def meta_sd15():
+    """Real-shaped SD 1.5 components on the meta device (names and shapes only)."""
+    return build_components("sd1", "real", device="meta", with_vae=False)
+
+
+@pytest.fixture(scope="session")
+def meta_sdxl():
+    """Real-shaped SDXL components on the meta device (names and shapes only)."""
+    return build_components("sdxl", "real", device="meta", with_vae=False)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
