@@ -32,6 +32,7 @@ class LayerProblem:
     gram: list[Tensor] | None = None  # N x (in, in); X_i^T X_i, when only statistics were kept
     n_rows: list[int] | None = None  # N; rows behind each gram (for means / MSE normalisation)
     concept_names: list[str] = field(default_factory=list)
+    ranks: list[int | None] | None = None  # N; LoRA rank behind each delta (None: dense), when known
 
 
 @dataclass

@@ -1,0 +1,218 @@
+"""Helpers shared by the merge methods: input checks, feature statistics, and the exact quadratic solve.
+
+Everything here is a pure tensor function (STYLE.md). Shapes follow :mod:`loraclr.merge.api`:
+W0 and deltas (out, in), X[i] (n_i, in), gram[i] (in, in).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from loraclr.merge.api import LayerProblem
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def resolve_dtype(name: str, field_name: str = "dtype") -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"{field_name} must be one of {sorted(_DTYPES)}, got {name!r}") from None
+
+
+def check_device(name: str) -> None:
+    try:
+        torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"device must be a torch device string such as 'cpu' or 'cuda:0', got {name!r}"
+        ) from None
+
+
+def check_problem(problem: LayerProblem) -> tuple[int, int, int]:
+    """Validate W0 / deltas / names; return (N, out, in). Raises ValueError naming the layer."""
+    key = problem.key
+    if problem.W0.dim() != 2:
+        raise ValueError(
+            f"layer {key}: W0 must be 2-D (out, in); flatten convolution weights to (out, in*kh*kw) "
+            f"first, got shape {tuple(problem.W0.shape)}"
+        )
+    out_dim, in_dim = problem.W0.shape
+    for i, d in enumerate(problem.deltas):
+        if tuple(d.shape) != (out_dim, in_dim):
+            raise ValueError(
+                f"layer {key}: delta of concept {_name(problem, i)} has shape {tuple(d.shape)}, "
+                f"expected the base weight's {(out_dim, in_dim)}"
+            )
+        if not torch.isfinite(d).all():
+            raise ValueError(f"layer {key}: delta of concept {_name(problem, i)} has NaN/inf values")
+    if problem.concept_names and len(problem.concept_names) != len(problem.deltas):
+        raise ValueError(
+            f"layer {key}: {len(problem.concept_names)} concept names for {len(problem.deltas)} deltas"
+        )
+    return len(problem.deltas), out_dim, in_dim
+
+
+def _name(problem: LayerProblem, i: int) -> str:
+    return repr(problem.concept_names[i]) if problem.concept_names else f"#{i}"
+
+
+def stacked_deltas(problem: LayerProblem, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """(N, out, in) in the compute dtype; (0, out, in) for no concepts."""
+    if not problem.deltas:
+        return problem.W0.new_zeros((0, *problem.W0.shape), dtype=dtype, device=device)
+    return torch.stack([d.to(device=device, dtype=dtype) for d in problem.deltas])
+
+
+def rows(problem: LayerProblem, method: str, dtype: torch.dtype, device) -> list[Tensor]:
+    """The raw feature rows X_i (n_i, in); ValueError naming the layer when they were not kept."""
+    n, _, in_dim = check_problem(problem)
+    if problem.X is None:
+        raise ValueError(
+            f"layer {problem.key}: method {method!r} needs the raw feature rows X (LayerProblem.X), "
+            "but only statistics were collected; keep rows for this layer or pick a method that works "
+            "from Grams"
+        )
+    if len(problem.X) != n:
+        raise ValueError(f"layer {problem.key}: {len(problem.X)} feature blocks for {n} concepts")
+    out = []
+    for i, x in enumerate(problem.X):
+        if x.dim() != 2 or x.shape[1] != in_dim or x.shape[0] < 1:
+            raise ValueError(
+                f"layer {problem.key}: X of concept {_name(problem, i)} has shape {tuple(x.shape)}, "
+                f"expected (n_rows >= 1, {in_dim})"
+            )
+        x = x.to(device=device, dtype=dtype)
+        if not torch.isfinite(x).all():
+            raise ValueError(f"layer {problem.key}: X of concept {_name(problem, i)} has NaN/inf values")
+        out.append(x)
+    return out
+
+
+@dataclass
+class GramStats:
+    """Per-concept second moments: gram (N, in, in) = X_i^T X_i, n_rows (N,)."""
+
+    gram: Tensor
+    n_rows: list[int]
+
+
+def gram_stats(problem: LayerProblem, method: str, dtype: torch.dtype, device) -> GramStats:
+    """G_i = X_i^T X_i from ``problem.gram`` when given (full statistics), else from the raw rows."""
+    n, _, in_dim = check_problem(problem)
+    if problem.gram is not None:
+        if len(problem.gram) != n:
+            raise ValueError(f"layer {problem.key}: {len(problem.gram)} Grams for {n} concepts")
+        if problem.n_rows is None or len(problem.n_rows) != n:
+            raise ValueError(
+                f"layer {problem.key}: LayerProblem.gram needs n_rows (rows behind each Gram), one per concept"
+            )
+        grams = []
+        for i, g in enumerate(problem.gram):
+            if tuple(g.shape) != (in_dim, in_dim):
+                raise ValueError(
+                    f"layer {problem.key}: Gram of concept {_name(problem, i)} has shape {tuple(g.shape)}, "
+                    f"expected {(in_dim, in_dim)}"
+                )
+            g = g.to(device=device, dtype=dtype)
+            if not torch.isfinite(g).all():
+                raise ValueError(
+                    f"layer {problem.key}: Gram of concept {_name(problem, i)} has NaN/inf values"
+                )
+            grams.append(g)
+        if any(int(k) < 1 for k in problem.n_rows):
+            raise ValueError(f"layer {problem.key}: n_rows must be >= 1, got {problem.n_rows}")
+        gram = torch.stack(grams) if grams else torch.zeros(0, in_dim, in_dim, dtype=dtype, device=device)
+        return GramStats(gram, [int(k) for k in problem.n_rows])
+    if problem.X is None:
+        raise ValueError(
+            f"layer {problem.key}: method {method!r} needs features: LayerProblem.X (raw rows) or "
+            "LayerProblem.gram with n_rows; collect features for this layer or use a feature-free method "
+            "(sum, average, svd, ties, dare)"
+        )
+    xs = rows(problem, method, dtype, device)
+    gram = (
+        torch.stack([x.T @ x for x in xs])
+        if xs
+        else torch.zeros(0, in_dim, in_dim, dtype=dtype, device=device)
+    )
+    return GramStats(gram, [x.shape[0] for x in xs])
+
+
+def common_row_index(n_rows: list[int], device=None) -> list[Tensor]:
+    """Rows used to compare concept blocks whose row counts differ (negatives in LoRACLR).
+
+    All blocks are cut to m = min_i n_i rows, taken evenly spaced over each block
+    (``round(linspace(0, n_i - 1, m))``): deterministic, covers the whole prompt / trajectory, and is the
+    identity (all rows, in order) when every concept has m rows -- the official code's case.
+    """
+    if not n_rows:
+        return []
+    m = min(n_rows)
+    out = []
+    for n in n_rows:
+        if n == m:
+            out.append(torch.arange(n, device=device))
+        else:
+            out.append(torch.linspace(0, n - 1, m, dtype=torch.float64, device=device).round().long())
+    return out
+
+
+@dataclass
+class QuadSolve:
+    offset: Tensor  # (out, in)
+    t: float  # ridge implied by the Frobenius-norm term, lambda_reg / (2 ||D||_F); 0 without it
+    kept: int  # eigen-directions of A above the rcond cutoff
+    dropped: int  # directions treated as unexcited (D = 0 there)
+
+
+def solve_quadratic_fro(A: Tensor, B: Tensor, lambda_reg: float, rcond: float) -> QuadSolve:
+    """Exact minimiser of  tr(D A D^T) - 2 <D, B> + lambda_reg * ||D||_F  (A symmetric PSD (in, in), B (out, in)).
+
+    Stationarity: D (A + t I) = B with t = lambda_reg / (2 ||D||_F); D = 0 iff ||B||_F <= lambda_reg / 2
+    (the subgradient condition at 0). With A = V diag(l) V^T and C = B V:
+    ||D(t)||^2 = sum_k ||C[:, k]||^2 / (l_k + t)^2, and t ||D(t)|| rises monotonically from 0 to ||C||_F,
+    so the root t* of t ||D(t)|| = lambda_reg / 2 is unique; it is found by bisection on log t to machine
+    precision. lambda_reg = 0 gives the minimum-norm solution B A^+.
+
+    Eigen-directions with l_k <= rcond * max(l) are treated as unexcited: D is 0 there. Grams accumulated in
+    float32 carry noise of ~1e-7 relative to their largest eigenvalue, and dividing by a noise eigenvalue
+    would inject arbitrary weights into directions no concept's inputs reach.
+    """
+    evals, V = torch.linalg.eigh(A)  # ascending
+    top = float(evals[-1]) if evals.numel() else 0.0
+    keep = evals > rcond * top if top > 0 else torch.zeros_like(evals, dtype=torch.bool)
+    lam = torch.where(keep, evals, torch.zeros_like(evals))
+    C = (B @ V) * keep  # (out, in)
+    c2 = (C * C).sum(0)  # (in,)
+    kept = int(keep.sum())
+    if lambda_reg == 0:
+        inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+        return QuadSolve((C * inv) @ V.T, 0.0, kept, evals.numel() - kept)
+    half = lambda_reg / 2
+    if math.sqrt(float(c2.sum())) <= half:
+        return QuadSolve(torch.zeros_like(B), math.inf, kept, evals.numel() - kept)
+
+    def h(t: float) -> float:  # t * ||D(t)||, increasing in t
+        return t * math.sqrt(float((c2 / (lam + t) ** 2).sum()))
+
+    lo, hi = 1e-300, max(top, 1.0)
+    while h(hi) < half:
+        hi *= 16.0
+    lo = hi
+    while h(lo) >= half and lo > 1e-300:
+        lo /= 16.0
+    for _ in range(200):
+        mid = math.sqrt(lo * hi)
+        if h(mid) < half:
+            lo = mid
+        else:
+            hi = mid
+        if hi / lo < 1 + 1e-14:
+            break
+    t = math.sqrt(lo * hi)
+    return QuadSolve((C / (lam + t)) @ V.T, t, kept, evals.numel() - kept)

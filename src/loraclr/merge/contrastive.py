@@ -1,0 +1,633 @@
+"""``loraclr``: the LoRACLR contrastive merge of one layer (Simsar et al., CVPR 2025, arXiv 2412.09622).
+
+Objective (official code ``enisimsar/LoRACLR`` ``weight_fusion.py:update_contrastive``; DESIGN.md §2).
+For concepts i = 1..N with inputs X_i (n_i, in), deltas dW_i and one shared offset D (out, in):
+
+    P_i = X_i (W0 + D)^T                 prediction of the merged layer      (n_i, out)
+    Y_i = X_i (W0 + dW_i)^T              concept i's own LoRA model output    (n_i, out)
+    dist[i, j] = || vec(P_i) - vec(Y_j) ||_2
+    L_con = mean_i ( dist[i, i]^2 + relu(margin - min_{j != i} dist[i, j])^2 )     (LoRACLR eq. for L_con)
+    L     = lambda_con * L_con + lambda_mse * MSE(P, Y) + lambda_reg * ||D||_F       (||D||_F not squared)
+
+Options (both modes; defaults reproduce the official objective):
+
+- ``distance="block"``: dist as above, one positive and one hardest negative per concept (N hinge terms).
+  ``distance="token"``: per-row distances d_pos[i, r] = ||P_i[r] - Y_i[r]||,
+  d_neg[i, r] = min_{j != i} ||P_i[r] - Y_j[r]||, and
+  L_con = mean_i ( mean_r d_pos[i, r]^2 + mean_r relu(margin - d_neg[i, r])^2 )  (N * m hinge terms).
+- ``normalize=True``: every distance is divided by the square root of the number of values it compares
+  (rows * out for a block, out for a row), i.e. it becomes an RMS difference per output value, so that a
+  margin of 0.5 has the same meaning at every layer size. ``normalize=False`` is the official, raw norm.
+
+Unequal row counts (prompts that tokenise to different lengths): positives and the MSE use all rows of
+each concept (the MSE is the mean over all rows of all concepts); negatives compare blocks on a common
+m = min_i n_i rows, taken evenly spaced in each block (:func:`loraclr.merge._common.common_row_index`).
+With equal row counts this is exactly the official stacking.
+
+Modes:
+
+- ``mode="paper"``: the official recipe. D = 0 on the base weight; per step the loss of the current D is
+  evaluated (distances through the expansion ||a||^2 + ||b||^2 - 2 a.b clamped at 1e-12, then sqrt) and
+  kept if it is the lowest so far, then one full-batch AdamW step (lr 1e-4, weight decay 1e-4, torch's
+  default betas / eps); 50 steps; the lowest-loss iterate is returned. Distances in fp32: the official fp16
+  autocast overflows on large blocks (switching the contrastive term off), which is not copied. Needs X.
+- ``mode="converged"``: the same objective solved to a relative tolerance. Everything but the hinge is
+  quadratic in D and depends on the data only through G_i = X_i^T X_i and dW_i, and the non-squared
+  ||D||_F is handled exactly (:func:`loraclr.merge._common.solve_quadratic_fro`). The solver:
+  1. minimises the convex part (positives + MSE + lambda_reg ||D||_F) in closed form;
+  2. evaluates every negative distance exactly at that D; if no hinge is active, that D is the global
+     minimiser of L (L >= its convex part everywhere, with equality there) and the solve stops;
+  3. otherwise majorise-minimise: each active hinge term relu(mu - ||v||)^2, v = vec(P_i - Y_j*), is
+     replaced by its upper bound ||v - mu * v_k / ||v_k|| ||^2 (exact at the current v_k, valid for all v),
+     the resulting convex surrogate is minimised in closed form, and a backtracking line search on the
+     true L keeps every step a descent step. It stops when the relative decrease of L falls below ``tol``;
+     a fixed point is a stationary point of L (the hinge makes L non-convex, so not necessarily global).
+  It needs the Grams (from ``gram`` or ``X``) and, for the negatives, the raw rows X. With Grams only and
+  equal row counts, block distances are bounded below by | ||P_i|| - ||Y_j|| | (both norms come from the
+  Grams); if that certifies every hinge inactive the closed form is the exact answer, else it raises.
+
+Report (JSON-serialisable): ``loss`` (final objective), ``loss_terms`` (con, mse, reg), ``pos_dist`` and
+``neg_dist`` per concept (the objective's distance; for ``token``: root-mean-square over rows),
+``hinge_active`` (fraction of active hinge terms), ``steps``, ``converged``, ``rel_change``; ``paper``
+adds ``best_step`` and ``best_is_last`` (whether the best iterate was the last one evaluated).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from loraclr.merge._common import (
+    check_device,
+    check_problem,
+    common_row_index,
+    gram_stats,
+    resolve_dtype,
+    rows,
+    solve_quadratic_fro,
+    stacked_deltas,
+)
+from loraclr.merge.api import Callback, LayerProblem, LayerResult, MergeMethod, register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LoraclrConfig:
+    """Settings of the ``loraclr`` method; defaults are the official objective, solved to convergence.
+
+    mode: "converged" (recommended: same objective, solved exactly / to ``tol``) or "paper" (the official
+    50 AdamW steps). margin, lambda_con, lambda_mse, lambda_reg: the objective (official 0.5, 1, 0.1,
+    0.001). distance, normalize: see the module docstring. lr, weight_decay, steps: the paper-mode
+    optimiser (AdamW 1e-4, 1e-4, 50). tol, max_iter: converged-mode stopping rule (relative decrease of the
+    objective) and cap on majorise-minimise iterations. rcond: eigen-directions of the quadratic part below
+    rcond * its largest eigenvalue count as unexcited (D = 0 there). device, dtype: where and in which
+    precision features are multiplied (fp32 default); solve_dtype: precision of the (in, in) eigen-solves.
+    """
+
+    mode: str = "converged"
+    margin: float = 0.5
+    lambda_con: float = 1.0
+    lambda_mse: float = 0.1
+    lambda_reg: float = 0.001
+    distance: str = "block"
+    normalize: bool = False
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    steps: int = 50
+    tol: float = 1e-7
+    max_iter: int = 200
+    rcond: float = 1e-6
+    device: str = "cpu"
+    dtype: str = "float32"
+    solve_dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("paper", "converged"):
+            raise ValueError(f"mode must be 'paper' or 'converged', got {self.mode!r}")
+        if self.distance not in ("block", "token"):
+            raise ValueError(f"distance must be 'block' or 'token', got {self.distance!r}")
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
+        for name in ("margin", "lambda_con", "lambda_mse", "lambda_reg", "weight_decay"):
+            v = getattr(self, name)
+            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr!r}")
+        for name in ("steps", "max_iter"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        if not 0 < self.tol < 1:
+            raise ValueError(f"tol must be in (0, 1), got {self.tol!r}")
+        if not 0 <= self.rcond < 1:
+            raise ValueError(f"rcond must be in [0, 1), got {self.rcond!r}")
+        resolve_dtype(self.dtype)
+        resolve_dtype(self.solve_dtype, "solve_dtype")
+        check_device(self.device)
+
+
+@dataclass
+class _Weights:
+    """Coefficients turning the objective into sums of squared norms (see ``_weights``)."""
+
+    a_pos: Tensor  # (N,) weight of ||X_i (D - dW_i)^T||^2 from the positive term
+    a_mse: float  # weight of the same from the MSE term
+    w_hinge: float  # weight of each hinge term relu(mu - d_raw)^2
+    mu: float  # margin in raw (unnormalised) distance units
+    pos_scale: Tensor  # (N,) divide raw squared positive sums by this to report the objective's distance
+    neg_scale: float  # divide raw negative distances by sqrt of this
+
+
+def _weights(cfg: LoraclrConfig, n_rows: list[int], out_dim: int) -> _Weights:
+    n = len(n_rows)
+    m = min(n_rows)
+    nr = torch.tensor(n_rows, dtype=torch.float64)
+    if cfg.distance == "block":
+        s_pos, s_neg = nr * out_dim, float(m * out_dim)  # values per compared block
+        a_pos = torch.full((n,), cfg.lambda_con / n, dtype=torch.float64)
+        w_h = cfg.lambda_con / n
+        pos_scale = torch.ones(n, dtype=torch.float64)
+    else:
+        s_pos, s_neg = torch.full((n,), float(out_dim), dtype=torch.float64), float(out_dim)
+        a_pos = cfg.lambda_con / (n * nr)  # mean over the n_i rows
+        w_h = cfg.lambda_con / (n * m)  # mean over the m common rows
+        pos_scale = nr.clone()  # report RMS over rows
+    if cfg.normalize:
+        a_pos = a_pos / s_pos
+        w_h = w_h / s_neg
+        pos_scale = pos_scale * s_pos
+        mu = cfg.margin * math.sqrt(s_neg)  # relu(margin - d / sqrt(s))^2 = relu(margin sqrt(s) - d)^2 / s
+        neg_scale = s_neg
+    else:
+        mu, neg_scale = cfg.margin, 1.0
+    a_mse = cfg.lambda_mse / (out_dim * float(nr.sum()))
+    return _Weights(a_pos, a_mse, w_h, mu, pos_scale, neg_scale)
+
+
+def merge_loraclr(
+    problem: LayerProblem, config: LoraclrConfig, callback: Callback | None = None
+) -> LayerResult:
+    """Merge one layer with LoRACLR (module docstring). ``paper`` needs X; ``converged`` needs X or gram."""
+    n, out_dim, in_dim = check_problem(problem)
+    if n == 0:
+        zero = torch.zeros_like(problem.W0, dtype=torch.float32)
+        return LayerResult(
+            zero,
+            {
+                "loss": None,
+                "converged": True,
+                "pos_dist": [],
+                "neg_dist": [],
+                "hinge_active": 0.0,
+                "steps": 0,
+            },
+        )
+    if config.mode == "paper":
+        D, report = _solve_paper(problem, config, callback)
+    else:
+        D, report = _solve_converged(problem, config, callback)
+    if not torch.isfinite(D).all():
+        raise ValueError(
+            f"layer {problem.key}: loraclr ({config.mode}) produced NaN/inf; check this layer's features "
+            "(NaN/inf or extreme values) and the lambdas"
+        )
+    return LayerResult(D.to(device=problem.W0.device, dtype=torch.float32), report)
+
+
+# ----------------------------------------------------------------------------------------------- paper mode
+
+
+def _expansion_dist(a: Tensor, b: Tensor) -> Tensor:
+    """Official pairwise distance: sqrt(clamp(||a||^2 + ||b||^2 - 2 a.b, 1e-12)). a (N, K), b (M, K)."""
+    a_sq = a.pow(2).sum(dim=1, keepdim=True)
+    b_sq = b.pow(2).sum(dim=1, keepdim=True).T
+    return torch.sqrt(torch.clamp(a_sq + b_sq - 2 * a @ b.T, min=1e-12))
+
+
+def _paper_loss(
+    P: Tensor | list[Tensor],
+    Y: Tensor | list[Tensor],
+    idx: list[Tensor],
+    D: Tensor,
+    cfg: LoraclrConfig,
+    out_dim: int,
+) -> tuple[Tensor, dict]:
+    """The official loss with autograd. P, Y: stacked (N, n, out) when all concepts have n rows (the
+    official case), else lists of (n_i, out). Returns (loss, distances for the report)."""
+    n = len(P)
+    n_rows = [p.shape[0] for p in P]
+    m = min(n_rows)
+    equal = isinstance(P, Tensor)
+    loss = P[0].new_zeros(())
+    info: dict = {}
+    if cfg.lambda_con:
+        if cfg.distance == "block":
+            if equal:
+                Kc, Vc = P.reshape(n, -1), Y.reshape(n, -1)  # (N, n*out), official flattening
+            else:
+                Kc = torch.stack([p[i] for p, i in zip(P, idx, strict=True)]).reshape(n, -1)  # (N, m*out)
+                Vc = torch.stack([y[i] for y, i in zip(Y, idx, strict=True)]).reshape(n, -1)
+            dist = _expansion_dist(Kc, Vc)  # (N, N)
+            if equal:
+                pos = torch.diagonal(dist)
+            else:
+                pos = torch.stack(
+                    [
+                        _expansion_dist(p.reshape(1, -1), y.reshape(1, -1))[0, 0]
+                        for p, y in zip(P, Y, strict=True)
+                    ]
+                )
+            eye = torch.eye(n, dtype=torch.bool, device=dist.device)
+            neg = dist.masked_fill(eye, float("inf")).min(dim=1)[0] if n > 1 else None
+            if cfg.normalize:
+                pos = pos / torch.tensor([math.sqrt(k * out_dim) for k in n_rows], dtype=pos.dtype)
+                neg = neg / math.sqrt(m * out_dim) if neg is not None else None
+            hinge = (
+                torch.clamp(cfg.margin - neg, min=0.0).pow(2) if neg is not None else torch.zeros_like(pos)
+            )
+            con = (pos.pow(2) + hinge).mean()
+            info["pos"] = pos.detach()
+            info["neg"] = neg.detach() if neg is not None else None
+            info["active"] = float((hinge > 0).float().mean()) if neg is not None else 0.0
+        else:
+            scale = math.sqrt(out_dim) if cfg.normalize else 1.0
+            pos_terms, pos_rms = [], []
+            for p, y in zip(P, Y, strict=True):
+                d = torch.sqrt(torch.clamp(p.pow(2).sum(1) + y.pow(2).sum(1) - 2 * (p * y).sum(1), min=1e-12))
+                d = d / scale  # (n_i,)
+                pos_terms.append(d.pow(2).mean())
+                pos_rms.append(d.pow(2).mean().sqrt())
+            con = torch.stack(pos_terms)
+            if n > 1:
+                if equal:
+                    Pc, Yc = P, Y
+                else:
+                    Pc = torch.stack([p[i] for p, i in zip(P, idx, strict=True)])  # (N, m, out)
+                    Yc = torch.stack([y[i] for y, i in zip(Y, idx, strict=True)])
+                cross = torch.einsum("irk,jrk->ijr", Pc, Yc)
+                d2 = Pc.pow(2).sum(2)[:, None, :] + Yc.pow(2).sum(2)[None, :, :] - 2 * cross  # (N, N, m)
+                d = torch.sqrt(torch.clamp(d2, min=1e-12)) / scale
+                eye = torch.eye(n, dtype=torch.bool, device=d.device)[:, :, None]
+                neg = d.masked_fill(eye, float("inf")).min(dim=1)[0]  # (N, m)
+                hinge = torch.clamp(cfg.margin - neg, min=0.0).pow(2)
+                con = con + hinge.mean(1)
+                info["neg"] = neg.detach().pow(2).mean(1).sqrt()
+                info["active"] = float((hinge > 0).float().mean())
+            else:
+                info["neg"], info["active"] = None, 0.0
+            con = con.mean()
+            info["pos"] = torch.stack(pos_rms).detach()
+        loss = loss + cfg.lambda_con * con
+        info["con"] = float(con.detach())
+    if cfg.lambda_mse:
+        if equal:
+            mse = torch.nn.functional.mse_loss(P, Y)
+        else:
+            mse = sum((p - y).pow(2).sum() for p, y in zip(P, Y, strict=True)) / (out_dim * sum(n_rows))
+        loss = loss + cfg.lambda_mse * mse
+        info["mse"] = float(mse.detach())
+    if cfg.lambda_reg:
+        reg = torch.norm(D, p=2)
+        loss = loss + cfg.lambda_reg * reg
+        info["reg"] = float(reg.detach())
+    return loss, info
+
+
+def _solve_paper(problem: LayerProblem, cfg: LoraclrConfig, callback: Callback | None) -> tuple[Tensor, dict]:
+    dtype = resolve_dtype(cfg.dtype)
+    X = rows(problem, "loraclr (mode='paper')", dtype, cfg.device)
+    W0 = problem.W0.to(device=cfg.device, dtype=dtype)
+    dW = stacked_deltas(problem, dtype, cfg.device)
+    out_dim = W0.shape[0]
+    n_rows = [x.shape[0] for x in X]
+    idx = common_row_index(n_rows, device=cfg.device)
+    equal = len(set(n_rows)) == 1
+    with torch.no_grad():
+        Y = [x @ (W0 + d).T for x, d in zip(X, dW, strict=True)]  # recorded targets, (n_i, out)
+    Xs = torch.stack(X) if equal else None  # (N, n, in)
+    if equal:
+        Y = torch.stack(Y)  # (N, n, out)
+    offset = torch.zeros_like(W0, requires_grad=True)
+    opt = torch.optim.AdamW([offset], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best_loss, best_D, best_step, best_info = math.inf, offset.detach().clone(), 0, {}
+    losses = []
+    for step in range(cfg.steps):
+        opt.zero_grad()
+        W = W0 + offset
+        P = torch.nn.functional.linear(Xs, W) if equal else [x @ W.T for x in X]
+        loss, info = _paper_loss(P, Y, idx, offset, cfg, out_dim)
+        value = float(loss.detach())
+        losses.append(value)
+        if callback is not None:
+            callback(problem.key, step, value)
+        if value < best_loss:  # official: keep W + offset of the lowest loss seen, *before* the step
+            best_loss, best_D, best_step, best_info = value, offset.detach().clone(), step, info
+        loss.backward()
+        opt.step()
+    rel = abs(losses[-1] - losses[-2]) / max(abs(losses[-2]), 1e-300) if len(losses) > 1 else math.inf
+    report = {
+        "loss": best_loss,
+        "loss_terms": {k: best_info.get(k, 0.0) for k in ("con", "mse", "reg")},
+        "pos_dist": _floats(best_info.get("pos")),
+        "neg_dist": _floats(best_info.get("neg"), len(X)),
+        "hinge_active": best_info.get("active", 0.0),
+        "steps": cfg.steps,
+        "converged": rel <= cfg.tol,
+        "rel_change": rel,
+        "best_step": best_step,
+        "best_is_last": best_step == cfg.steps - 1,
+    }
+    return best_D, report
+
+
+def _floats(t: Tensor | None, n: int | None = None) -> list:
+    if t is None:
+        return [None] * n if n is not None else []
+    return [float(v) for v in t]
+
+
+# ------------------------------------------------------------------------------------------- converged mode
+
+
+@dataclass
+class _Eval:
+    loss: float
+    con: float
+    mse: float
+    reg: float
+    sq: Tensor  # (N,) ||X_i (D - dW_i)^T||^2
+    neg: Tensor | None  # block: (N,) raw hardest-negative distance; token: (N, m)
+    jstar: Tensor | None  # argmin j, same shape as neg
+    P: Tensor | None  # (N, m, out) predictions on the common rows
+    bound: bool = False  # neg holds lower bounds (Grams-only certification), not distances
+
+
+class _Converged:
+    """The objective evaluated exactly, and the surrogate built, for one layer (see module docstring)."""
+
+    def __init__(self, problem: LayerProblem, cfg: LoraclrConfig):
+        self.cfg = cfg
+        self.key = problem.key
+        dtype = resolve_dtype(cfg.dtype)
+        self.sdtype = resolve_dtype(cfg.solve_dtype, "solve_dtype")
+        stats = gram_stats(problem, "loraclr (mode='converged')", dtype, cfg.device)
+        self.n_rows = stats.n_rows
+        self.N = len(self.n_rows)
+        self.W0 = problem.W0.to(device=cfg.device, dtype=dtype)  # (out, in)
+        self.dW = stacked_deltas(problem, dtype, cfg.device)  # (N, out, in)
+        self.out_dim = self.W0.shape[0]
+        self.w = _weights(cfg, self.n_rows, self.out_dim)
+        self.G = stats.gram.to(self.sdtype)  # (N, in, in)
+        self.dWs = self.dW.to(self.sdtype)
+        self.W0s = self.W0.to(self.sdtype)
+        a = (self.w.a_pos + self.w.a_mse).to(self.G.device)  # (N,)
+        self.a = a
+        self.A0 = torch.einsum("n,nij->ij", a.to(self.sdtype), self.G)
+        self.B0 = torch.einsum("n,noi,nij->oj", a.to(self.sdtype), self.dWs, self.G)
+        self.needs_hinge = cfg.lambda_con > 0 and self.N > 1
+        self.R = self.Tc = None
+        if problem.X is not None:
+            X = rows(problem, "loraclr", dtype, cfg.device)
+            x_rows = [x.shape[0] for x in X]
+            idx = common_row_index(x_rows, device=cfg.device)
+            self.m = min(x_rows)
+            self.R = torch.stack([x[i] for x, i in zip(X, idx, strict=True)])  # (N, m, in)
+            with torch.no_grad():
+                self.Tc = torch.einsum("nri,noi->nro", self.R, self.W0 + self.dW)  # (N, m, out) targets
+            if problem.gram is not None:
+                # rows may be a subsample of the rows behind the Grams: hinge weights count the rows used
+                self.w = _weights(cfg, self.n_rows, self.out_dim)
+                self.w.w_hinge, self.w.mu, self.w.neg_scale = _hinge_weights(
+                    cfg, self.N, self.m, self.out_dim
+                )
+        else:
+            self.m = min(self.n_rows)
+            if self.needs_hinge and (cfg.distance == "token" or len(set(self.n_rows)) > 1):
+                raise ValueError(
+                    f"layer {self.key}: loraclr with distance={cfg.distance!r} needs the raw rows X for the "
+                    "negative distances (only Grams were collected, and they cannot bound "
+                    + (
+                        "per-row distances"
+                        if cfg.distance == "token"
+                        else "distances between blocks of different row counts"
+                    )
+                    + "); keep rows for this layer, or set lambda_con to 0"
+                )
+
+    # -- objective -------------------------------------------------------------------------------------
+    def quad(self, D: Tensor) -> Tensor:
+        E = D.unsqueeze(0) - self.dWs  # (N, out, in)
+        return torch.einsum("noi,nij,noj->n", E, self.G, E).clamp(min=0)  # ||X_i E_i^T||^2
+
+    def evaluate(self, D: Tensor, hinge: bool | None = None) -> _Eval:
+        """Exact objective at D (solve dtype, (out, in)); ``hinge=False`` skips the negatives."""
+        cfg, w = self.cfg, self.w
+        sq = self.quad(D)
+        pos_part = float((self.w.a_pos.to(sq) * sq).sum())
+        mse_sum = float(sq.sum())
+        reg = float(D.norm())
+        neg = jstar = P = None
+        hinge_sum = 0.0
+        bound = False
+        want = self.needs_hinge if hinge is None else hinge and self.N > 1
+        if want and self.R is not None:
+            W = self.W0 + D.to(self.W0.dtype)
+            P = torch.einsum("nri,oi->nro", self.R, W)  # (N, m, out)
+            if cfg.distance == "block":
+                neg, jstar = _block_hardest(P, self.Tc, w.mu)
+            else:
+                neg, jstar = _token_hardest(P, self.Tc)
+            hinge_sum = float(torch.clamp(w.mu - neg, min=0).pow(2).sum())
+        elif want:  # Grams only, block, equal rows: certify with | ||P_i|| - ||Y_j|| | <= dist[i, j]
+            Wd = self.W0s + D
+            p_norm = torch.einsum("oi,nij,oj->n", Wd, self.G, Wd).clamp(min=0).sqrt()
+            Wt = self.W0s.unsqueeze(0) + self.dWs
+            t_norm = torch.einsum("noi,nij,noj->n", Wt, self.G, Wt).clamp(min=0).sqrt()
+            lb = (p_norm[:, None] - t_norm[None, :]).abs()
+            lb.fill_diagonal_(math.inf)
+            neg, jstar = lb.min(dim=1)
+            bound = True
+            if bool((neg < w.mu).any()):
+                raise ValueError(
+                    f"layer {self.key}: loraclr needs the raw rows X here: with Grams only, some negative "
+                    "distances cannot be shown to exceed the margin; keep rows for this layer"
+                )
+        con_raw = pos_part + w.w_hinge * hinge_sum  # lambda_con * L_con
+        con = con_raw / cfg.lambda_con if cfg.lambda_con else 0.0
+        mse = mse_sum / (self.out_dim * sum(self.n_rows))
+        loss = con_raw + cfg.lambda_mse * mse + cfg.lambda_reg * reg
+        return _Eval(loss, con, mse, reg, sq, neg, jstar, P, bound)
+
+    # -- surrogate -------------------------------------------------------------------------------------
+    def surrogate(self, ev: _Eval) -> tuple[Tensor, Tensor]:
+        """(A, B) of the convex majoriser tr(D A D^T) - 2 <D, B> (+ lambda_reg ||D||_F) at the iterate."""
+        A, B = self.A0.clone(), self.B0.clone()
+        if ev.neg is None or ev.bound:
+            return A, B
+        w = self.w
+        active = ev.neg < w.mu
+        if not bool(active.any()):
+            return A, B
+        for i in range(self.N):
+            if self.cfg.distance == "block":
+                if not bool(active[i]):
+                    continue
+                R = self.R[i]  # (m, in)
+                Tj = self.Tc[int(ev.jstar[i])]  # (m, out)
+                diff = ev.P[i] - Tj
+                d = float(ev.neg[i])
+                U = diff / d if d > 1e-30 else _fallback_dir(self.Tc[i] - Tj, diff)
+            else:
+                rows_i = active[i]  # (m,)
+                if not bool(rows_i.any()):
+                    continue
+                R = self.R[i][rows_i]
+                Tj = self.Tc[ev.jstar[i][rows_i], torch.nonzero(rows_i).squeeze(1)]  # (k, out)
+                diff = ev.P[i][rows_i] - Tj
+                d = ev.neg[i][rows_i].clamp(min=1e-30).unsqueeze(1)
+                U = diff / d
+            Zp = (Tj + w.mu * U - R @ self.W0.T).to(self.sdtype)  # target minus base output  (rows, out)
+            Rs = R.to(self.sdtype)
+            A += w.w_hinge * (Rs.T @ Rs)
+            B += w.w_hinge * (Zp.T @ Rs)
+        return A, B
+
+
+def _hinge_weights(cfg: LoraclrConfig, n: int, m: int, out_dim: int) -> tuple[float, float, float]:
+    w = _weights(cfg, [m] * n, out_dim)
+    return w.w_hinge, w.mu, w.neg_scale
+
+
+def _fallback_dir(primary: Tensor, other: Tensor) -> Tensor:
+    """Unit direction for a prediction sitting exactly on a negative target (gradient undefined there)."""
+    for v in (primary, other):
+        nv = float(v.norm())
+        if nv > 0:
+            return v / nv
+    return torch.zeros_like(primary)
+
+
+def _block_hardest(P: Tensor, T: Tensor, mu: float) -> tuple[Tensor, Tensor]:
+    """Hardest-negative distance per anchor between flattened blocks, accurate near the margin.
+
+    The expansion ||a||^2 + ||b||^2 - 2 a.b cancels catastrophically for large blocks (squared norms ~1e7
+    against a margin of 0.5); pairs that it puts anywhere near the margin are recomputed directly.
+    P, T: (N, m, out). Returns (N,) distances and (N,) argmin j (j != i).
+    """
+    n = P.shape[0]
+    Pf, Tf = P.reshape(n, -1), T.reshape(n, -1)
+    pn = Pf.pow(2).sum(1, dtype=torch.float64)
+    tn = Tf.pow(2).sum(1, dtype=torch.float64)
+    d2 = pn[:, None] + tn[None, :] - 2 * (Pf @ Tf.T).double()
+    slack = 1e-4 * (pn[:, None] + tn[None, :])  # well above the fp32 rounding of the expansion
+    near = d2 < (mu * mu + slack)
+    near.fill_diagonal_(False)
+    for i, j in torch.nonzero(near).tolist():
+        d2[i, j] = (Pf[i].double() - Tf[j].double()).pow(2).sum()
+    d2 = d2.clamp(min=0)
+    d2.fill_diagonal_(math.inf)
+    best, j = d2.min(dim=1)
+    return best.sqrt(), j
+
+
+def _token_hardest(P: Tensor, T: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row hardest negative: (N, m) distances and argmin j, through the row-wise expansion in float64
+    (rows are short, so this is cheap next to computing P)."""
+    n = P.shape[0]
+    Pd, Td = P.double(), T.double()
+    cross = torch.einsum("irk,jrk->ijr", Pd, Td)
+    d2 = Pd.pow(2).sum(2)[:, None, :] + Td.pow(2).sum(2)[None, :, :] - 2 * cross  # (N, N, m)
+    d2 = d2.clamp(min=0)
+    eye = torch.eye(n, dtype=torch.bool, device=P.device)[:, :, None]
+    d2 = d2.masked_fill(eye, math.inf)
+    best, j = d2.min(dim=1)
+    return best.sqrt(), j
+
+
+def _solve_converged(
+    problem: LayerProblem, cfg: LoraclrConfig, callback: Callback | None
+) -> tuple[Tensor, dict]:
+    S = _Converged(problem, cfg)
+    sol = solve_quadratic_fro(S.A0, S.B0, cfg.lambda_reg, cfg.rcond)
+    D = sol.offset
+    ev = S.evaluate(D)
+    if callback is not None:
+        callback(problem.key, 0, ev.loss)
+    steps, rel, converged, note = 1, 0.0, False, ""
+    if ev.neg is None or ev.bound or not bool((ev.neg < S.w.mu).any()):
+        converged, note = True, "closed form (no active hinge: global minimum)"
+    else:
+        for _ in range(cfg.max_iter):
+            A, B = S.surrogate(ev)
+            target = solve_quadratic_fro(A, B, cfg.lambda_reg, cfg.rcond).offset
+            direction = target - D
+            step_norm = float(direction.norm())
+            if step_norm <= 1e-12 * max(float(D.norm()), 1e-30):
+                converged, note, rel = True, "surrogate fixed point", 0.0
+                break
+            s, accepted = 1.0, None
+            for _ in range(40):
+                cand = D + s * direction
+                ev_c = S.evaluate(cand)
+                if ev_c.loss <= ev.loss:
+                    accepted = (cand, ev_c)
+                    break
+                s *= 0.5
+            steps += 1
+            if accepted is None:  # no decrease representable in floating point: at a stationary point
+                converged, note, rel = True, "line search found no decrease (numerical optimum)", 0.0
+                break
+            rel = (ev.loss - accepted[1].loss) / max(abs(ev.loss), 1e-300)
+            D, ev = accepted
+            if callback is not None:
+                callback(problem.key, steps - 1, ev.loss)
+            if rel <= cfg.tol:
+                converged, note = True, f"relative decrease {rel:.2e} <= tol"
+                break
+        else:
+            note = f"max_iter={cfg.max_iter} reached (relative decrease {rel:.2e})"
+    if ev.neg is None and S.R is not None and S.N > 1:
+        ev_rep = S.evaluate(D, hinge=True)  # distances for the report even when the hinge is off
+        neg = ev_rep.neg
+    else:
+        neg = ev.neg
+    w = S.w
+    pos = (ev.sq / w.pos_scale.to(ev.sq)).sqrt()
+    if neg is None:
+        neg_rep, active = [None] * S.N, 0.0
+    else:
+        active = float((neg < w.mu).double().mean()) if cfg.lambda_con > 0 else 0.0
+        negn = neg / math.sqrt(w.neg_scale)
+        neg_rep = _floats(negn if cfg.distance == "block" else negn.pow(2).mean(1).sqrt())
+    report = {
+        "loss": ev.loss,
+        "loss_terms": {"con": ev.con, "mse": ev.mse, "reg": ev.reg},
+        "pos_dist": _floats(pos),
+        "neg_dist": neg_rep,
+        "hinge_active": active,
+        "steps": steps,
+        "converged": converged,
+        "rel_change": rel,
+        "note": note,
+    }
+    if ev.bound:
+        report["neg_dist_is_lower_bound"] = True
+    return D, report
+
+
+register(
+    MergeMethod(
+        "loraclr",
+        merge_loraclr,
+        LoraclrConfig,
+        True,
+        "LoRACLR, Simsar et al., CVPR 2025 (arXiv 2412.09622); official code enisimsar/LoRACLR weight_fusion.py",
+        "contrastive merge: positives attract, hardest negatives repelled beyond a margin",
+    )
+)

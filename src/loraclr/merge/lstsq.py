@@ -1,0 +1,109 @@
+"""``lstsq``: Mix-of-Show gradient fusion's objective, solved exactly from the Grams.
+
+Mix-of-Show (Gu et al. 2023, ``gradient_fusion.py``) fits one weight to all concepts' recorded pairs,
+min_W sum_i ||X_i W^T - Y_i||^2, with L-BFGS started at W0. With W = W0 + D and Y_i = X_i (W0 + dW_i)^T
+this is min_D sum_i ||X_i (D - dW_i)^T||_F^2, whose normal equations are
+
+    D (sum_i G_i) = sum_i dW_i G_i,        G_i = X_i^T X_i   (in, in)
+
+so only the Grams are needed (no raw rows), and the solve is one symmetric eigendecomposition.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from loraclr.merge._common import check_device, gram_stats, resolve_dtype, solve_quadratic_fro, stacked_deltas
+from loraclr.merge.api import Callback, LayerProblem, LayerResult, MergeMethod, register
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LstsqConfig:
+    """rcond: eigen-directions of sum_i G_i below rcond * its largest eigenvalue count as unexcited (see
+    :func:`merge_lstsq`). ridge: optional Tikhonov term ridge * mean eigenvalue * ||D||_F^2 added to the
+    objective (0 = the exact minimum-norm least-squares solution). device / dtype: where and in which
+    precision the Grams are formed; solve_dtype: precision of the (in, in) eigen-solve."""
+
+    rcond: float = 1e-6
+    ridge: float = 0.0
+    device: str = "cpu"
+    dtype: str = "float32"
+    solve_dtype: str = "float64"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rcond < 1:
+            raise ValueError(f"rcond must be in [0, 1), got {self.rcond!r}")
+        if self.ridge < 0:
+            raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
+        resolve_dtype(self.dtype)
+        resolve_dtype(self.solve_dtype, "solve_dtype")
+        check_device(self.device)
+
+
+def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback | None = None) -> LayerResult:
+    """Exact least squares over all concepts' features (Mix-of-Show gradient fusion objective).
+
+    Needs features: ``X`` (raw rows) or ``gram`` + ``n_rows``. Solves D (sum G_i + r I) = sum dW_i G_i by
+    an eigendecomposition of G = sum G_i (r = ridge * mean eigenvalue of G, 0 by default):
+    D = sum_i dW_i G_i V diag(1 / (l + r)) V^T over the kept directions.
+
+    Directions that no concept's inputs span (eigenvalues of G at most rcond * max eigenvalue) get D = 0,
+    i.e. the merged layer keeps W0 there: this is the minimum-norm solution, and also what Mix-of-Show's
+    L-BFGS started at W0 converges to, because the objective's gradient has no component in those
+    directions. One concept at strength 1 with inputs of full column rank therefore merges to exactly dW.
+
+    Report: ``loss`` = the mean squared error over all rows and outputs, sum_i ||X_i (D - dW_i)^T||^2 /
+    (out * sum_i n_i); ``pos_dist`` = ||X_i (D - dW_i)^T||_F per concept; ``kept_dims`` / ``unexcited_dims``.
+    """
+    dtype = resolve_dtype(config.dtype)
+    sdtype = resolve_dtype(config.solve_dtype, "solve_dtype")
+    stats = gram_stats(problem, "lstsq", dtype, config.device)
+    deltas = stacked_deltas(problem, dtype, config.device)
+    n, out_dim, in_dim = deltas.shape
+    if n == 0:
+        zero = torch.zeros_like(problem.W0, dtype=torch.float32)
+        return LayerResult(zero, {"loss": None, "converged": True, "pos_dist": []})
+    G = stats.gram.to(sdtype)  # (N, in, in)
+    dW = deltas.to(sdtype)  # (N, out, in)
+    A = G.sum(0)
+    A = (A + A.T) / 2  # exact symmetry for eigh; float32 accumulation can break it in the last bit
+    B = torch.einsum("noi,nij->oj", dW, G)  # sum_i dW_i G_i  (out, in)
+    if config.ridge > 0:
+        A = A + config.ridge * float(torch.diagonal(A).mean()) * torch.eye(
+            in_dim, dtype=sdtype, device=A.device
+        )
+    sol = solve_quadratic_fro(A, B, 0.0, config.rcond)
+    D = sol.offset
+    if not torch.isfinite(D).all():
+        raise ValueError(f"layer {problem.key}: lstsq produced NaN/inf; check the features for this layer")
+    E = D.unsqueeze(0) - dW  # (N, out, in)
+    sq = torch.einsum("noi,nij,noj->n", E, G, E).clamp(min=0)  # ||X_i E_i^T||^2 per concept
+    loss = float(sq.sum()) / (out_dim * sum(stats.n_rows))
+    if callback is not None:
+        callback(problem.key, 0, loss)
+    report = {
+        "loss": loss,
+        "converged": True,
+        "steps": 0,
+        "pos_dist": [float(v) for v in sq.sqrt()],
+        "kept_dims": sol.kept,
+        "unexcited_dims": sol.dropped,
+    }
+    return LayerResult(D.to(device=problem.W0.device, dtype=torch.float32), report)
+
+
+register(
+    MergeMethod(
+        "lstsq",
+        merge_lstsq,
+        LstsqConfig,
+        True,
+        "Mix-of-Show gradient fusion (Gu et al. 2023, arXiv 2305.18292), solved in closed form",
+        "least squares over all concepts' features, exact from the Grams",
+    )
+)

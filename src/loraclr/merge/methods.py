@@ -1,0 +1,77 @@
+"""The built-in merge methods (importing this module registers them) and the per-layer driver.
+
+Methods: ``loraclr`` (modes ``paper`` / ``converged``), ``lstsq``, ``sum``, ``average``, ``svd``, ``ties``,
+``dare``; see each function's docstring for what it computes and which features it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from loraclr.merge import baselines, contrastive, lstsq  # noqa: F401  (registers the methods)
+from loraclr.merge.api import Callback, LayerProblem, LayerResult, get_method
+
+logger = logging.getLogger(__name__)
+
+
+def make_config(method: str, **overrides: Any):
+    """The method's config with ``overrides`` applied (from YAML / CLI); unknown fields -> ValueError."""
+    cls = get_method(method).config_cls
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown setting(s) {unknown} for merge method {method!r}; known: {sorted(fields)}")
+    return cls(**overrides)
+
+
+def merge_offsets(
+    problems: Iterable[LayerProblem],
+    method: str,
+    config: Any = None,
+    callback: Callback | None = None,
+    progress: bool = True,
+) -> dict[str, LayerResult]:
+    """Merge every layer with ``method``; returns {layer key: LayerResult} in input order.
+
+    config: None (the method's defaults), a mapping of overrides (see :func:`make_config`), or an instance
+    of the method's config class. ``problems`` may be a generator, so features can be produced (and freed)
+    one layer at a time. progress: show a tqdm bar (switch off for ``--quiet`` or in tests).
+    """
+    spec = get_method(method)
+    if config is None:
+        config = spec.config_cls()
+    elif isinstance(config, Mapping):
+        config = make_config(method, **config)
+    elif not isinstance(config, spec.config_cls):
+        raise ValueError(
+            f"config for merge method {method!r} must be a {spec.config_cls.__name__} or a mapping, "
+            f"got {type(config).__name__}"
+        )
+    total = len(problems) if hasattr(problems, "__len__") else None
+    results: dict[str, LayerResult] = {}
+    start = time.perf_counter()
+    bar = tqdm(problems, total=total, desc=f"merge ({method})", unit="layer", disable=not progress)
+    for problem in bar:
+        if problem.key in results:
+            raise ValueError(f"layer {problem.key} appears twice in the merge problems")
+        if spec.needs_features and problem.X is None and problem.gram is None and problem.deltas:
+            raise ValueError(
+                f"layer {problem.key}: merge method {method!r} needs features (X or gram), none were "
+                "collected for this layer"
+            )
+        results[problem.key] = spec.fn(problem, config, callback)
+    unconverged = [k for k, r in results.items() if r.report.get("converged") is False]
+    logger.info(
+        "merged %d layers with %s in %.1f s%s",
+        len(results),
+        method,
+        time.perf_counter() - start,
+        f"; {len(unconverged)} not converged (e.g. {unconverged[0]})" if unconverged else "",
+    )
+    return results
