@@ -178,8 +178,13 @@ def _vocab() -> tuple[frozenset[str], frozenset[str], frozenset[str]]:
     return clean(unet), clean(ldm), clean(text)
 
 
-def _segment(name: str, vocab: frozenset[str]) -> list[str]:
-    """Split ``a_b_c`` into dotted segments from ``vocab`` (or integers); raise when zero or several splits."""
+def _segment(name: str, vocab: frozenset[str], known: set[str] | dict | None = None) -> list[str]:
+    """Split ``a_b_c`` into dotted segments from ``vocab`` (or integers).
+
+    When several splits exist (``proj_out`` vs ``proj.out``: both ``proj`` and ``out`` are segments of the
+    LDM tree), the one naming a module of ``known`` wins, then the one with the fewest segments; a tie
+    is an error.
+    """
     words = name.split("_")
 
     @functools.cache
@@ -191,16 +196,25 @@ def _segment(name: str, vocab: frozenset[str]) -> list[str]:
             seg = "_".join(words[i:j])
             if seg in vocab or (j == i + 1 and seg.isdigit()):
                 out.extend((seg, *rest) for rest in parses(j))
-            if len(out) > 1:
-                break
-        return out
+        return out[:16]
 
     found = parses(0)
     if not found:
         raise KeyError(name)
+    if len(found) > 1 and known is not None:
+        found = [p for p in found if ".".join(p) in known] or found
+    if len(found) > 1:
+        fewest = min(len(p) for p in found)
+        found = [p for p in found if len(p) == fewest]
     if len(found) > 1:
         raise KeyError(f"{name} (ambiguous: {' or '.join('.'.join(p) for p in found[:2])})")
     return list(found[0])
+
+
+@functools.cache
+def _real_unet_paths() -> frozenset[str]:
+    return frozenset(unet_module_shapes(real_unet_config("sd1"))) | frozenset(
+        unet_module_shapes(real_unet_config("sdxl")))
 
 
 def _is_ldm(path_words: str) -> bool:
@@ -250,9 +264,9 @@ def canonical_from_kohya(name: str, unet_config: dict[str, Any] | None = None) -
     if _is_ldm(rest):
         cfg = unet_config or real_unet_config("sdxl")
         _, from_ldm = ldm_maps(cfg)
-        ldm = ".".join(_segment(rest, ldm_vocab))
+        ldm = ".".join(_segment(rest, ldm_vocab, from_ldm))
         if ldm not in from_ldm:
             raise KeyError(f"{name}: SGM module {ldm} is not in this UNet layout "
                            f"(blocks {cfg.get('block_out_channels')}, layers_per_block {cfg.get('layers_per_block')})")
         return "unet." + from_ldm[ldm]
-    return "unet." + ".".join(_segment(rest, unet_vocab))
+    return "unet." + ".".join(_segment(rest, unet_vocab, _real_unet_paths()))
