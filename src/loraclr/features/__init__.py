@@ -1,0 +1,30 @@
+"""Feature collection: per-layer inputs X_i of every concept, in the paper's order (DESIGN.md §2).
+
+Hooks live here and nowhere else; everything they produce is plain tensors handed to the merge methods as
+:class:`loraclr.merge.api.LayerProblem`.
+"""
+
+from loraclr.features.collect import (
+    ConceptFeaturesInput,
+    FeatureStore,
+    SamplingSettings,
+    StageFeatures,
+    collect_cross_attention,
+    collect_spatial,
+    collect_text_encoder,
+    conditioning,
+    cross_attention_keys,
+    native_resolution,
+    sample_latents,
+    spatial_keys,
+    spill_directory,
+)
+from loraclr.features.hooks import InputCapture, RowRecorder, apply_layers, layerwise_states, module_rows
+from loraclr.features.text import AddedToken, TokenTable, add_tokens, encode, plan_tokens, trigger_positions
+
+__all__ = [
+    "AddedToken", "ConceptFeaturesInput", "FeatureStore", "InputCapture", "RowRecorder", "SamplingSettings",
+    "StageFeatures", "TokenTable", "add_tokens", "apply_layers", "collect_cross_attention", "collect_spatial",
+    "collect_text_encoder", "conditioning", "cross_attention_keys", "encode", "layerwise_states", "module_rows",
+    "native_resolution", "plan_tokens", "sample_latents", "spatial_keys", "spill_directory", "trigger_positions",
+]

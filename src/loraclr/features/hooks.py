@@ -1,0 +1,284 @@
+"""Forward hooks: apply LoRA deltas temporarily, record layer inputs, feed per-layer cross-attention states.
+
+Every hook is installed by a context manager that removes it in ``finally``, also when the forward pass
+raises. Nothing here changes a weight, so the model is exactly as it was after every ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from loraclr.lora import DenseDelta, Layer, LoraLayer
+from loraclr.models import find_module
+
+log = logging.getLogger(__name__)
+
+
+# --- applying LoRAs ----------------------------------------------------------------------------------------
+
+
+def _lora_output(module: nn.Module, x: Tensor, layer: Layer, scale: float) -> Tensor:
+    """scale * dW applied to the module's input x, computed from the factors when it has them."""
+    if isinstance(module, nn.Conv2d):
+        conv = dict(stride=module.stride, padding=module.padding, dilation=module.dilation)
+        if isinstance(layer, LoraLayer):
+            down = layer.down.to(x.dtype)
+            if down.dim() == 2:  # a Linear-shaped LoRA on a 1x1 conv
+                down = down[:, :, None, None]
+            up = layer.up.to(x.dtype).reshape(layer.up.shape[0], layer.rank, 1, 1)
+            return F.conv2d(F.conv2d(x, down, **conv), up) * (scale * layer.scale)
+        return F.conv2d(x, layer.weight.to(x.dtype).reshape(module.weight.shape), **conv) * scale
+    if isinstance(layer, LoraLayer):
+        down = layer.down.to(x.dtype).reshape(layer.rank, -1)
+        up = layer.up.to(x.dtype).reshape(layer.up.shape[0], layer.rank)
+        return F.linear(F.linear(x, down), up) * (scale * layer.scale)
+    return F.linear(x, layer.weight.to(x.dtype).reshape(module.weight.shape)) * scale
+
+
+@contextlib.contextmanager
+def apply_layers(
+    model, layers: Mapping[str, Layer], strengths: Mapping[str, float] | None = None
+) -> Iterator[None]:
+    """Add ``strength * dW`` to the outputs of the named modules while inside the block.
+
+    model: a pipeline or a dict of components (see :func:`loraclr.models.find_module`).
+    layers: canonical key -> LoRA factors or dense delta.
+    strengths: component -> multiplier ("unet", "text_encoder", ...); missing components use 1.0.
+    Hooks instead of fused weights: exact restoration for free, and no copy of the touched weights.
+    """
+    strengths = strengths or {}
+    handles = []
+    try:
+        for key, layer in layers.items():
+            module = find_module(model, key)
+            scale = float(strengths.get(key.split(".", 1)[0], 1.0))
+            if scale == 0.0:
+                continue
+
+            def hook(mod, args, out, _layer=layer, _scale=scale):
+                return out + _lora_output(mod, args[0], _layer, _scale)
+
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def apply_offsets(model, offsets: Mapping[str, Tensor]) -> Iterator[None]:
+    """Like :func:`apply_layers` for dense offsets D (weight-shaped or flattened)."""
+    with apply_layers(model, {k: DenseDelta(v) for k, v in offsets.items()}):
+        yield
+
+
+# --- recording inputs --------------------------------------------------------------------------------------
+
+
+def module_rows(module: nn.Module, x: Tensor) -> Tensor:
+    """The rows a layer multiplies by its (flattened) weight: (n, d_in) in fp32.
+
+    Linear: every position of ``x`` (..., in). Conv2d: unfolded patches (B*H'*W', in*kh*kw), in the order of
+    ``weight.reshape(out, -1)``; a 1x1 conv gives per-pixel channel vectors.
+    """
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"grouped convolutions (groups={module.groups}) are not supported")
+        if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid"):
+            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).float()
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                        stride=module.stride)  # (B, in*kh*kw, L)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).float()
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class RowRecorder:
+    """Rows of one layer input for one concept, subsampled deterministically, and optional Gram statistics.
+
+    cap: rows kept in the end (0 = all). Each call keeps at most ``ceil(cap / expected_calls)`` rows chosen by a
+    generator seeded from (seed, call index) only, so every concept keeps the same positions of equally
+    shaped calls (blocks stay aligned across concepts) and memory stays ~cap rows per layer.
+    gram: accumulate X^T X (fp32) and the row count over *all* rows, before subsampling.
+    """
+
+    def __init__(self, cap: int = 0, expected_calls: int = 1, seed: int = 0, gram: bool = False):
+        self.cap = cap
+        self.per_call = math.ceil(cap / max(expected_calls, 1)) if cap else 0
+        self.seed = seed
+        self.keep_gram = gram
+        self.chunks: list[Tensor] = []
+        self.gram: Tensor | None = None
+        self.n_rows = 0
+        self.calls = 0
+
+    def add(self, rows: Tensor) -> None:
+        rows = rows.detach().float()  # (n, d_in)
+        if self.keep_gram:
+            g = rows.T @ rows  # (d_in, d_in), fp32
+            self.gram = g if self.gram is None else self.gram + g
+        self.n_rows += rows.shape[0]
+        if self.per_call and rows.shape[0] > self.per_call:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
+            idx = torch.randperm(rows.shape[0], generator=gen)[: self.per_call].sort().values
+            rows = rows[idx]
+        self.chunks.append(rows.clone())
+        self.calls += 1
+
+    def rows(self) -> Tensor:
+        """(n_kept, d_in) fp32."""
+        if not self.chunks:
+            raise RuntimeError("no rows were recorded")
+        X = torch.cat(self.chunks) if len(self.chunks) > 1 else self.chunks[0]
+        if self.cap and X.shape[0] > self.cap:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 - 1)
+            X = X[torch.randperm(X.shape[0], generator=gen)[: self.cap].sort().values]
+        self.chunks = [X]
+        return X
+
+
+class InputCapture:
+    """Records the inputs of many modules at once; modules fed the very same tensor share one recorder.
+
+    q/k/v projections receive one tensor object, so their inputs are recorded once (DESIGN.md §2): the
+    first module of a forward pass that sees a tensor owns the recorder, the next modules fed the same
+    object become aliases of it. ``select`` optionally picks rows (e.g. token positions) from each input
+    before it is stored: ``select(key, module, x) -> rows`` replacing :func:`module_rows`.
+    """
+
+    def __init__(self, modules: Mapping[str, nn.Module], *, cap: int = 0, expected_calls: int = 1,
+                 seed: int = 0, gram: bool = False, select=None):
+        self.modules = dict(modules)
+        self.recorders: dict[str, RowRecorder] = {}
+        self.alias: dict[str, str] = {}
+        self._opts = dict(cap=cap, expected_calls=expected_calls, gram=gram)
+        self._seed = seed
+        self._select = select
+        self._last: tuple[Tensor, str, nn.Module] | None = None
+        self._handles: list = []
+
+    def _hook(self, key: str):
+        def pre_hook(module, args):
+            x = args[0]
+            owner = self.alias.get(key)
+            if owner is None and self._last is not None:
+                last_x, last_key, last_mod = self._last
+                if x is last_x and type(module) is type(last_mod) and _same_input_geometry(module, last_mod):
+                    owner = self.alias[key] = self.alias.get(last_key, last_key)
+            if owner is None:
+                owner = self.alias.setdefault(key, key)
+            self._last = (x, key, module)
+            if owner != key:
+                return None
+            rec = self.recorders.get(key)
+            if rec is None:
+                seed = self._seed * 7919 + zlib.crc32(key.encode())  # varies by layer, never by concept
+                rec = self.recorders[key] = RowRecorder(seed=seed, **self._opts)
+            rows = self._select(key, module, x) if self._select else module_rows(module, x)
+            if rows is not None and rows.shape[0]:
+                rec.add(rows)
+            return None
+
+        return pre_hook
+
+    def __enter__(self) -> InputCapture:
+        try:
+            for key, mod in self.modules.items():
+                self._handles.append(mod.register_forward_pre_hook(self._hook(key)))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._last = None
+
+    def rows(self, key: str) -> Tensor:
+        """(n, d_in) rows recorded for ``key`` (shared with its aliases)."""
+        owner = self.alias.get(key)
+        if owner is None or owner not in self.recorders:
+            raise KeyError(f"{key}: the layer was never called during feature collection")
+        return self.recorders[owner].rows()
+
+    def stats(self, key: str) -> tuple[Tensor | None, int]:
+        rec = self.recorders[self.alias[key]]
+        return rec.gram, rec.n_rows
+
+
+def _same_input_geometry(a: nn.Module, b: nn.Module) -> bool:
+    if isinstance(a, nn.Conv2d):
+        return (a.kernel_size, a.stride, a.padding, a.dilation) == (b.kernel_size, b.stride, b.padding, b.dilation)
+    return getattr(a, "in_features", None) == getattr(b, "in_features", None)
+
+
+# --- per-layer cross-attention states (ED-LoRA layer-wise tokens) ------------------------------------------
+
+
+def cross_attention_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The UNet's cross-attention modules in forward order (down, mid, up), as ED-LoRA numbers them."""
+    found = []
+    for part in ("down_blocks", "mid_block", "up_blocks"):
+        root = getattr(unet, part, None)
+        if root is None:
+            continue
+        for name, mod in root.named_modules():
+            if name.endswith("attn2") and getattr(mod, "is_cross_attention", True):
+                found.append((f"{part}.{name}", mod))
+    return found
+
+
+@contextlib.contextmanager
+def layerwise_states(unet: nn.Module, states: Sequence[Tensor]) -> Iterator[None]:
+    """Feed cross-attention layer l the encoder states ``states[l]`` (B, L, D) instead of the shared ones.
+
+    With classifier-free guidance the pipeline calls the UNet with ``cat([negative, positive])``; the hook
+    keeps the first (negative) half and swaps in the layer's positive states for the second half.
+    """
+    layers = cross_attention_modules(unet)
+    if len(states) != len(layers):
+        raise ValueError(f"{len(states)} layer-wise states for {len(layers)} cross-attention layers")
+    handles = []
+
+    def make(l_idx: int):
+        def pre_hook(module, args, kwargs):
+            ehs = kwargs.get("encoder_hidden_states")
+            if ehs is None:
+                return None
+            pos = states[l_idx].to(ehs.dtype)
+            if ehs.shape[0] == pos.shape[0]:
+                new = pos
+            elif ehs.shape[0] == 2 * pos.shape[0]:
+                new = torch.cat([ehs[: pos.shape[0]], pos])
+            else:
+                raise ValueError(
+                    f"layer-wise states of batch {pos.shape[0]} do not fit encoder states {tuple(ehs.shape)}"
+                )
+            kwargs = dict(kwargs, encoder_hidden_states=new)
+            return args, kwargs
+
+        return pre_hook
+
+    try:
+        for i, (_, mod) in enumerate(layers):
+            handles.append(mod.register_forward_pre_hook(make(i), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def modules_for(model, keys) -> dict[str, nn.Module]:
+    return {k: find_module(model, k) for k in keys}

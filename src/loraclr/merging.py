@@ -1,0 +1,459 @@
+"""The merge, end to end: recipe -> features -> per-layer solves, stage by stage -> written outputs.
+
+Order (DESIGN.md §2; each stage uses the result of the one before):
+1. learned tokens renamed per concept and added to the tokenizer(s) / text encoder(s);
+2. text-encoder layers: features with each concept's LoRA, solved, merged weights written into the model;
+3. UNet cross-attention to_k / to_v: features from the merged text encoder, solved;
+4. every other UNet layer: features from a short sampling run per concept with its UNet LoRA, solved;
+then the UNet offsets are written and everything is exported into a temporary folder beside the output,
+renamed onto it only when all of it succeeded (an error leaves nothing behind).
+
+Output folder::
+
+    loraclr.json            manifest (what is where; ``loraclr generate`` reads it)
+    pipeline/               diffusers pipeline with the merged weights and the added tokens
+    merged_lora_kohya.safetensors, merged_lora_diffusers.safetensors    D = W_merged - W0 as a LoRA
+    embeddings/             the added tokens (A1111 format, one file per token, new names)
+    prompts.json            concept -> trigger to use in prompts (renamed tokens), feature prompts, tokens
+    recipe.yaml             the resolved recipe and package versions
+    report.json             per-layer solver reports, fidelity numbers, timings per phase
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from loraclr.features.collect import (
+    ConceptFeaturesInput,
+    SamplingSettings,
+    collect_cross_attention,
+    collect_spatial,
+    collect_text_encoder,
+    cross_attention_keys,
+    spill_directory,
+)
+from loraclr.features.hooks import cross_attention_modules
+from loraclr.features.text import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
+from loraclr.lora import LoraSet, split_key
+from loraclr.merge.api import LayerProblem
+from loraclr.models import find_module
+from loraclr.recipe import Recipe, dump_recipe
+
+log = logging.getLogger(__name__)
+
+@dataclass
+class MergeSummary:
+    """What ``merge`` did: where the files are, how long each phase took, and how faithful the result is.
+
+    fidelity: concept -> {"merged": mean relative error of the merged layers on the concept's own
+    features, "sum": the same for the naive sum of deltas} (lower is better; only with features).
+    """
+
+    out_dir: Path
+    method: str
+    family: str
+    n_concepts: int
+    n_layers: int
+    timings: dict[str, float] = field(default_factory=dict)
+    fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    lora_errors: dict[str, float] = field(default_factory=dict)
+
+
+def package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("loraclr", "torch", "diffusers", "transformers", "peft", "safetensors"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+# --- checks before any work ------------------------------------------------------------------------------
+
+
+def _check_inputs(recipe: Recipe, out_dir: Path, overwrite: bool) -> list[str]:
+    from loraclr.io.safe import check_output_path
+    from loraclr.pipeline import resolve_base
+
+    where = recipe.source or "recipe"
+    inputs = []
+    for i, c in enumerate(recipe.concepts):
+        for what, p in (("lora", c.lora), ("embeddings", c.embeddings)):
+            if p is None:
+                continue
+            if not Path(p).exists():
+                raise FileNotFoundError(f"{where}: concepts[{i}] ({c.name}): {what} file {p} not found")
+            inputs.append(p)
+    base = resolve_base(recipe.base.path)
+    inputs.append(str(base))
+    if recipe.base.config:
+        inputs.append(recipe.base.config)
+    check_output_path(out_dir, inputs)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"{out_dir}: already exists; remove it, choose another path or pass --overwrite")
+    return inputs
+
+
+def _check_lora_fits(pipe, lora: LoraSet, family: str, where: str) -> None:
+    if lora.family in ("sd1", "sd2", "sdxl") and lora.family != family:
+        raise ValueError(
+            f"{where}: {lora.source}: the LoRA is for {lora.family} but the base model is {family}; "
+            "all LoRAs must be trained on the recipe's base model"
+        )
+    for key, layer in lora.layers.items():
+        try:
+            module = find_module(pipe, key)
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{where}: {lora.source}: layer {key} has no module in the base model "
+                             f"({e.args[0]}); the LoRA is for another base model") from None
+        w = getattr(module, "weight", None)
+        if w is None or math.prod(layer.weight_shape) != w.numel() or layer.weight_shape[0] != w.shape[0]:
+            raise ValueError(
+                f"{where}: {lora.source}: layer {key} changes a {tuple(layer.weight_shape)} weight but the base "
+                f"model's is {tuple(w.shape) if w is not None else None}; the LoRA is for another base model"
+            )
+
+
+# --- solving ---------------------------------------------------------------------------------------------
+
+
+def fidelity(problem: LayerProblem, offset: Tensor) -> dict[str, list[float]] | None:
+    """Per concept i, on its own rows X_i: ||X_i (D - dW_i)^T|| / ||X_i (W0 + dW_i)^T|| for the merged offset
+    D and for the naive sum of deltas (the 'before merging' stacking). None without rows."""
+    if not problem.X or any(x is None for x in problem.X):
+        return None
+    D = offset.reshape(offset.shape[0], -1).float()
+    total = torch.stack([d.float() for d in problem.deltas]).sum(0)
+    merged, summed = [], []
+    for X, dW in zip(problem.X, problem.deltas, strict=True):
+        X = X.float()
+        target = (X @ (problem.W0.float() + dW.float()).T).norm().clamp_min(1e-12)
+        merged.append(float((X @ (D - dW).T).norm() / target))
+        summed.append(float((X @ (total - dW).T).norm() / target))
+    return {"merged": merged, "sum": summed}
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return v.tolist() if v.numel() < 10_000 else f"<tensor {tuple(v.shape)}>"
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _solve(problems, spec, config, stage: str, progress: bool, reports: dict[str, dict],
+           total: int | None = None) -> dict[str, Tensor]:
+    """Solve layer by layer (``problems`` may be a generator, so each layer's features live only while it is
+    solved); returns offsets (out, in) by key and fills ``reports`` with the method's report, the time and the
+    fidelity on each concept's own features."""
+    from tqdm.auto import tqdm
+
+    offsets: dict[str, Tensor] = {}
+    bar = tqdm(problems, total=total, desc=f"solve ({stage}, {spec.name})", unit="layer", disable=not progress)
+    for p in bar:
+        if spec.needs_features and p.X is None and p.gram is None:
+            raise ValueError(f"layer {p.key}: method {spec.name!r} needs features, none were collected")
+        t0 = time.perf_counter()
+        res = spec.fn(p, config, None)
+        dt = time.perf_counter() - t0
+        off = res.offset.detach().float().reshape(p.W0.shape)
+        if not bool(torch.isfinite(off).all()):
+            raise ValueError(f"layer {p.key}: the {spec.name} solve produced NaN/inf; try another method or settings")
+        offsets[p.key] = off
+        rep = dict(_jsonable(res.report))
+        rep.update(stage=stage, time_s=round(dt, 4))
+        fid = fidelity(p, off)
+        if fid is not None:
+            rep["fidelity"] = fid
+        reports[p.key] = rep
+    return offsets
+
+
+def _plain_problems(pipe, concepts: list[ConceptFeaturesInput], keys: list[str]):
+    for key in keys:
+        w = find_module(pipe, key).weight.detach()
+        shape = tuple(w.shape)
+        yield LayerProblem(key=key, W0=w.float().reshape(shape[0], -1).clone(),
+                           deltas=[c.delta(key, shape) for c in concepts],
+                           concept_names=[c.name for c in concepts])
+
+
+def _fuse(pipe, offsets: dict[str, Tensor]) -> None:
+    from loraclr.io.checkpoint import fuse_deltas
+
+    shaped = {k: v.reshape(find_module(pipe, k).weight.shape) for k, v in offsets.items()}
+    fuse_deltas(pipe, shaped)
+
+
+# --- the merge ---------------------------------------------------------------------------------------------
+
+
+def _progress_fn(progress: bool):
+    if not progress:
+        return None, lambda: None
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar = bars.get(stage)
+        if bar is None:
+            bar = bars[stage] = tqdm(total=total, desc=f"features ({stage})", unit="concept")
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    def close():
+        for b in bars.values():
+            b.close()
+
+    return update, close
+
+
+def prepare_concepts(recipe: Recipe, pipe, loras: list[LoraSet]) -> tuple[list[ConceptFeaturesInput], TokenTable]:
+    """Rename learned tokens, add them to the model, and resolve every concept's trigger and prompts."""
+    where = recipe.source or "recipe"
+    n_layers = len(cross_attention_modules(pipe.unet))
+    table = TokenTable(n_layers=n_layers)
+    for c, lora in zip(recipe.concepts, loras, strict=True):
+        table.tokens.extend(plan_tokens(c.name, lora.tokens, n_layers, source=lora.source))
+    concepts = []
+    for i, (c, lora) in enumerate(zip(recipe.concepts, loras, strict=True)):
+        at = f"{where}: concepts[{i}] ({c.name})"
+        own = [t for t in table.tokens if t.concept == c.name]
+        trigger = c.trigger or " ".join(t.original for t in own)
+        if not trigger.strip():
+            raise ValueError(
+                f"{at}: no trigger: {lora.source} carries no learned tokens, so the concept needs "
+                "'trigger' (the words its LoRA was trained with, e.g. 'sks person')"
+            )
+        missing = [t.original for t in own if t.original not in trigger]
+        if missing and c.trigger:
+            log.warning("%s: learned tokens %s are not in the trigger %r", at, missing, trigger)
+        renamed = table.rename(c.name, trigger)
+        prompts = [table.rename(c.name, p.replace("{trigger}", trigger)) for p in c.prompt_templates]
+        strengths = {"unet": c.unet_strength, "text_encoder": c.text_encoder_strength,
+                     "text_encoder_2": c.text_encoder_strength}
+        concepts.append(ConceptFeaturesInput(c.name, dict(lora.layers), strengths, prompts, renamed))
+    add_tokens(pipe, table)
+    tokenizer = text_components(pipe)[0][1]
+    for i, c in enumerate(concepts):  # fail now, not after an hour of feature collection
+        for p in c.prompts:
+            for layer in (range(n_layers) if table.uses_layerwise(p) else [None])[:1]:
+                trigger_positions(tokenizer, table.expand(p, layer), table.expand(c.trigger, layer),
+                                  where=f"{where}: concepts[{i}] ({c.name})")
+    return concepts, table
+
+
+def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False) -> MergeSummary:
+    """Merge the recipe's concept LoRAs into its base model and write everything to ``out_dir``.
+
+    Nothing is written unless the whole merge succeeds. Returns a :class:`MergeSummary` (timings per phase,
+    per-concept fidelity, files written), which benchmarks and the demo use.
+    """
+    from loraclr.io import load_embeddings, load_lora
+    from loraclr.io.safe import atomic_write
+    from loraclr.merge.methods import get_method, make_config
+    from loraclr.pipeline import family_of, load_base
+
+    out_dir = Path(out_dir)
+    recipe.validate()
+    timings: dict[str, float] = {}
+    t = time.perf_counter()
+    inputs = _check_inputs(recipe, out_dir, overwrite)
+    spec = get_method(recipe.method.name)
+    try:
+        config = make_config(recipe.method.name, **recipe.method.settings)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{recipe.source or 'recipe'}: method settings: {e}") from None
+
+    pipe = load_base(recipe.base.path, config=recipe.base.config)
+    family = family_of(pipe)
+    unet_config = dict(pipe.unet.config)
+    loras = []
+    for i, c in enumerate(recipe.concepts):
+        lora = load_lora(c.lora, allow_pickle=recipe.allow_pickle, unet_config=unet_config)
+        if c.embeddings:
+            lora.tokens = list(lora.tokens) + load_embeddings(c.embeddings, allow_pickle=recipe.allow_pickle)
+        _check_lora_fits(pipe, lora, family, f"{recipe.source or 'recipe'}: concepts[{i}] ({c.name})")
+        loras.append(lora)
+    concepts, table = prepare_concepts(recipe, pipe, loras)
+    timings["load"] = time.perf_counter() - t
+
+    f = recipe.features
+    settings = SamplingSettings(steps=f.steps, resolution=f.resolution, seed=f.seed, precision=f.precision,
+                                max_rows=f.max_rows, gram=f.gram, spatial_prompts=f.spatial_prompts)
+    reports: dict[str, dict] = {}
+    update, close_bars = _progress_fn(progress)
+    all_keys = sorted({k for c in concepts for k in c.layers})
+    te_keys = [k for k in all_keys if split_key(k)[0] != "unet"]
+    unet_offsets: dict[str, Tensor] = {}
+    offsets: dict[str, Tensor] = {}
+    method = recipe.method.name
+    timings.update(features=0.0, solve=0.0)
+    try:
+        if not spec.needs_features:
+            t = time.perf_counter()
+            offsets = _solve(_plain_problems(pipe, concepts, all_keys), spec, config, "all", progress, reports,
+                             len(all_keys))
+            timings["solve"] += time.perf_counter() - t
+            _fuse(pipe, offsets)
+        else:
+            if te_keys:
+                t = time.perf_counter()
+                feats = collect_text_encoder(pipe, concepts, table, settings, update)
+                timings["features"] += time.perf_counter() - t
+                t = time.perf_counter()
+                te_off = _solve(feats.problems(), spec, config, "text_encoder", progress, reports, len(feats.keys))
+                timings["solve"] += time.perf_counter() - t
+                del feats
+                _fuse(pipe, te_off)  # the next stage reads the merged text encoder
+                offsets.update(te_off)
+            unet_keys = [k for k in all_keys if k.startswith("unet.")]
+            if cross_attention_keys(pipe, unet_keys):
+                t = time.perf_counter()
+                feats = collect_cross_attention(pipe, concepts, table, settings, update)
+                timings["features"] += time.perf_counter() - t
+                t = time.perf_counter()
+                unet_offsets.update(_solve(feats.problems(), spec, config, "cross_attention", progress, reports,
+                                           len(feats.keys)))
+                timings["solve"] += time.perf_counter() - t
+                del feats
+            if set(unet_keys) - set(unet_offsets):
+                with spill_directory(out_dir.parent) as spill:
+                    settings = dataclasses.replace(settings, spill_dir=str(spill))
+                    t = time.perf_counter()
+                    feats = collect_spatial(pipe, concepts, table, settings, update)
+                    timings["features"] += time.perf_counter() - t
+                    t = time.perf_counter()
+                    unet_offsets.update(_solve(feats.problems(), spec, config, "spatial", progress, reports,
+                                               len(feats.keys)))
+                    timings["solve"] += time.perf_counter() - t
+                    del feats
+            _fuse(pipe, unet_offsets)  # only now: every UNet feature run used the base UNet + one LoRA
+            offsets.update(unet_offsets)
+    finally:
+        close_bars()
+
+    t = time.perf_counter()
+    summary = MergeSummary(out_dir=out_dir, method=method, family=family, n_concepts=len(concepts),
+                           n_layers=len(offsets))
+    summary.fidelity = _fidelity_summary(reports, [c.name for c in concepts])
+    with atomic_write(out_dir) as tmp:
+        tmp.mkdir()
+        files = _export(tmp, recipe, pipe, family, offsets, table, concepts, inputs, summary)
+        report = {
+            "method": method,
+            "config": _jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else str(config),
+            "family": family,
+            "concepts": [c.name for c in concepts],
+            "fidelity": summary.fidelity,
+            "lora_export": summary.lora_errors,
+            "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "layers": reports,
+        }
+        timings["export"] = time.perf_counter() - t
+        report["timings_s"]["export"] = round(timings["export"], 3)
+        (tmp / "report.json").write_text(json.dumps(report, indent=1))
+        files.append("report.json")
+    summary.timings = timings
+    summary.files = files
+    log.info("merged %d concepts (%d layers) with %s into %s in %.1f s", len(concepts), len(offsets), method,
+             out_dir, sum(timings.values()))
+    return summary
+
+
+def _fidelity_summary(reports: dict[str, dict], names: list[str]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for i, name in enumerate(names):
+        merged = [r["fidelity"]["merged"][i] for r in reports.values() if "fidelity" in r]
+        summed = [r["fidelity"]["sum"][i] for r in reports.values() if "fidelity" in r]
+        if merged:
+            out[name] = {"merged": sum(merged) / len(merged), "sum": sum(summed) / len(summed),
+                         "layers": len(merged)}
+    return out
+
+
+def _export(tmp: Path, recipe: Recipe, pipe, family: str, offsets: dict[str, Tensor], table: TokenTable,
+            concepts: list[ConceptFeaturesInput], inputs: list[str], summary: MergeSummary) -> list[str]:
+    from loraclr.io import save_embeddings, save_lora
+
+    files: list[str] = []
+    out = recipe.output
+    manifest: dict[str, Any] = {"format": "loraclr-merge", "version": 1, "family": family,
+                                "method": recipe.method.name, "prompts": "prompts.json"}
+    if out.pipeline:
+        pipe.save_pretrained(str(tmp / "pipeline"), safe_serialization=True)
+        manifest["pipeline"] = "pipeline"
+        files.append("pipeline")
+    if out.single_file:
+        from loraclr.io.checkpoint import save_single_file
+
+        save_single_file(pipe, tmp / "merged.safetensors")
+        manifest["single_file"] = "merged.safetensors"
+        files.append("merged.safetensors")
+    shaped = {k: v.reshape(find_module(pipe, k).weight.shape) for k, v in offsets.items()}
+    manifest["loras"] = {}
+    for fmt in out.lora_formats:
+        if not shaped:
+            break
+        name = f"merged_lora_{fmt}.safetensors"
+        rep = save_lora(shaped, tmp / name, format=fmt, family=family, rank=out.rank, energy=out.energy,
+                        merged_from=[c.lora for c in recipe.concepts],
+                        metadata={"loraclr.method": recipe.method.name}, unet_config=dict(pipe.unet.config))
+        errs = [r["rel_error"] for r in rep.values()]
+        summary.lora_errors[fmt] = {"max_rel_error": max(errs), "mean_rel_error": sum(errs) / len(errs),
+                                    "max_rank": max(r["rank"] for r in rep.values())}
+        manifest["loras"][fmt] = name
+        files.append(name)
+    if table.tokens:
+        save_embeddings(table.learned_tokens(), tmp / "embeddings", "a1111")
+        manifest["embeddings"] = "embeddings"
+        files.append("embeddings")
+    prompt_map = {
+        "concepts": {
+            c.name: {
+                "trigger": c.trigger,
+                "original_trigger": (rc.trigger or " ".join(t.original for t in table.tokens if t.concept == c.name)),
+                "example": f"photo of a {c.trigger}",
+                "feature_prompts": c.prompts,
+                "layerwise": table.uses_layerwise(c.trigger),
+            }
+            for c, rc in zip(concepts, recipe.concepts, strict=True)
+        },
+        "tokens": table.to_json(),
+        "note": "prompts may use {concept name} placeholders with `loraclr generate`; layer-wise tokens need "
+                "loraclr.pipeline.generate (a different embedding per cross-attention layer)",
+    }
+    (tmp / "prompts.json").write_text(json.dumps(prompt_map, indent=1))
+    files.append("prompts.json")
+    recipe_text = dump_recipe(recipe)
+    import yaml
+
+    recipe_text += yaml.safe_dump({"versions": package_versions()}, sort_keys=False)
+    (tmp / "recipe.yaml").write_text(recipe_text)
+    files.append("recipe.yaml")
+    manifest["inputs"] = inputs
+    (tmp / "loraclr.json").write_text(json.dumps(manifest, indent=1))
+    files.append("loraclr.json")
+    return files

@@ -1,0 +1,391 @@
+"""Merge recipes: what to merge, how, and what to write. Frozen dataclasses validated on load.
+
+Two input forms are accepted:
+
+* a YAML (or JSON) mapping::
+
+      base: path/to/diffusers-folder | path/to/model.safetensors | mini
+      method: loraclr                  # or {name: loraclr, mode: converged, ...method settings}
+      concepts:
+        - name: alice
+          lora: loras/alice.safetensors
+          trigger: "sks woman"         # words in the prompts; optional when the file carries learned tokens
+          prompts: ["photo of a {trigger}", "{trigger}"]     # the default
+          unet_strength: 1.0
+          text_encoder_strength: 1.0
+      features: {steps: 10, resolution: null, seed: 0, precision: float32, max_rows: 2048}
+      output: {pipeline: true, lora_formats: [kohya, diffusers], rank: 64}
+
+* the official LoRACLR concept JSON list ``[{lora_path, unet_alpha, text_encoder_alpha, concept_name}]``;
+  ``concept_name`` (e.g. ``"<elsa1> <elsa2>"``) becomes the trigger, and the base model must be given on the
+  command line (``--base``) or via :meth:`Recipe.replace`.
+
+Relative paths are resolved against the recipe file's folder. Every error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_PROMPTS = ("photo of a {trigger}", "{trigger}")  # the official code's two templates
+PRECISIONS = ("float32", "bfloat16", "float16")
+LORA_FORMATS = ("kohya", "diffusers")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The base model: a diffusers folder, a single-file checkpoint, or the built-in ``mini``.
+
+    config: for single-file checkpoints, a diffusers folder whose configs describe the checkpoint (needed
+        offline, since diffusers otherwise fetches them from the Hub).
+    """
+
+    path: str
+    config: str | None = None
+
+    @property
+    def is_mini(self) -> bool:
+        return self.path == "mini"
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One concept LoRA and how it is called.
+
+    trigger: the words that call the concept (``"sks woman"``) or its learned tokens (``"<elsa1> <elsa2>"``,
+        names as stored in the file). Empty: the learned tokens of the file, in file order.
+    prompts: feature-collection prompts; ``{trigger}`` is replaced by the trigger. Empty: the default.
+    embeddings: optional separate embedding file (textual inversion) used with the LoRA.
+    """
+
+    name: str
+    lora: str
+    trigger: str = ""
+    prompts: tuple[str, ...] = ()
+    unet_strength: float = 1.0
+    text_encoder_strength: float = 1.0
+    embeddings: str | None = None
+
+    @property
+    def prompt_templates(self) -> tuple[str, ...]:
+        return self.prompts or DEFAULT_PROMPTS
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """How features are collected (DESIGN.md §2). Defaults are chosen for a CPU.
+
+    steps: sampling steps of the per-concept run for the spatial UNet layers (official: 20 DPM-Solver steps;
+        every step is recorded). 10 by default: rows beyond ``max_rows`` are subsampled anyway, so more steps
+        mostly cost time.
+    resolution: image side in pixels for that run; None = the model's native size (unet sample_size x VAE
+        scale factor, 512 for SD 1.5, as the official code).
+    seed: seed of the sampling run's initial noise (the official code is unseeded).
+    precision: dtype of the sampling run ("bfloat16" autocasts on CPU; rows are stored in fp32 either way).
+    max_rows: cap on the rows kept per layer per concept (deterministic subsample, same positions for every
+        concept so blocks stay aligned); 0 = keep all.
+    gram: also accumulate the exact fp32 statistics X^T X over *all* rows (memory: d_in^2 per layer and
+        concept), for methods that can use them.
+    spatial_prompts: how many of the concept's prompts drive the sampling run (official: 1).
+    """
+
+    steps: int = 10
+    resolution: int | None = None
+    seed: int = 0
+    precision: str = "float32"
+    max_rows: int = 2048
+    gram: bool = False
+    spatial_prompts: int = 1
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """The merge method by registry name and its settings (fields of the method's config dataclass)."""
+
+    name: str = "loraclr"
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """What ``merge`` writes. rank: rank of the exported merged LoRA (None: the exporter's default, which
+    reports the relative error); energy: alternatively keep this fraction of the spectrum."""
+
+    pipeline: bool = True
+    lora_formats: tuple[str, ...] = LORA_FORMATS
+    rank: int | None = 64
+    energy: float | None = None
+    single_file: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    base: BaseModel
+    concepts: tuple[Concept, ...]
+    method: MethodSpec = field(default_factory=MethodSpec)
+    features: FeatureSettings = field(default_factory=FeatureSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    allow_pickle: bool = False
+    source: str = ""  # the file it was read from (for messages)
+
+    def replace(self, **changes: Any) -> Recipe:
+        """A copy with fields replaced; nested settings by dotted name: ``replace(**{"features.steps": 4})``."""
+        top: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {}
+        for name, value in changes.items():
+            if value is None:
+                continue
+            if "." in name:
+                group, _, sub = name.partition(".")
+                nested.setdefault(group, {})[sub] = value
+            else:
+                top[name] = value
+        for group, subs in nested.items():
+            current = top.get(group, getattr(self, group))
+            if group == "method" and "settings" not in subs:
+                known = {f.name for f in dataclasses.fields(MethodSpec)}
+                settings = dict(current.settings)
+                settings.update({k: v for k, v in subs.items() if k not in known})
+                subs = {k: v for k, v in subs.items() if k in known} | {"settings": settings}
+            top[group] = dataclasses.replace(current, **subs)
+        out = dataclasses.replace(self, **top)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        where = self.source or "recipe"
+        if not self.base.path:
+            raise ValueError(f"{where}: field 'base' is missing; name a diffusers folder, a checkpoint or 'mini'")
+        if not self.concepts:
+            raise ValueError(f"{where}: field 'concepts' is empty; list at least one concept LoRA")
+        names = [c.name for c in self.concepts]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"{where}: concepts: duplicate names {dupes}; give each concept its own name")
+        for i, c in enumerate(self.concepts):
+            at = f"{where}: concepts[{i}] ({c.name})"
+            if not c.lora:
+                raise ValueError(f"{at}: field 'lora' is missing; give the path of the concept's LoRA file")
+            for name in ("unet_strength", "text_encoder_strength"):
+                v = getattr(c, name)
+                if not isinstance(v, int | float) or isinstance(v, bool) or v != v:
+                    raise ValueError(f"{at}: field {name!r} must be a number, got {v!r}")
+            for p in c.prompts:
+                if not p.strip():
+                    raise ValueError(f"{at}: field 'prompts' holds an empty prompt")
+                if "{trigger}" not in p and c.trigger and c.trigger not in p:
+                    raise ValueError(
+                        f"{at}: prompt {p!r} contains neither '{{trigger}}' nor the trigger {c.trigger!r}; "
+                        "feature collection needs the concept's words in every prompt"
+                    )
+        f = self.features
+        if f.steps < 1:
+            raise ValueError(f"{where}: features.steps must be >= 1, got {f.steps}")
+        if f.resolution is not None and f.resolution < 8:
+            raise ValueError(f"{where}: features.resolution must be >= 8 pixels, got {f.resolution}")
+        if f.precision not in PRECISIONS:
+            raise ValueError(f"{where}: features.precision must be one of {PRECISIONS}, got {f.precision!r}")
+        if f.max_rows < 0:
+            raise ValueError(f"{where}: features.max_rows must be >= 0 (0 = keep all), got {f.max_rows}")
+        if f.spatial_prompts < 1:
+            raise ValueError(f"{where}: features.spatial_prompts must be >= 1, got {f.spatial_prompts}")
+        o = self.output
+        bad = [x for x in o.lora_formats if x not in LORA_FORMATS]
+        if bad:
+            raise ValueError(f"{where}: output.lora_formats: unknown {bad}; choose from {LORA_FORMATS}")
+        if o.rank is not None and o.rank < 1:
+            raise ValueError(f"{where}: output.rank must be >= 1, got {o.rank}")
+        if o.energy is not None and not 0 < o.energy <= 1:
+            raise ValueError(f"{where}: output.energy must be in (0, 1], got {o.energy}")
+        if not self.method.name:
+            raise ValueError(f"{where}: field 'method' is empty; name a merge method")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-serialisable form (the resolved recipe written beside every output)."""
+        d = dataclasses.asdict(self)
+        for c in d["concepts"]:
+            c["prompts"] = list(c["prompts"] or DEFAULT_PROMPTS)
+        d["output"]["lora_formats"] = list(d["output"]["lora_formats"])
+        d.pop("source")
+        return d
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+_TOP = {"base", "concepts", "method", "features", "output", "allow_pickle"}
+
+
+def _check_keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - allowed)
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {unknown}; known: {sorted(allowed)}")
+    return obj
+
+
+def _typed(value: Any, typ: type | tuple, where: str, name: str) -> Any:
+    if isinstance(value, bool) and typ in (int, float, (int, float)):
+        raise ValueError(f"{where}: field {name!r} must be a number, got {value!r}")
+    if typ is float and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, typ):
+        tname = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+        raise ValueError(f"{where}: field {name!r} must be {tname}, got {value!r}")
+    return value
+
+
+def _dataclass_from(cls: type, data: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _check_keys(data, set(fields), where)
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = fields[name].default
+        if value is None:
+            kwargs[name] = None
+            continue
+        if isinstance(default, bool):
+            kwargs[name] = _typed(value, bool, where, name)
+        elif isinstance(default, float):
+            kwargs[name] = float(_typed(value, (int, float), where, name))
+        elif isinstance(default, int):
+            kwargs[name] = _typed(value, int, where, name)
+        elif isinstance(default, tuple):
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{where}: field {name!r} must be a list of strings, got {value!r}")
+            kwargs[name] = tuple(value)
+        elif isinstance(default, str):
+            kwargs[name] = _typed(value, str, where, name)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _resolve_path(p: str, root: Path) -> str:
+    if p == "mini" or Path(p).is_absolute():
+        return p
+    return str((root / p).resolve())
+
+
+def _slug(text: str) -> str:
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return s or "concept"
+
+
+def recipe_from_dict(data: Any, *, source: str = "recipe", root: str | Path = ".") -> Recipe:
+    """Build and validate a recipe from parsed YAML/JSON (a mapping, or the official concept list)."""
+    root = Path(root)
+    if isinstance(data, list):
+        return _from_official_list(data, source, root)
+    data = _check_keys(data, _TOP, source)
+    base = data.get("base")
+    if isinstance(base, str) or base is None:
+        base_model = BaseModel(path=base or "")
+    else:
+        base_model = _dataclass_from(BaseModel, base, f"{source}: base")
+    if base_model.path:
+        base_model = dataclasses.replace(base_model, path=_resolve_path(base_model.path, root))
+    if base_model.config:
+        base_model = dataclasses.replace(base_model, config=_resolve_path(base_model.config, root))
+
+    raw_concepts = data.get("concepts")
+    if raw_concepts is None:
+        raise ValueError(f"{source}: field 'concepts' is missing; list the concept LoRAs to merge")
+    if not isinstance(raw_concepts, list):
+        raise ValueError(f"{source}: field 'concepts' must be a list, got {type(raw_concepts).__name__}")
+    concepts = []
+    for i, raw in enumerate(raw_concepts):
+        where = f"{source}: concepts[{i}]"
+        raw = dict(_check_keys(raw, {f.name for f in dataclasses.fields(Concept)}, where))
+        if "lora" not in raw:
+            raise ValueError(f"{where}: field 'lora' is missing; give the path of the concept's LoRA file")
+        raw.setdefault("name", _slug(raw.get("trigger") or Path(str(raw["lora"])).stem))
+        c = _dataclass_from(Concept, raw, where)
+        c = dataclasses.replace(c, lora=_resolve_path(c.lora, root))
+        if c.embeddings:
+            c = dataclasses.replace(c, embeddings=_resolve_path(c.embeddings, root))
+        concepts.append(c)
+
+    method = data.get("method", "loraclr")
+    if isinstance(method, str):
+        method_spec = MethodSpec(name=method)
+    elif isinstance(method, dict):
+        if "name" not in method:
+            raise ValueError(f"{source}: method: field 'name' is missing; e.g. {{name: loraclr, mode: paper}}")
+        settings = {k: v for k, v in method.items() if k != "name"}
+        method_spec = MethodSpec(name=_typed(method["name"], str, f"{source}: method", "name"), settings=settings)
+    else:
+        raise ValueError(f"{source}: field 'method' must be a name or a mapping, got {method!r}")
+
+    features = _dataclass_from(FeatureSettings, data.get("features") or {}, f"{source}: features")
+    output = _dataclass_from(OutputSettings, data.get("output") or {}, f"{source}: output")
+    allow_pickle = _typed(data.get("allow_pickle", False), bool, source, "allow_pickle")
+    recipe = Recipe(
+        base=base_model, concepts=tuple(concepts), method=method_spec, features=features, output=output,
+        allow_pickle=allow_pickle, source=source,
+    )
+    if recipe.base.path:  # the official list has no base; load_recipe's caller supplies it
+        recipe.validate()
+    return recipe
+
+
+def _from_official_list(items: list, source: str, root: Path) -> Recipe:
+    concepts = []
+    keys = {"lora_path", "unet_alpha", "text_encoder_alpha", "concept_name"}
+    for i, item in enumerate(items):
+        where = f"{source}: [{i}]"
+        _check_keys(item, keys, where)
+        for k in ("lora_path", "concept_name"):
+            if k not in item:
+                raise ValueError(f"{where}: field {k!r} is missing (official format: {sorted(keys)})")
+        name = _typed(item["concept_name"], str, where, "concept_name")
+        concepts.append(
+            Concept(
+                name=_slug(name),
+                lora=_resolve_path(_typed(item["lora_path"], str, where, "lora_path"), root),
+                trigger=name,
+                unet_strength=float(_typed(item.get("unet_alpha", 1.0), (int, float), where, "unet_alpha")),
+                text_encoder_strength=float(
+                    _typed(item.get("text_encoder_alpha", 1.0), (int, float), where, "text_encoder_alpha")
+                ),
+            )
+        )
+    # Official ED-LoRA files are torch pickles; the official list implies the user trusts them.
+    return Recipe(base=BaseModel(path=""), concepts=tuple(concepts), allow_pickle=True, source=source)
+
+
+def load_recipe(path: str | Path, *, base: str | None = None) -> Recipe:
+    """Read a YAML / JSON recipe (or the official concept JSON list) and validate it.
+
+    base: overrides (or, for the official list, supplies) the base model.
+    """
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: recipe not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})") from e
+    if data is None:
+        raise ValueError(f"{path}: the recipe is empty")
+    recipe = recipe_from_dict(data, source=str(path), root=path.parent)
+    if base is not None:
+        recipe = dataclasses.replace(recipe, base=BaseModel(path=_resolve_path(base, Path.cwd())))
+    recipe.validate()
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
