@@ -42,7 +42,10 @@ def _tensors(tok: LearnedToken, fmt: str) -> dict:
 
 
 def save_embeddings(tokens: list[LearnedToken], path: str | Path, format: str = "a1111") -> list[Path]:
-    """Write learned tokens; returns the files written. A folder is used when several files are needed."""
+    """Write learned tokens; returns the files written.
+
+    ``path`` is a ``.safetensors`` file when everything fits in one file, else a folder (created).
+    """
     if format not in ("a1111", "diffusers"):
         raise ValueError(f"{path}: unknown embedding format {format!r}; expected a1111 or diffusers")
     if not tokens:
@@ -65,7 +68,7 @@ def save_embeddings(tokens: list[LearnedToken], path: str | Path, format: str = 
     for tensors, _ in files.values():
         check_finite(tensors, str(path))
     check_output_path(path)
-    if list(files) == [""] or (len(files) == 1 and path.suffix):
+    if len(files) == 1 and path.suffix == ".safetensors":
         (tensors, meta), = files.values()
         with atomic_write(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
@@ -79,8 +82,6 @@ def save_embeddings(tokens: list[LearnedToken], path: str | Path, format: str = 
 
 def load_embeddings(path: str | Path, *, allow_pickle: bool = False) -> list[LearnedToken]:
     """Learned tokens from one embedding file or a folder of them (A1111, diffusers, SDXL layouts)."""
-    from safetensors import safe_open
-
     from loraclr.io.read import load_lora
 
     path = Path(path)
@@ -91,10 +92,7 @@ def load_embeddings(path: str | Path, *, allow_pickle: bool = False) -> list[Lea
         lora = load_lora(f, allow_pickle=allow_pickle)
         if lora.layers:
             raise ValueError(f"{f}: holds LoRA layers, not an embedding")
-        meta = {}
-        if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as sf:
-                meta = sf.metadata() or {}
+        meta = lora.metadata
         for t in lora.tokens:
             if meta.get("name") and len(lora.tokens) == 1:
                 t.name = meta["name"]

@@ -446,6 +446,8 @@ def read_lora(
             evidence.append(("sdxl", f"token {t.name} has a text_encoder_2 embedding"))
         elif t.embeddings["text_encoder"].shape[-1] == 1024:
             evidence.append(("sd2", f"token {t.name} is 1024 wide"))
+        elif t.embeddings["text_encoder"].shape[-1] == 768 and not layers:
+            evidence.append(("sd1", f"token {t.name} is 768 wide with no second text encoder"))
     evidence += _metadata_evidence(meta)
     report.evidence = evidence
     fam = decide_family(evidence, source, family, report)
