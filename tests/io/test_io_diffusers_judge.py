@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from helpers import random_layers
+from iohelpers import random_layers
 
 from loraclr.io import load_lora, save_lora
 from loraclr.io.checkpoint import fuse_deltas, save_pipeline, save_single_file, single_file_state_dict

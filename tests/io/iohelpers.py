@@ -8,13 +8,14 @@ from loraclr.lora import LoraLayer
 from loraclr.models import default_lora_targets
 
 
-def random_layers(components, keys=None, rank=2, alpha=None, seed=0, dtype=torch.float32) -> dict[str, LoraLayer]:
-    """Non-zero LoRA factors shaped for the given (real or meta) components' modules."""
+def random_layers(components, keys=None, rank=2, alpha=None, seed=0, dtype=torch.float32,
+                  every: int = 1) -> dict[str, LoraLayer]:
+    """Non-zero LoRA factors shaped for the given (real or meta) components' modules (every n-th module)."""
     g = torch.Generator().manual_seed(seed)
     targets = default_lora_targets(components, include_convs=True)
     out = {}
     for i, (key, mod) in enumerate(sorted(targets.items())):
-        if keys is not None and key not in keys:
+        if (keys is not None and key not in keys) or i % every:
             continue
         w = mod.weight
         r = rank + (i % 2)  # mixed ranks on purpose
