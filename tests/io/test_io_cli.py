@@ -68,3 +68,16 @@ def test_convert_round_trip_and_errors(tmp_path, capsys):
     assert main(["convert", str(path), str(path), "--to", "kohya"]) == 2
     assert "would overwrite" in capsys.readouterr().err
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_inspect_reports_nan_as_a_warning(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    down = torch.randn(2, 768)
+    down[0, 0] = float("nan")
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": torch.randn(320, 2)},
+              str(tmp_path / "nan.safetensors"))
+    assert main(["inspect", str(tmp_path / "nan.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert any(f"non-finite values in {name}.lora_down.weight (1 NaN" in w for w in info["warnings"])

@@ -259,3 +259,44 @@ def test_kohya_locon_and_missing_alpha(tmp_path):
               str(tmp_path / "locon.safetensors"))
     layer = load_lora(tmp_path / "locon.safetensors", family="sd1").layers["unet.down_blocks.0.resnets.0.conv1"]
     assert layer.alpha == 4.0 and layer.is_conv  # no alpha means alpha = rank
+
+
+def test_sd1_kohya_file_with_ldm_names(tmp_path):
+    # A1111's compvis spelling of SD 1.x modules; the single-text-encoder prefix says SD 1.x, not SDXL
+    g = torch.Generator().manual_seed(6)
+    names = {
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn2_to_k":
+            ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k", (320, 768)),
+        "lora_unet_output_blocks_11_1_proj_out": ("unet.up_blocks.3.attentions.2.proj_out", (320, 320)),
+        "lora_unet_middle_block_1_transformer_blocks_0_ff_net_2":
+            ("unet.mid_block.attentions.0.transformer_blocks.0.ff.net.2", (1280, 5120)),
+        "lora_te_text_model_encoder_layers_11_mlp_fc2": ("text_encoder.text_model.encoder.layers.11.mlp.fc2", (768, 3072)),
+    }
+    sd = {}
+    for name, (_, (o, i)) in names.items():
+        sd[f"{name}.lora_down.weight"] = torch.randn(2, i, generator=g)
+        sd[f"{name}.lora_up.weight"] = torch.randn(o, 2, generator=g)
+    save_file(sd, str(tmp_path / "ldm.safetensors"))
+    lora = load_lora(tmp_path / "ldm.safetensors")
+    assert lora.family == "sd1"
+    assert set(lora.layers) == {key for key, _ in names.values()}
+
+
+def test_loha_conv_gets_the_real_conv_shape(tmp_path):
+    g = torch.Generator().manual_seed(7)
+    name, key = "lora_unet_down_blocks_0_resnets_0_conv1", "unet.down_blocks.0.resnets.0.conv1"
+    parts = {"hada_w1_a": torch.randn(320, 2, generator=g), "hada_w1_b": torch.randn(2, 320 * 9, generator=g),
+             "hada_w2_a": torch.randn(320, 2, generator=g), "hada_w2_b": torch.randn(2, 320 * 9, generator=g)}
+    save_file({f"{name}.{k}": v for k, v in parts.items()}, str(tmp_path / "loha.safetensors"),
+              metadata={"ss_base_model_version": "sd_v1"})
+    got = load_lora(tmp_path / "loha.safetensors").layers[key]
+    want = (parts["hada_w1_a"] @ parts["hada_w1_b"]) * (parts["hada_w2_a"] @ parts["hada_w2_b"])  # alpha = r
+    assert got.weight.shape == (320, 320, 3, 3) and torch.allclose(got.weight.reshape(320, -1), want, atol=1e-4)
+
+
+def test_peft_dora_is_refused(tmp_path):
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    save_file({f"{key}.lora_A.weight": torch.randn(2, 768), f"{key}.lora_B.weight": torch.randn(320, 2),
+               f"{key}.lora_magnitude_vector": torch.randn(320)}, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(ValueError, match=rf"{key} is a DoRA layer"):
+        load_lora(tmp_path / "dora.safetensors")

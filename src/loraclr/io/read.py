@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import zipfile
 from dataclasses import dataclass, field
@@ -394,7 +395,12 @@ def read_lora(
     fmt: str
     flat = _flatten(obj) if is_pickle else obj
     tensors = {k: v for k, v in flat.items() if isinstance(v, Tensor)}
-    check_finite(tensors, source)
+    try:
+        check_finite(tensors, source)
+    except ValueError as e:
+        if strict:
+            raise
+        report.warnings.append(str(e).removeprefix(source + ": "))
     report.dtypes = {str(v.dtype).replace("torch.", "") for v in tensors.values()}
 
     if is_pickle and _is_edlora(obj):
@@ -417,6 +423,7 @@ def read_lora(
             fmt, layers, tokens = "textual-inversion", {}, ti
         elif any(k.startswith(KOHYA_PREFIXES) for k in flat):
             fmt = "kohya"
+            unet_config = unet_config or _kohya_unet_layout(flat, family)
             layers = parse_kohya({k: v for k, v in flat.items() if isinstance(v, Tensor)}, source, unet_config,
                                  strict, report)
         else:
@@ -437,10 +444,8 @@ def read_lora(
 
     shapes = {k: layer.weight_shape for k, layer in layers.items()}
     evidence = _layer_evidence(layers, shapes)
-    if fmt == "kohya" and unet_config is None and any(
-        n.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks")) for n in flat
-    ):
-        evidence.append(("sdxl", "SGM block names (input_blocks/middle_block/output_blocks)"))
+    if fmt == "kohya" and any(n.startswith(("lora_te1_", "lora_te2_")) for n in flat):
+        evidence.append(("sdxl", "kohya lora_te1_/lora_te2_ prefixes (two text encoders)"))
     for t in tokens:
         if "text_encoder_2" in t.embeddings:
             evidence.append(("sdxl", f"token {t.name} has a text_encoder_2 embedding"))
@@ -451,7 +456,7 @@ def read_lora(
     evidence += _metadata_evidence(meta)
     report.evidence = evidence
     fam = decide_family(evidence, source, family, report)
-    _check_real_shapes(layers, fam, source, evidence)
+    _fit_real_shapes(layers, fam, source, evidence)
     for w in report.warnings:
         log.warning("%s: %s", source, w)
     if layers and not tokens:
@@ -474,20 +479,49 @@ def _tokens_beside(file: Path, meta: dict[str, str], allow_pickle: bool) -> list
     return load_embeddings(emb, allow_pickle=allow_pickle)
 
 
-def _check_real_shapes(layers: dict[str, Any], family: str, source: str, evidence: list[tuple[str, str]]) -> None:
-    """When shapes say the file is for a real SD1/SDXL UNet, every UNet layer must fit that UNet."""
-    if family not in ("sd1", "sdxl") or not any("wide" in why for _, why in evidence):
+def _kohya_unet_layout(flat: dict[str, Any], family: str | None) -> dict | None:
+    """The UNet config whose SGM names a kohya file uses (SD 1.x files with LDM names exist too)."""
+    if not any(k.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks"))
+               for k in flat):
+        return None
+    if family in ("sd1", "sd2", "sdxl"):
+        return keymap.real_unet_config(family)
+    if any(k.startswith(("lora_te1_", "lora_te2_")) for k in flat):
+        return keymap.real_unet_config("sdxl")
+    if any(k.startswith("lora_te_") for k in flat):
+        return keymap.real_unet_config("sd1")
+    for k, v in flat.items():
+        if k.endswith("attn2_to_k.lora_down.weight") and isinstance(v, Tensor) and v.shape[-1] in (768, 1024):
+            return keymap.real_unet_config("sd1")
+    return keymap.real_unet_config("sdxl")
+
+
+def _fit_real_shapes(layers: dict[str, Any], family: str, source: str, evidence: list[tuple[str, str]]) -> None:
+    """Check UNet layers against the real UNet of the family, and give flat dense deltas their conv shape.
+
+    A mismatch is an error only when the file's own shapes say it is for a real-sized model (tiny
+    world-model LoRAs carry SD names with other widths).
+    """
+    if family not in ("sd1", "sdxl"):
         return
     real = keymap.unet_module_shapes(keymap.real_unet_config(family))
-    for key, layer in layers.items():
+    shaped = any("wide" in why for _, why in evidence)
+    for key, layer in list(layers.items()):
         comp, path = split_key(key)
         if comp != "unet":
             continue
         if path not in real:
-            raise ValueError(f"{source}: {key}: no such module in the {family} UNet; the file mixes layouts")
+            if shaped:
+                raise ValueError(f"{source}: {key}: no such module in the {family} UNet; the file mixes layouts")
+            continue
         want, got = real[path], tuple(layer.weight_shape)
-        flat = lambda s: (s[0], int(torch.tensor(s[1:]).prod()))  # noqa: E731 - conv 1x1 may be stored as linear
-        if got != want and flat(got) != flat(want):
+        flat = lambda s: (s[0], math.prod(s[1:]))  # noqa: E731 - a 1x1 conv may be stored as a linear
+        if got == want:
+            continue
+        if flat(got) == flat(want):
+            if isinstance(layer, DenseDelta):  # LoHa/LoKr convs come out as (out, in*kh*kw)
+                layers[key] = DenseDelta(layer.weight.reshape(want))
+        elif shaped:
             raise ValueError(f"{source}: {key}: shape mismatch, the LoRA changes a {got} weight but the {family} "
                              f"module is {want}; the file is corrupt or mixes models")
 
