@@ -79,9 +79,7 @@ def save_pipeline(pipe: Any, out_dir: str | Path, inputs: list[str | Path] | Non
 
 
 def _unet_sd(unet: torch.nn.Module) -> dict[str, Tensor]:
-    cfg = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(unet.config).items()
-           if not k.startswith("_")}
-    cfg = {k: v for k, v in cfg.items() if k in _UNET_CONFIG_FIELDS}
+    cfg = dict(unet.config)
     to_ldm, _ = keymap.ldm_maps(cfg)
     out = {}
     for name, t in unet.state_dict().items():
@@ -90,17 +88,6 @@ def _unet_sd(unet: torch.nn.Module) -> dict[str, Tensor]:
             raise KeyError(f"unet.{name}: no single-file name for this parameter")
         out[f"model.diffusion_model.{to_ldm[mod]}.{param}"] = t
     return out
-
-
-_UNET_CONFIG_FIELDS = {
-    "sample_size", "in_channels", "out_channels", "down_block_types", "up_block_types", "block_out_channels",
-    "layers_per_block", "cross_attention_dim", "attention_head_dim", "norm_num_groups", "transformer_layers_per_block",
-    "use_linear_projection", "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim",
-    "mid_block_type", "only_cross_attention", "center_input_sample", "flip_sin_to_cos", "freq_shift",
-    "time_embedding_type", "class_embed_type", "num_class_embeds", "upcast_attention", "resnet_time_scale_shift",
-    "encoder_hid_dim", "encoder_hid_dim_type", "num_attention_heads", "dual_cross_attention", "act_fn",
-    "norm_eps", "downsample_padding", "mid_block_scale_factor", "dropout",
-}
 
 
 def _vae_ldm_name(name: str, n_up: int) -> str:

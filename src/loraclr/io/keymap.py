@@ -49,8 +49,19 @@ _TOP_TO_LDM = {
 }
 
 
+@functools.cache
+def _unet_init_fields() -> frozenset[str]:
+    import inspect
+
+    from diffusers import UNet2DConditionModel
+
+    return frozenset(inspect.signature(UNet2DConditionModel.__init__).parameters) - {"self"}
+
+
 def _config_key(cfg: dict[str, Any]) -> str:
-    return json.dumps(cfg, sort_keys=True, default=list)
+    """A hashable key for a UNet config; accepts ``dict(unet.config)`` (private ``_*`` entries dropped)."""
+    fields = _unet_init_fields()
+    return json.dumps({k: v for k, v in dict(cfg).items() if k in fields}, sort_keys=True, default=list)
 
 
 def real_unet_config(family: str) -> dict[str, Any]:
