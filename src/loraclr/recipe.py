@@ -211,6 +211,7 @@ class Recipe:
         for c in d["concepts"]:
             c["prompts"] = list(c["prompts"] or DEFAULT_PROMPTS)
         d["output"]["lora_formats"] = list(d["output"]["lora_formats"])
+        d["method"] = {"name": self.method.name, **self.method.settings}  # the YAML form
         d.pop("source")
         return d
 
@@ -235,7 +236,8 @@ def _typed(value: Any, typ: type | tuple, where: str, name: str) -> Any:
     if typ is float and isinstance(value, int):
         return float(value)
     if not isinstance(value, typ):
-        tname = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+        names = {int: "an integer", float: "a number", (int, float): "a number", str: "a string", bool: "true or false"}
+        tname = names.get(typ, str(typ))
         raise ValueError(f"{where}: field {name!r} must be {tname}, got {value!r}")
     return value
 

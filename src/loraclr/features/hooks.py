@@ -148,8 +148,8 @@ class InputCapture:
     """Records the inputs of many modules at once; modules fed the very same tensor share one recorder.
 
     q/k/v projections receive one tensor object, so their inputs are recorded once (DESIGN.md §2): the
-    first module of a forward pass that sees a tensor owns the recorder, the next modules fed the same
-    object become aliases of it. ``select`` optionally picks rows (e.g. token positions) from each input
+    first module that sees a tensor owns the recorder; a sibling (same parent module) called next with the
+    very same object becomes an alias of it. ``select`` optionally picks rows (e.g. token positions) from each input
     before it is stored: ``select(key, module, x) -> rows`` replacing :func:`module_rows`.
     """
 
@@ -170,7 +170,9 @@ class InputCapture:
             owner = self.alias.get(key)
             if owner is None and self._last is not None:
                 last_x, last_key, last_mod = self._last
-                if x is last_x and type(module) is type(last_mod) and _same_input_geometry(module, last_mod):
+                siblings = key.rsplit(".", 1)[0] == last_key.rsplit(".", 1)[0]
+                if x is last_x and siblings and type(module) is type(last_mod) \
+                        and _same_input_geometry(module, last_mod):
                     owner = self.alias[key] = self.alias.get(last_key, last_key)
             if owner is None:
                 owner = self.alias.setdefault(key, key)
