@@ -158,3 +158,10 @@ def test_invalid_layer_key_writes_nothing(tmp_path):
         save_lora({"unet.nowhere.to_q": LoraLayer(torch.randn(2, 4), torch.randn(4, 2), 2.0)},
                   tmp_path / "x.safetensors", format="kohya", family="sdxl")
     assert _listing(tmp_path) == []
+
+
+def test_output_folder_holding_an_input_is_refused(tmp_path):
+    src = _kohya(tmp_path)
+    with pytest.raises(ValueError, match="holds the input"):
+        check_output_path(tmp_path, [src])
+    assert src.exists()

@@ -83,6 +83,9 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] | 
         inp_r = Path(inp).resolve()
         if resolved == inp_r or inp_r in resolved.parents:
             raise ValueError(f"{out}: the output would overwrite or go inside the input {inp}; choose another path")
+        if resolved in inp_r.parents and resolved.is_dir():
+            # an output folder is replaced as a whole: the input inside it would be deleted
+            raise ValueError(f"{out}: the output folder holds the input {inp} and would replace it; choose another path")
     parent = resolved.parent
     if not parent.exists():
         raise FileNotFoundError(f"{out}: the output folder {parent} does not exist; create it first")
