@@ -1,0 +1,399 @@
+"""Training the miniature world's base model from scratch: VAE, then text encoder + UNet.
+
+Stages (each reproducible from its seed; ``scripts/train_world.py`` runs them):
+1. ``train_vae``: the autoencoder on freshly rendered scenes (L1 + MSE + a small KL), then its latent
+   ``scaling_factor`` (1 / std of the latents, as SD's 0.18215) is measured and stored in its config.
+2. ``build_dataset``: a fixed, seeded set of base-training scenes (held-out identities and styles never
+   appear), encoded once to latents (posterior means) and tokenised; cached under ``runs/``.
+3. ``train_base``: text encoder (from scratch) and UNet jointly, epsilon prediction with SD 1.5's noise
+   schedule, caption dropout for classifier-free guidance, bf16 autocast, EMA weights. Runs for a wall-clock
+   budget, saving the pipeline folder atomically every few minutes with ``training_state.json`` beside it
+   and a sample grid under ``runs/``.
+
+Resuming: the pipeline folder (fp16, committed) + ``training_state.json`` is the checkpoint that travels
+between machines. Resuming reloads the fp16 (EMA) weights in fp32 as both the trained and the EMA weights and
+restarts AdamW with a short linear warm-up (its moments are not shipped); the learning-rate schedule
+continues from the saved step. On the same machine a full fp32 checkpoint with the optimizer
+(``runs/world/base-last.pt``) is used instead when its step matches.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loraclr.world import scenes as S
+from loraclr.world.model import (
+    assemble_pipeline,
+    build_text_and_unet,
+    build_vae,
+    make_scheduler,
+    read_training_state,
+    save_pipeline_folder,
+)
+
+log = logging.getLogger(__name__)
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(n, 64, 64, 3) uint8 -> (n, 3, 64, 64) float in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+    """(n, 3, H, W) in [-1, 1] -> (n, H, W, 3) uint8."""
+    return ((x.detach().float().clamp(-1, 1) + 1) * 127.5 + 0.5).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def grid(images: np.ndarray, cols: int) -> np.ndarray:
+    """(n, H, W, 3) -> one (rows*H, cols*W, 3) image (missing cells black)."""
+    n, h, w, c = images.shape
+    rows = math.ceil(n / cols)
+    out = np.zeros((rows * h, cols * w, c), dtype=images.dtype)
+    for i, im in enumerate(images):
+        r, k = divmod(i, cols)
+        out[r * h : (r + 1) * h, k * w : (k + 1) * w] = im
+    return out
+
+
+def save_png(array: np.ndarray, path: str | Path, scale: int = 2) -> None:
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(array)
+    if scale != 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    im.save(path)
+
+
+def _vae_batch(rng: np.random.Generator, batch: int) -> np.ndarray:
+    # The autoencoder sees every style, held-out ones included (like SD's VAE, it is a general image codec);
+    # identities come from the base pool only.
+    out = []
+    for _ in range(batch):
+        scene = S.sample_base_scene(rng, styled=0.0)
+        if rng.random() < 0.3:
+            scene = S.Scene(scene.characters, scene.background, S.STYLES[1 + rng.integers(len(S.STYLES) - 1)])
+        out.append(S.render(scene, seed=int(rng.integers(2**31))).image)
+    return np.stack(out)
+
+
+# --- 1. VAE --------------------------------------------------------------------------------------------------
+
+
+def train_vae(out_dir: str | Path, steps: int = 700, batch: int = 32, lr: float = 1e-3, kl_weight: float = 1e-6,
+              seed: int = 0, size: str = "mini", autocast: bool = True, log_every: int = 25):
+    """Train the world's AutoencoderKL; saves it (fp32) to ``out_dir`` with its scaling factor set."""
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng([seed, 1])
+    vae = build_vae(size, seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    warm = min(50, steps // 10 + 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+    t0 = time.time()
+    for step in range(steps):
+        x = images_to_tensor(_vae_batch(rng, batch))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            post = vae.encode(x).latent_dist
+            z = post.sample()
+            rec = vae.decode(z).sample
+        rec = rec.float()
+        loss_rec = F.mse_loss(rec, x) + F.l1_loss(rec, x)
+        kl = post.kl().mean() / z[0].numel()
+        loss = loss_rec + kl_weight * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps - 1:
+            log.info("vae step %d/%d loss %.4f rec %.4f kl/elem %.3f lr %.2e %.1fs", step, steps, loss.item(),
+                     loss_rec.item(), kl.item(), sched.get_last_lr()[0], time.time() - t0)
+    vae.eval()
+    # scaling factor: latents times it have unit std (SD: 0.18215), measured on fresh scenes
+    with torch.no_grad():
+        zs = torch.cat([vae.encode(images_to_tensor(_vae_batch(rng, 64))).latent_dist.mean for _ in range(8)])
+        x = images_to_tensor(_vae_batch(rng, 16))
+        rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+    scaling = float(1.0 / zs.std())
+    vae.register_to_config(scaling_factor=scaling)
+    psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec.clamp(-1, 1), x)))
+    log.info("vae done: scaling_factor %.4f, latent mean %.3f, reconstruction PSNR %.2f dB", scaling,
+             float(zs.mean()), psnr)
+    vae.save_pretrained(str(out_dir))
+    pair = np.concatenate([tensor_to_images(x), tensor_to_images(rec)])
+    save_png(grid(pair, 16), out_dir / "reconstructions.png", scale=3)
+    (out_dir / "vae_report.json").write_text(json.dumps(
+        {"steps": steps, "batch": batch, "seed": seed, "psnr_db": psnr, "scaling_factor": scaling,
+         "seconds": time.time() - t0}, indent=2), encoding="utf-8")
+    return vae
+
+
+# --- 2. dataset ------------------------------------------------------------------------------------------------
+
+
+def load_vae(path: str | Path):
+    """An AutoencoderKL in fp32 with its weights rounded through fp16, as the shipped folder holds them.
+
+    Encoding with the rounded weights makes the cached latents the same whether the VAE comes from
+    ``runs/world/vae`` (this machine) or from the committed pipeline folder (a fresh machine).
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(path), dtype=torch.float32)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(p.half().float())
+    return vae.eval().requires_grad_(False)
+
+
+def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
+    """Exactly as ``StableDiffusionPipeline.encode_prompt`` does: padded to max length, truncated."""
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def render_scenes(n: int, seed: int = 0, cache: str | Path | None = None) -> tuple[np.ndarray, list[str]]:
+    """``n`` seeded base-training scenes: images (n, 64, 64, 3) uint8 and captions (cached as .npz)."""
+    if cache is not None and Path(cache).exists():
+        z = np.load(cache, allow_pickle=False)
+        return z["images"], [str(c) for c in z["captions"]]
+    rng = np.random.default_rng([seed, 2])
+    images = np.empty((n, S.SIZE, S.SIZE, 3), dtype=np.uint8)
+    captions = []
+    t0 = time.time()
+    for i in range(n):
+        r = S.render(S.sample_base_scene(rng), seed=int(rng.integers(2**31)))
+        images[i] = r.image
+        captions.append(r.caption)
+        if i % 5000 == 0:
+            log.info("rendered %d/%d scenes, %.0fs", i, n, time.time() - t0)
+    if cache is not None:
+        Path(cache).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(cache).with_suffix(".tmp.npz")
+        np.savez(tmp, images=images, captions=np.array(captions))
+        tmp.rename(cache)
+    return images, captions
+
+
+def build_dataset(vae, out_path: str | Path, n: int = 30000, seed: int = 0, chunk: int = 256) -> dict:
+    """Render ``n`` base-training scenes, encode them (posterior mean x scaling factor) and tokenise.
+
+    Cached at ``out_path``: {latents (n, 4, 16, 16) fp16, input_ids (n, 77) int32, captions, seed, n}; the
+    rendered images are cached beside it (``scenes-<seed>-<n>.npz``).
+    """
+    from loraclr.world.tokenizer import load_tokenizer
+
+    out_path = Path(out_path)
+    if out_path.exists():
+        log.info("dataset cached at %s", out_path)
+        return torch.load(out_path, weights_only=False)
+    if isinstance(vae, (str, Path)):
+        vae = load_vae(vae)
+    tok = load_tokenizer()
+    images, captions = render_scenes(n, seed, out_path.parent / f"scenes-{seed}-{n}.npz")
+    latents = []
+    t0 = time.time()
+    scale = vae.config.scaling_factor
+    for start in range(0, n, chunk):
+        with torch.no_grad():
+            z = vae.encode(images_to_tensor(images[start : start + chunk])).latent_dist.mean * scale
+        latents.append(z.half())
+        if (start // chunk) % 20 == 0:
+            log.info("encoded %d/%d scenes, %.0fs", start + z.shape[0], n, time.time() - t0)
+    lengths = [len(ids) for ids in tok(captions).input_ids]
+    n_cut = sum(k > tok.model_max_length for k in lengths)
+    if n_cut:
+        log.warning("%d of %d captions are longer than %d tokens and get truncated", n_cut, n,
+                    tok.model_max_length)
+    data = {"latents": torch.cat(latents), "input_ids": tokenize(tok, captions).to(torch.int32),
+            "captions": captions, "seed": seed, "n": n, "max_tokens": max(lengths)}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(data, out_path.with_suffix(".tmp"))
+    out_path.with_suffix(".tmp").rename(out_path)
+    log.info("dataset done: %d scenes, latent std %.3f, longest caption %d tokens, %.0fs", n,
+             float(data["latents"].float().std()), max(lengths), time.time() - t0)
+    return data
+
+
+# --- 3. text encoder + UNet ---------------------------------------------------------------------------------------
+
+# The scenes whose captions make the progress grids (ground-truth render first, then samples).
+_C = S.Character
+SAMPLE_SCENES = [
+    S.Scene((_C(S.Identity("round", "red"), "middle"),), "beach"),
+    S.Scene((_C(S.Identity("tall", "blue", "spots", "white", "glasses", "a hat"), "middle"),), "snow"),
+    S.Scene((_C(S.Identity("square", "yellow", face="one eye"), "middle"),), "room"),
+    S.Scene((_C(S.Identity("pointy", "green", face="three eyes", accessory="a crown"), "middle"),), "forest"),
+    S.Scene((_C(S.Identity("round", "red"), "left"), _C(S.Identity("tall", "blue", face="one eye"), "right")),
+            "city"),
+    S.Scene((_C(S.Identity("square", "green", "stripes", "yellow", accessory="a bow"), "left"),
+             _C(S.Identity("pointy", "purple", face="glasses"), "right")), "night"),
+    S.Scene((_C(S.Identity("round", "orange"), "left"), _C(S.Identity("square", "white"), "middle"),
+             _C(S.Identity("tall", "pink", face="one eye"), "right")), "beach"),
+    S.Scene((_C(S.Identity("tall", "yellow", "checks", "black"), "middle"),), "city", "pastel"),
+]
+
+
+def sample_grid(pipe, scenes: list[S.Scene] = SAMPLE_SCENES, per_prompt: int = 3, steps: int = 25,
+                guidance: float = 5.0, seed: int = 0) -> np.ndarray:
+    """Rows: one scene each, its ground-truth render then ``per_prompt`` samples from ``pipe``."""
+    rows = []
+    for i, scene in enumerate(scenes):
+        truth = S.render(scene, seed=i)
+        g = torch.Generator().manual_seed(seed + i)
+        out = pipe(truth.caption, num_images_per_prompt=per_prompt, num_inference_steps=steps,
+                   guidance_scale=guidance, generator=g, output_type="np").images
+        rows.append(np.concatenate([truth.image[None], (out * 255 + 0.5).astype(np.uint8)]))
+    return grid(np.concatenate(rows), per_prompt + 1)
+
+
+def _lr_factor(step: int, total: int, warmup: int, resume_step: int, resume_warmup: int) -> float:
+    warm = min(1.0, (step + 1) / warmup) * min(1.0, (step - resume_step + 1) / resume_warmup)
+    return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
+
+
+def train_base(vae_dir: str | Path | None, data_path: str | Path, folder: str | Path, runs_dir: str | Path,
+               minutes: float = 100.0, total_steps: int = 6000, seed: int = 0, batch: int = 32,
+               lr: float = 5e-4, warmup: int = 300, resume_warmup: int = 100, ema_decay: float = 0.999,
+               cond_drop: float = 0.1, save_every_min: float = 12.0, n: int = 30000, size: str = "mini",
+               autocast: bool = True, log_every: int = 50, max_steps: int | None = None,
+               callback: Callable[[int, float], None] | None = None, grid_kwargs: dict | None = None) -> dict:
+    """Train text encoder + UNet until ``minutes`` pass or ``total_steps`` (or ``max_steps``) is reached.
+
+    Resumes from ``folder`` when it holds a ``training_state.json`` (see the module docstring). The VAE comes
+    from the folder when resuming, else from ``vae_dir``. ``grid_kwargs`` go to :func:`sample_grid` for the
+    progress grids. Returns the final training state.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    folder, runs_dir = Path(folder), Path(runs_dir)
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    state = read_training_state(folder)
+    full_ckpt = runs_dir / "base-last.pt"
+    if state is not None:
+        vae = load_vae(folder / "vae")
+    else:
+        if vae_dir is None:
+            raise FileNotFoundError(f"{folder} has no {folder / 'training_state.json'} and no VAE folder was given")
+        vae = load_vae(vae_dir)
+    data = build_dataset(vae, data_path, n=n, seed=seed)
+    latents, input_ids = data["latents"], data["input_ids"].long()
+    n_data = latents.shape[0]
+    from loraclr.world.tokenizer import load_tokenizer
+    empty_ids = tokenize(load_tokenizer(), [""])[0]  # (77,) the unconditional prompt, as CFG feeds it
+
+    ckpt = None
+    if state is not None and full_ckpt.exists():
+        ckpt = torch.load(full_ckpt, weights_only=False)
+        if ckpt.get("step") != state["step"]:
+            ckpt = None
+    if state is not None and ckpt is None:
+        log.info("resuming from %s at step %d (fp16 weights -> fp32, fresh optimizer, %d warm-up steps)",
+                 folder, state["step"], resume_warmup)
+        te = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=torch.float32)
+        unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), dtype=torch.float32)
+    else:
+        te, unet = build_text_and_unet(size, seed)
+    if ckpt is not None:
+        log.info("resuming from the full checkpoint %s at step %d", full_ckpt, ckpt["step"])
+        te.load_state_dict(ckpt["te"])
+        unet.load_state_dict(ckpt["unet"])
+    ema_te, ema_unet = copy.deepcopy(te).requires_grad_(False), copy.deepcopy(unet).requires_grad_(False)
+    if ckpt is not None:
+        ema_te.load_state_dict(ckpt["ema_te"])
+        ema_unet.load_state_dict(ckpt["ema_unet"])
+    te.train()
+    unet.train()
+    params = list(te.parameters()) + list(unet.parameters())
+    ema_params = list(ema_te.parameters()) + list(ema_unet.parameters())
+    # no weight decay: the token-embedding table is dense and would shrink rows the captions never use
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
+    step = 0 if state is None else int(state["step"])
+    resume_step = step if (state is not None and ckpt is None) else -10**9
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["opt"])
+    seen = 0 if state is None else int(state.get("images_seen", 0))
+    noise_sched = make_scheduler("ddpm")
+    acp = noise_sched.alphas_cumprod  # (1000,)
+    end_step = total_steps if max_steps is None else min(total_steps, step + max_steps)
+
+    def checkpoint(loss_avg: float) -> dict:
+        st = {"step": step, "total_steps": total_steps, "seed": seed, "batch": batch, "lr": lr,
+              "warmup": warmup, "resume_warmup": resume_warmup, "ema_decay": ema_decay, "cond_drop": cond_drop,
+              "images_seen": seen, "data": {"n": n_data, "seed": data["seed"]}, "loss_recent": loss_avg,
+              "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "weights": "EMA of the trained weights",
+              "resume": "reload fp16 weights in fp32, restart AdamW with resume_warmup steps of linear warm-up"}
+        if state is not None:
+            st["history"] = state.get("history", []) + [{"resumed_at": state["step"]}]
+        save_pipeline_folder(vae, ema_te, ema_unet, folder, st)
+        torch.save({"step": step, "te": te.state_dict(), "unet": unet.state_dict(),
+                    "ema_te": ema_te.state_dict(), "ema_unet": ema_unet.state_dict(), "opt": opt.state_dict()},
+                   full_ckpt.with_suffix(".tmp"))
+        full_ckpt.with_suffix(".tmp").rename(full_ckpt)
+        pipe = assemble_pipeline(vae, ema_te.eval(), ema_unet.eval())
+        t = time.time()
+        with torch.no_grad():
+            save_png(sample_grid(pipe, **(grid_kwargs or {})), runs_dir / "samples" / f"step-{step:06d}.png", scale=2)
+        log.info("checkpoint at step %d -> %s (+ sample grid in %.1fs)", step, folder, time.time() - t)
+        return st
+
+    t_last_save = time.time()
+    losses: list[float] = []
+    t_log = time.time()
+    st = state or {}
+    while step < end_step and (time.time() - t_start) < minutes * 60:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        idx = torch.randint(0, n_data, (batch,), generator=g)
+        x0 = latents[idx].float()  # (B, 4, 16, 16)
+        ids = input_ids[idx]  # (B, 77)
+        drop = torch.rand(batch, generator=g) < cond_drop
+        ids[drop] = empty_ids
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, acp.shape[0], (batch,), generator=g)
+        a = acp[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        for group in opt.param_groups:
+            group["lr"] = lr * _lr_factor(step, total_steps, warmup, resume_step, resume_warmup)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            cond = te(ids)[0]  # (B, 77, hidden): last hidden state, as the pipeline uses
+            pred = unet(xt, t, cond).sample
+        loss = F.mse_loss(pred.float(), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
+        step += 1
+        seen += batch
+        losses.append(loss.item())
+        if callback is not None:
+            callback(step, losses[-1])
+        if step % log_every == 0:
+            dt = time.time() - t_log
+            log.info("base step %d/%d loss %.4f lr %.2e %.1f img/s elapsed %.1f min", step, total_steps,
+                     float(np.mean(losses[-log_every:])), opt.param_groups[0]["lr"], log_every * batch / dt,
+                     (time.time() - t_start) / 60)
+            t_log = time.time()
+        if time.time() - t_last_save > save_every_min * 60:
+            st = checkpoint(float(np.mean(losses[-200:])))
+            t_last_save = time.time()
+    if losses:
+        st = checkpoint(float(np.mean(losses[-200:])))
+    log.info("base training stopped at step %d/%d after %.1f min", step, total_steps, (time.time() - t_start) / 60)
+    return st
