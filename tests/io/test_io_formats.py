@@ -300,3 +300,34 @@ def test_peft_dora_is_refused(tmp_path):
                f"{key}.lora_magnitude_vector": torch.randn(320)}, str(tmp_path / "dora.safetensors"))
     with pytest.raises(ValueError, match=rf"{key} is a DoRA layer"):
         load_lora(tmp_path / "dora.safetensors")
+
+
+def test_hybrid_sdxl_file_and_wrong_metadata(tmp_path):
+    # "diffusers names with kohya prefixes", and metadata claiming SD 1.x (as some merge tools write)
+    g = torch.Generator().manual_seed(8)
+    sd = {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k.lora_down.weight": torch.randn(2, 2048, generator=g),
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_1_attn2_to_k.lora_up.weight": torch.randn(640, 2, generator=g),
+        "lora_te1_text_model_encoder_layers_3_mlp_fc1.lora_down.weight": torch.randn(2, 768, generator=g),
+        "lora_te1_text_model_encoder_layers_3_mlp_fc1.lora_up.weight": torch.randn(3072, 2, generator=g),
+    }
+    save_file(sd, str(tmp_path / "hybrid.safetensors"), metadata={"ss_base_model_version": "sd_v1"})
+    from loraclr.io import read_lora
+
+    lora, report = read_lora(tmp_path / "hybrid.safetensors")
+    assert lora.family == "sdxl"
+    assert set(lora.layers) == {"unet.down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
+                                "text_encoder.text_model.encoder.layers.3.mlp.fc1"}
+    assert any(w.startswith("mixed families") and "ss_base_model_version=sd_v1" in w for w in report.warnings)
+    assert load_lora(tmp_path / "hybrid.safetensors", family="sdxl").family == "sdxl"
+    with pytest.raises(ValueError, match="not a sd1 LoRA"):
+        load_lora(tmp_path / "hybrid.safetensors", family="sd1")
+
+
+def test_sdxl_embeddings_written_in_clip_l_clip_g_layout(tmp_path):
+    tok = LearnedToken("<xl>", {"text_encoder": torch.randn(2, 768), "text_encoder_2": torch.randn(2, 1280)})
+    (f,) = save_embeddings([tok], tmp_path / "xl.safetensors", format="a1111")
+    tensors, meta = _read(f)
+    assert set(tensors) == {"clip_l", "clip_g"} and meta["name"] == "<xl>"
+    (back,) = load_embeddings(f)
+    assert back.name == "<xl>" and torch.equal(back.embeddings["text_encoder_2"], tok.embeddings["text_encoder_2"])

@@ -148,16 +148,25 @@ def _layer_evidence(layers: dict[str, Any], shapes: dict[str, tuple[int, ...]]) 
     return ev
 
 
+def _is_metadata(why: str) -> bool:
+    return why.startswith(("ss_", "modelspec."))
+
+
 def decide_family(evidence: list[tuple[str, str]], source: str, family: str | None, report: ReadReport) -> str:
+    """Pick the family: shapes and keys outrank metadata (merge tools are known to write wrong metadata).
+
+    ``family`` given is checked against the strongest evidence present (shapes/keys, else metadata).
+    """
     fams = {f for f, _ in evidence}
     if len(fams) > 1:
         report.warnings.append("mixed families: " + "; ".join(f"{f} ({why})" for f, why in evidence))
-    # shapes and keys (listed first) outrank metadata
-    detected = evidence[0][0] if evidence else "unknown"
+    strong = [(f, why) for f, why in evidence if not _is_metadata(why)]
+    deciding = strong or evidence
+    detected = deciding[0][0] if deciding else "unknown"
     if family is not None:
         if family not in ("sd1", "sd2", "sdxl"):
             raise ValueError(f"{source}: unknown family {family!r}; expected sd1, sd2 or sdxl")
-        against = [(f, why) for f, why in evidence if f != family]
+        against = [(f, why) for f, why in deciding if f != family]
         if against:
             raise ValueError(
                 f"{source}: the file is not a {family} LoRA: " + "; ".join(f"{why} -> {f}" for f, why in against)
