@@ -81,3 +81,20 @@ def test_inspect_reports_nan_as_a_warning(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nan.safetensors"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert any(f"non-finite values in {name}.lora_down.weight (1 NaN" in w for w in info["warnings"])
+
+
+def test_convert_edlora_to_kohya_keeps_tokens(tmp_path, capsys):
+    un = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    emb = torch.randn(16, 768)
+    torch.save({"params": {"new_concept_embedding": {"<c1>": emb},
+                           "unet": {f"{un}.lora_down.weight": torch.randn(4, 768),
+                                    f"{un}.lora_up.weight": torch.randn(320, 4)}}}, tmp_path / "c.pth")
+    out = tmp_path / "c.safetensors"
+    assert main(["convert", str(tmp_path / "c.pth"), str(out), "--to", "kohya"]) == 2
+    assert "pickle" in capsys.readouterr().err and not out.exists()
+    assert main(["convert", str(tmp_path / "c.pth"), str(out), "--to", "kohya", "--allow-pickle"]) == 0
+    back = load_lora(out)
+    assert back.family == "sd1" and back.tokens[0].name == "<c1>" and back.tokens[0].layerwise
+    assert torch.equal(back.tokens[0].embeddings["text_encoder"], emb)
+    assert main(["inspect", str(out)]) == 0
+    assert "learned token: <c1>" in capsys.readouterr().out

@@ -116,3 +116,20 @@ def test_fuse_deltas_refuses_before_touching_anything(tiny_sd1):
     with pytest.raises(KeyError, match="unet.nope.to_q"):
         fuse_deltas(pipe, {good: torch.ones_like(w0), "unet.nope.to_q": torch.ones(1)})
     assert torch.equal(find_module(pipe, good).weight, w0)
+
+
+def test_save_pipeline_replaces_atomically(tmp_path, tiny_sd1):
+    out = tmp_path / "pipe"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    save_pipeline(tiny_sd1, out)
+    assert (out / "model_index.json").exists() and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temp folders left behind
+
+    class Broken:
+        def save_pretrained(self, path, **kw):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        save_pipeline(Broken(), out)
+    assert (out / "model_index.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
