@@ -115,12 +115,18 @@ def test_converged_beats_paper_and_reports_convergence():
 
 
 @pytest.mark.parametrize(
-    "seed,n_rows,scale",
-    [(0, (4, 4, 4), 0.05), (5, (3, 5, 4), 0.05), (1, (3, 5, 4), 0.05), (4, (6,) * 4, 0.02)],
+    "seed,n_rows,scale,inn",
+    [
+        (0, (4, 4, 4), 0.05, 5),
+        (5, (3, 5, 4), 0.05, 5),
+        (1, (3, 5, 4), 0.05, 5),
+        (4, (6,) * 4, 0.02, 5),
+        (1, (3, 4, 3), 0.03, 20),  # fewer rows (10) than inputs (20): solved in the rows' span
+    ],
 )
-def test_converged_is_a_stationary_point(seed, n_rows, scale):
+def test_converged_is_a_stationary_point(seed, n_rows, scale, inn):
     """Gradient of the independently written objective vanishes at the converged D (hinges active)."""
-    p = _synthetic(n_rows, seed=seed, scale=scale)
+    p = _synthetic(n_rows, seed=seed, scale=scale, inn=inn)
     r = _merge(p, mode="converged")
     assert r.report["hinge_active"] > 0
     D = r.offset.double().requires_grad_(True)

@@ -69,8 +69,8 @@ def stacked_deltas(problem: LayerProblem, dtype: torch.dtype, device: torch.devi
 
 
 def rows(problem: LayerProblem, method: str, dtype: torch.dtype, device) -> list[Tensor]:
-    """The raw feature rows X_i (n_i, in); ValueError naming the layer when they were not kept."""
-    n, _, in_dim = check_problem(problem)
+    """The raw feature rows X_i (n_i, in), checked; ValueError naming the layer when they were not kept."""
+    n, in_dim = len(problem.deltas), problem.W0.shape[1]
     if problem.X is None:
         raise ValueError(
             f"layer {problem.key}: method {method!r} needs the raw feature rows X (LayerProblem.X), "
@@ -101,9 +101,12 @@ class GramStats:
     n_rows: list[int]
 
 
-def gram_stats(problem: LayerProblem, method: str, dtype: torch.dtype, device) -> GramStats:
-    """G_i = X_i^T X_i from ``problem.gram`` when given (full statistics), else from the raw rows."""
-    n, _, in_dim = check_problem(problem)
+def gram_stats(
+    problem: LayerProblem, method: str, dtype: torch.dtype, device, xs: list[Tensor] | None = None
+) -> GramStats:
+    """G_i = X_i^T X_i from ``problem.gram`` when given (full statistics), else from the raw rows
+    (``xs``: the rows already checked by :func:`rows`, to avoid a second pass)."""
+    n, in_dim = len(problem.deltas), problem.W0.shape[1]
     if problem.gram is not None:
         if len(problem.gram) != n:
             raise ValueError(f"layer {problem.key}: {len(problem.gram)} Grams for {n} concepts")
@@ -134,7 +137,7 @@ def gram_stats(problem: LayerProblem, method: str, dtype: torch.dtype, device) -
             "LayerProblem.gram with n_rows; collect features for this layer or use a feature-free method "
             "(sum, average, svd, ties, dare)"
         )
-    xs = rows(problem, method, dtype, device)
+    xs = rows(problem, method, dtype, device) if xs is None else xs
     gram = (
         torch.stack([x.T @ x for x in xs])
         if xs
@@ -160,6 +163,76 @@ def common_row_index(n_rows: list[int], device=None) -> list[Tensor]:
         else:
             out.append(torch.linspace(0, n - 1, m, dtype=torch.float64, device=device).round().long())
     return out
+
+
+def reduce_to_row_space(
+    problem: LayerProblem, xs: list[Tensor] | None, dtype: torch.dtype, device, solve_dtype: torch.dtype
+) -> tuple[LayerProblem, list[Tensor] | None, Tensor | None]:
+    """Rewrite a problem whose concepts have fewer rows in total (K) than inputs in the row span's basis.
+
+    With Q (in, K) orthonormal spanning all rows of X (QR of the stacked rows), every prediction obeys
+    X_i W^T = (X_i Q)(W Q)^T, so the problem in (X_i Q, W0 Q, dW_i Q) has the same objective for D = C Q^T,
+    and ||D||_F = ||C||_F. Minimisers that use no unexcited direction (minimum-norm least squares, or any
+    objective with a norm penalty on D) lie in that span, so solving for C (out, K) and returning C Q^T is
+    exact; it turns an (in x in) eigen-solve into a (K x K) one (e.g. 768 -> 72 for cross-attention k/v).
+    ``xs`` are the problem's checked rows (or None). Returns (problem, rows, Q), Q None when there is
+    nothing to gain (no rows, Grams given, or K >= in).
+    """
+    if xs is None or problem.gram is not None or not problem.deltas:
+        return problem, xs, None
+    k, in_dim = sum(x.shape[0] for x in xs), problem.W0.shape[1]
+    if k >= in_dim:
+        return problem, xs, None
+    Q, _ = torch.linalg.qr(torch.cat(xs).to(solve_dtype).T)  # (in, K)
+
+    def red(t: Tensor) -> Tensor:
+        return (t.to(device=device, dtype=solve_dtype) @ Q).to(dtype)
+
+    xs = [red(x) for x in xs]
+    reduced = LayerProblem(
+        problem.key,
+        red(problem.W0),
+        [red(d) for d in problem.deltas],
+        X=xs,
+        concept_names=list(problem.concept_names),
+    )
+    return reduced, xs, Q
+
+
+def rhs_and_const(
+    dW: Tensor, G: Tensor, X: list[Tensor] | None, a: Tensor, solve_dtype: torch.dtype
+) -> tuple[Tensor, float]:
+    """B = sum_i a_i dW_i G_i (out, in) in solve_dtype, and c = sum_i a_i ||X_i dW_i^T||^2.
+
+    Per concept through the rows (2 n_i in out flops) when it has fewer rows than inputs, else through the
+    Gram (out in^2). ``X`` must be the rows behind ``G`` (None when only Grams were kept)."""
+    n, out_dim, in_dim = dW.shape
+    B = torch.zeros(out_dim, in_dim, dtype=solve_dtype, device=dW.device)
+    c = 0.0
+    for i in range(n):
+        ai = float(a[i])
+        if X is not None and X[i].shape[0] < in_dim:
+            T = X[i] @ dW[i].T  # (n_i, out)
+            B += ai * (T.T @ X[i]).to(solve_dtype)
+            c += ai * float(T.pow(2).sum(dtype=torch.float64))
+        else:
+            K = dW[i] @ G[i]  # (out, in)
+            B += ai * K.to(solve_dtype)
+            c += ai * float((K * dW[i]).sum(dtype=torch.float64))
+    return B, c
+
+
+def sq_errors(D: Tensor, dW: Tensor, G: Tensor, X: list[Tensor] | None) -> Tensor:
+    """||X_i (D - dW_i)^T||_F^2 per concept (N,) in float64, through rows or Grams like :func:`rhs_and_const`."""
+    n, _, in_dim = dW.shape
+    out = []
+    for i in range(n):
+        E = D.to(dW.dtype) - dW[i]
+        if X is not None and X[i].shape[0] < in_dim:
+            out.append(float((X[i] @ E.T).pow(2).sum(dtype=torch.float64)))
+        else:
+            out.append(max(float(((E @ G[i]) * E).sum(dtype=torch.float64)), 0.0))
+    return torch.tensor(out, dtype=torch.float64)
 
 
 @dataclass

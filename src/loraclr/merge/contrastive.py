@@ -66,9 +66,12 @@ from loraclr.merge._common import (
     check_problem,
     common_row_index,
     gram_stats,
+    reduce_to_row_space,
     resolve_dtype,
+    rhs_and_const,
     rows,
     solve_quadratic_fro,
+    sq_errors,
     stacked_deltas,
 )
 from loraclr.merge.api import Callback, LayerProblem, LayerResult, MergeMethod, register
@@ -355,148 +358,128 @@ def _floats(t: Tensor | None, n: int | None = None) -> list:
 # ------------------------------------------------------------------------------------------- converged mode
 
 
-@dataclass
-class _Eval:
-    loss: float
-    con: float
-    mse: float
-    reg: float
-    sq: Tensor  # (N,) ||X_i (D - dW_i)^T||^2
-    neg: Tensor | None  # block: (N,) raw hardest-negative distance; token: (N, m)
-    jstar: Tensor | None  # argmin j, same shape as neg
-    P: Tensor | None  # (N, m, out) predictions on the common rows
-    bound: bool = False  # neg holds lower bounds (Grams-only certification), not distances
-
-
 class _Converged:
-    """The objective evaluated exactly, and the surrogate built, for one layer (see module docstring)."""
+    """One layer's objective in the form the converged solver needs (see module docstring).
+
+    L(D) = tr(D A0 D^T) - 2 <D, B0> + c0          positives + MSE, A0 = sum_i a_i G_i, B0 = sum_i a_i dW_i G_i
+         + w_h * sum_active relu(mu - d)^2         hinges, from predictions P on the common rows
+         + lambda_reg * ||D||_F
+    The quadratic part is kept in the solve dtype; predictions and distances in the compute dtype.
+    When all concepts together have fewer rows than inputs (text-encoder and cross-attention layers), the
+    problem is first reduced to the span of the rows (D = C Q^T, see ``reduce_to_row_space``): exact, since
+    predictions only see that span and the regulariser pushes D to 0 outside it.
+    """
 
     def __init__(self, problem: LayerProblem, cfg: LoraclrConfig):
-        self.cfg = cfg
-        self.key = problem.key
+        self.cfg, self.key = cfg, problem.key
         dtype = resolve_dtype(cfg.dtype)
-        self.sdtype = resolve_dtype(cfg.solve_dtype, "solve_dtype")
-        stats = gram_stats(problem, "loraclr (mode='converged')", dtype, cfg.device)
-        self.n_rows = stats.n_rows
-        self.N = len(self.n_rows)
+        sd = self.sdtype = resolve_dtype(cfg.solve_dtype, "solve_dtype")
+        xs = rows(problem, "loraclr", dtype, cfg.device) if problem.X is not None else None
+        problem, xs, self.Q = reduce_to_row_space(problem, xs, dtype, cfg.device, sd)
+        stats = gram_stats(problem, "loraclr (mode='converged')", dtype, cfg.device, xs=xs)
+        self.n_rows, self.N = stats.n_rows, len(stats.n_rows)
         self.W0 = problem.W0.to(device=cfg.device, dtype=dtype)  # (out, in)
         self.dW = stacked_deltas(problem, dtype, cfg.device)  # (N, out, in)
-        self.out_dim = self.W0.shape[0]
+        self.out_dim, self.in_dim = self.W0.shape
         self.w = _weights(cfg, self.n_rows, self.out_dim)
-        self.G = stats.gram.to(self.sdtype)  # (N, in, in)
-        self.dWs = self.dW.to(self.sdtype)
-        self.W0s = self.W0.to(self.sdtype)
-        a = (self.w.a_pos + self.w.a_mse).to(self.G.device)  # (N,)
-        self.a = a
-        self.A0 = torch.einsum("n,nij->ij", a.to(self.sdtype), self.G)
-        self.B0 = torch.einsum("n,noi,nij->oj", a.to(self.sdtype), self.dWs, self.G)
+        self.G = stats.gram  # (N, in, in), compute dtype
+        self.X = xs
+        self.grams_from_rows = problem.gram is None
+        a = (self.w.a_pos + self.w.a_mse).to(device=cfg.device, dtype=sd)  # (N,)
+        self.A0 = _sym(torch.einsum("n,nij->ij", a, self.G.to(sd)))
+        Xg = self.X if self.grams_from_rows else None  # rows behind the Grams, if they are the same
+        self.B0, self.c0 = rhs_and_const(self.dW, self.G, Xg, a, sd)
         self.needs_hinge = cfg.lambda_con > 0 and self.N > 1
         self.R = self.Tc = None
-        if problem.X is not None:
-            X = rows(problem, "loraclr", dtype, cfg.device)
-            x_rows = [x.shape[0] for x in X]
+        self._Gc: dict[int, Tensor] = {}
+        if self.X is not None:
+            x_rows = [x.shape[0] for x in self.X]
             idx = common_row_index(x_rows, device=cfg.device)
             self.m = min(x_rows)
-            self.R = torch.stack([x[i] for x, i in zip(X, idx, strict=True)])  # (N, m, in)
-            with torch.no_grad():
-                self.Tc = torch.einsum("nri,noi->nro", self.R, self.W0 + self.dW)  # (N, m, out) targets
+            self.R = torch.stack([x[i] for x, i in zip(self.X, idx, strict=True)])  # (N, m, in)
+            self.Tc = torch.einsum("nri,noi->nro", self.R, self.W0 + self.dW)  # (N, m, out) targets
+            self.rows_are_gram_rows = problem.gram is None and len(set(x_rows)) == 1
             if problem.gram is not None:
-                # rows may be a subsample of the rows behind the Grams: hinge weights count the rows used
-                self.w = _weights(cfg, self.n_rows, self.out_dim)
+                # the rows may be a subsample of those behind the Grams: hinge weights count the rows used
                 self.w.w_hinge, self.w.mu, self.w.neg_scale = _hinge_weights(
                     cfg, self.N, self.m, self.out_dim
                 )
         else:
             self.m = min(self.n_rows)
             if self.needs_hinge and (cfg.distance == "token" or len(set(self.n_rows)) > 1):
+                what = "per-row distances" if cfg.distance == "token" else "blocks of different row counts"
                 raise ValueError(
                     f"layer {self.key}: loraclr with distance={cfg.distance!r} needs the raw rows X for the "
-                    "negative distances (only Grams were collected, and they cannot bound "
-                    + (
-                        "per-row distances"
-                        if cfg.distance == "token"
-                        else "distances between blocks of different row counts"
-                    )
-                    + "); keep rows for this layer, or set lambda_con to 0"
+                    f"negative distances (only Grams were collected, and they cannot bound {what}); keep rows "
+                    "for this layer, or set lambda_con to 0"
                 )
 
-    # -- objective -------------------------------------------------------------------------------------
-    def quad(self, D: Tensor) -> Tensor:
-        E = D.unsqueeze(0) - self.dWs  # (N, out, in)
-        return torch.einsum("noi,nij,noj->n", E, self.G, E).clamp(min=0)  # ||X_i E_i^T||^2
+    def Gc(self, i: int) -> Tensor:
+        """R_i^T R_i over the common rows (solve dtype), cached."""
+        if i not in self._Gc:
+            g = self.G[i] if self.rows_are_gram_rows else self.R[i].T @ self.R[i]
+            self._Gc[i] = g.to(self.sdtype)
+        return self._Gc[i]
 
-    def evaluate(self, D: Tensor, hinge: bool | None = None) -> _Eval:
-        """Exact objective at D (solve dtype, (out, in)); ``hinge=False`` skips the negatives."""
-        cfg, w = self.cfg, self.w
-        sq = self.quad(D)
-        pos_part = float((self.w.a_pos.to(sq) * sq).sum())
-        mse_sum = float(sq.sum())
-        reg = float(D.norm())
-        neg = jstar = P = None
-        hinge_sum = 0.0
-        bound = False
-        want = self.needs_hinge if hinge is None else hinge and self.N > 1
-        if want and self.R is not None:
-            W = self.W0 + D.to(self.W0.dtype)
-            P = torch.einsum("nri,oi->nro", self.R, W)  # (N, m, out)
-            if cfg.distance == "block":
-                neg, jstar = _block_hardest(P, self.Tc, w.mu)
-            else:
-                neg, jstar = _token_hardest(P, self.Tc)
-            hinge_sum = float(torch.clamp(w.mu - neg, min=0).pow(2).sum())
-        elif want:  # Grams only, block, equal rows: certify with | ||P_i|| - ||Y_j|| | <= dist[i, j]
-            Wd = self.W0s + D
-            p_norm = torch.einsum("oi,nij,oj->n", Wd, self.G, Wd).clamp(min=0).sqrt()
-            Wt = self.W0s.unsqueeze(0) + self.dWs
-            t_norm = torch.einsum("noi,nij,noj->n", Wt, self.G, Wt).clamp(min=0).sqrt()
-            lb = (p_norm[:, None] - t_norm[None, :]).abs()
-            lb.fill_diagonal_(math.inf)
-            neg, jstar = lb.min(dim=1)
-            bound = True
-            if bool((neg < w.mu).any()):
-                raise ValueError(
-                    f"layer {self.key}: loraclr needs the raw rows X here: with Grams only, some negative "
-                    "distances cannot be shown to exceed the margin; keep rows for this layer"
-                )
-        con_raw = pos_part + w.w_hinge * hinge_sum  # lambda_con * L_con
-        con = con_raw / cfg.lambda_con if cfg.lambda_con else 0.0
-        mse = mse_sum / (self.out_dim * sum(self.n_rows))
-        loss = con_raw + cfg.lambda_mse * mse + cfg.lambda_reg * reg
-        return _Eval(loss, con, mse, reg, sq, neg, jstar, P, bound)
+    def quad(self, D: Tensor, DA0: Tensor) -> float:
+        return float((DA0 * D).sum() - 2 * (self.B0 * D).sum()) + self.c0
 
-    # -- surrogate -------------------------------------------------------------------------------------
-    def surrogate(self, ev: _Eval) -> tuple[Tensor, Tensor]:
-        """(A, B) of the convex majoriser tr(D A D^T) - 2 <D, B> (+ lambda_reg ||D||_F) at the iterate."""
+    def predict(self, D: Tensor) -> Tensor:
+        return torch.einsum("nri,oi->nro", self.R, self.W0 + D.to(self.W0.dtype))  # (N, m, out)
+
+    def hinge(self, P: Tensor) -> tuple[Tensor, Tensor, float]:
+        """Hardest negatives at predictions P: (raw distances, argmin j, sum of squared hinges)."""
+        if self.cfg.distance == "block":
+            neg, j = _block_hardest(P, self.Tc, self.w.mu)
+        else:
+            neg, j = _token_hardest(P, self.Tc)
+        return neg, j, float(torch.clamp(self.w.mu - neg, min=0).pow(2).sum())
+
+    def gram_bound(self, D: Tensor) -> tuple[Tensor, Tensor]:
+        """Grams only (block, equal rows): | ||P_i|| - ||Y_j|| | <= dist[i, j], both norms from the Grams."""
+        G = self.G.to(self.sdtype)
+        Wd = self.W0.to(self.sdtype) + D
+        p_norm = torch.einsum("oi,nij,oj->n", Wd, G, Wd).clamp(min=0).sqrt()
+        Wt = self.W0.to(self.sdtype).unsqueeze(0) + self.dW.to(self.sdtype)
+        t_norm = torch.einsum("noi,nij,noj->n", Wt, G, Wt).clamp(min=0).sqrt()
+        lb = (p_norm[:, None] - t_norm[None, :]).abs()
+        lb.fill_diagonal_(math.inf)
+        return lb.min(dim=1)
+
+    def surrogate(self, P: Tensor, neg: Tensor, jstar: Tensor) -> tuple[Tensor, Tensor]:
+        """(A, B) of the convex majoriser tr(D A D^T) - 2 <D, B> (+ lambda_reg ||D||_F) at predictions P."""
         A, B = self.A0.clone(), self.B0.clone()
-        if ev.neg is None or ev.bound:
-            return A, B
-        w = self.w
-        active = ev.neg < w.mu
-        if not bool(active.any()):
-            return A, B
+        w, sd = self.w, self.sdtype
+        active = neg < w.mu
         for i in range(self.N):
             if self.cfg.distance == "block":
                 if not bool(active[i]):
                     continue
-                R = self.R[i]  # (m, in)
-                Tj = self.Tc[int(ev.jstar[i])]  # (m, out)
-                diff = ev.P[i] - Tj
-                d = float(ev.neg[i])
+                R, Tj = self.R[i], self.Tc[int(jstar[i])]  # (m, in), (m, out)
+                diff = P[i] - Tj
+                d = float(neg[i])
                 U = diff / d if d > 1e-30 else _fallback_dir(self.Tc[i] - Tj, diff)
+                A += w.w_hinge * self.Gc(i)
             else:
-                rows_i = active[i]  # (m,)
-                if not bool(rows_i.any()):
+                sel = active[i]  # (m,)
+                if not bool(sel.any()):
                     continue
-                R = self.R[i][rows_i]
-                Tj = self.Tc[ev.jstar[i][rows_i], torch.nonzero(rows_i).squeeze(1)]  # (k, out)
-                diff = ev.P[i][rows_i] - Tj
-                d = ev.neg[i][rows_i].clamp(min=1e-30).unsqueeze(1)
-                U = diff / d
-            Zp = (Tj + w.mu * U - R @ self.W0.T).to(self.sdtype)  # target minus base output  (rows, out)
-            Rs = R.to(self.sdtype)
-            A += w.w_hinge * (Rs.T @ Rs)
-            B += w.w_hinge * (Zp.T @ Rs)
-        return A, B
+                R = self.R[i][sel]
+                Tj = self.Tc[jstar[i][sel], torch.nonzero(sel).squeeze(1)]  # (k, out)
+                diff = P[i][sel] - Tj
+                U = diff / neg[i][sel].clamp(min=1e-30).unsqueeze(1).to(diff.dtype)
+                A += w.w_hinge * (R.T @ R).to(sd)
+            Zp = Tj + w.mu * U - R @ self.W0.T  # majoriser's target minus the base output  (rows, out)
+            B += w.w_hinge * (Zp.T @ R).to(sd)
+        return _sym(A), B
+
+    def per_concept_sq(self, D: Tensor) -> Tensor:
+        """||X_i (D - dW_i)^T||^2 per concept (float64), for the report."""
+        return sq_errors(D, self.dW, self.G, self.X if self.grams_from_rows else None)
+
+
+def _sym(A: Tensor) -> Tensor:
+    return (A + A.T) / 2
 
 
 def _hinge_weights(cfg: LoraclrConfig, n: int, m: int, out_dim: int) -> tuple[float, float, float]:
@@ -518,14 +501,14 @@ def _block_hardest(P: Tensor, T: Tensor, mu: float) -> tuple[Tensor, Tensor]:
 
     The expansion ||a||^2 + ||b||^2 - 2 a.b cancels catastrophically for large blocks (squared norms ~1e7
     against a margin of 0.5); pairs that it puts anywhere near the margin are recomputed directly.
-    P, T: (N, m, out). Returns (N,) distances and (N,) argmin j (j != i).
+    P, T: (N, m, out). Returns (N,) distances (float64) and (N,) argmin j (j != i).
     """
     n = P.shape[0]
     Pf, Tf = P.reshape(n, -1), T.reshape(n, -1)
     pn = Pf.pow(2).sum(1, dtype=torch.float64)
     tn = Tf.pow(2).sum(1, dtype=torch.float64)
     d2 = pn[:, None] + tn[None, :] - 2 * (Pf @ Tf.T).double()
-    slack = 1e-4 * (pn[:, None] + tn[None, :])  # well above the fp32 rounding of the expansion
+    slack = 1e-4 * (pn[:, None] + tn[None, :])  # far above the rounding error of the expansion
     near = d2 < (mu * mu + slack)
     near.fill_diagonal_(False)
     for i, j in torch.nonzero(near).tolist():
@@ -554,51 +537,77 @@ def _solve_converged(
     problem: LayerProblem, cfg: LoraclrConfig, callback: Callback | None
 ) -> tuple[Tensor, dict]:
     S = _Converged(problem, cfg)
-    sol = solve_quadratic_fro(S.A0, S.B0, cfg.lambda_reg, cfg.rcond)
-    D = sol.offset
-    ev = S.evaluate(D)
+    w, lam = S.w, cfg.lambda_reg
+    D = solve_quadratic_fro(S.A0, S.B0, lam, cfg.rcond).offset  # minimiser of the convex part
+    DA0 = D @ S.A0
+    q = S.quad(D, DA0)
+    neg = jstar = P = None
+    hinge_sum, bound = 0.0, False
+    if S.needs_hinge and S.R is not None:
+        P = S.predict(D)
+        neg, jstar, hinge_sum = S.hinge(P)
+    elif S.needs_hinge:
+        neg, jstar = S.gram_bound(D)
+        bound = True
+        if bool((neg < w.mu).any()):
+            raise ValueError(
+                f"layer {S.key}: loraclr needs the raw rows X here: with Grams only, some negative distances "
+                "cannot be shown to exceed the margin; keep rows for this layer"
+            )
+    loss = q + w.w_hinge * hinge_sum + lam * float(D.norm())
     if callback is not None:
-        callback(problem.key, 0, ev.loss)
+        callback(problem.key, 0, loss)
     steps, rel, converged, note = 1, 0.0, False, ""
-    if ev.neg is None or ev.bound or not bool((ev.neg < S.w.mu).any()):
+    if neg is None or bound or not bool((neg < w.mu).any()):
         converged, note = True, "closed form (no active hinge: global minimum)"
     else:
-        for _ in range(cfg.max_iter):
-            A, B = S.surrogate(ev)
-            target = solve_quadratic_fro(A, B, cfg.lambda_reg, cfg.rcond).offset
-            direction = target - D
-            step_norm = float(direction.norm())
-            if step_norm <= 1e-12 * max(float(D.norm()), 1e-30):
+        for it in range(cfg.max_iter):
+            A, B = S.surrogate(P, neg, jstar)
+            delta = solve_quadratic_fro(A, B, lam, cfg.rcond).offset - D
+            if float(delta.norm()) <= 1e-12 * max(float(D.norm()), 1e-30):
                 converged, note, rel = True, "surrogate fixed point", 0.0
                 break
+            # along the segment the quadratic part is a parabola and P moves linearly: no re-multiplication
+            dA0 = delta @ S.A0
+            g1 = 2 * float((delta * DA0).sum() - (delta * S.B0).sum())
+            h2 = float((dA0 * delta).sum())
+            Pd = torch.einsum("nri,oi->nro", S.R, delta.to(S.W0.dtype))
             s, accepted = 1.0, None
             for _ in range(40):
-                cand = D + s * direction
-                ev_c = S.evaluate(cand)
-                if ev_c.loss <= ev.loss:
-                    accepted = (cand, ev_c)
+                neg_c, j_c, hs_c = S.hinge(P + s * Pd)
+                loss_c = q + s * g1 + s * s * h2 + w.w_hinge * hs_c + lam * float((D + s * delta).norm())
+                if loss_c <= loss:
+                    accepted = (s, neg_c, j_c, loss_c)
                     break
                 s *= 0.5
             steps += 1
-            if accepted is None:  # no decrease representable in floating point: at a stationary point
+            if accepted is None:  # no decrease representable in floating point: a stationary point
                 converged, note, rel = True, "line search found no decrease (numerical optimum)", 0.0
                 break
-            rel = (ev.loss - accepted[1].loss) / max(abs(ev.loss), 1e-300)
-            D, ev = accepted
+            s, neg, jstar, loss_new = accepted
+            D = D + s * delta
+            DA0 = DA0 + s * dA0
+            q = q + s * g1 + s * s * h2
+            P = P + s * Pd if (it + 1) % 20 else S.predict(D)  # refresh now and then against drift
+            rel = (loss - loss_new) / max(abs(loss), 1e-300)
+            loss = loss_new
             if callback is not None:
-                callback(problem.key, steps - 1, ev.loss)
+                callback(problem.key, steps - 1, loss)
             if rel <= cfg.tol:
                 converged, note = True, f"relative decrease {rel:.2e} <= tol"
                 break
         else:
             note = f"max_iter={cfg.max_iter} reached (relative decrease {rel:.2e})"
-    if ev.neg is None and S.R is not None and S.N > 1:
-        ev_rep = S.evaluate(D, hinge=True)  # distances for the report even when the hinge is off
-        neg = ev_rep.neg
-    else:
-        neg = ev.neg
-    w = S.w
-    pos = (ev.sq / w.pos_scale.to(ev.sq)).sqrt()
+    # exact values at the final D for the report (P refreshed; per-concept squared errors)
+    DA0 = D @ S.A0
+    q = S.quad(D, DA0)
+    if S.R is not None and S.N > 1:
+        neg, jstar, hinge_sum = S.hinge(S.predict(D))
+    sq = S.per_concept_sq(D)
+    hinge_term = w.w_hinge * hinge_sum if S.needs_hinge else 0.0
+    loss = q + hinge_term + lam * float(D.norm())
+    con_raw = float((w.a_pos * sq).sum()) + hinge_term
+    pos = (sq / w.pos_scale).sqrt()
     if neg is None:
         neg_rep, active = [None] * S.N, 0.0
     else:
@@ -606,8 +615,12 @@ def _solve_converged(
         negn = neg / math.sqrt(w.neg_scale)
         neg_rep = _floats(negn if cfg.distance == "block" else negn.pow(2).mean(1).sqrt())
     report = {
-        "loss": ev.loss,
-        "loss_terms": {"con": ev.con, "mse": ev.mse, "reg": ev.reg},
+        "loss": loss,
+        "loss_terms": {
+            "con": con_raw / cfg.lambda_con if cfg.lambda_con else 0.0,
+            "mse": float(sq.sum()) / (S.out_dim * sum(S.n_rows)),
+            "reg": float(D.norm()),
+        },
         "pos_dist": _floats(pos),
         "neg_dist": neg_rep,
         "hinge_active": active,
@@ -616,8 +629,10 @@ def _solve_converged(
         "rel_change": rel,
         "note": note,
     }
-    if ev.bound:
+    if bound:
         report["neg_dist_is_lower_bound"] = True
+    if S.Q is not None:
+        D = D.to(S.Q.dtype) @ S.Q.T  # back from the row space: (out, k) @ (k, in)
     return D, report
 
 

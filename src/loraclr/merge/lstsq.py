@@ -16,7 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
-from loraclr.merge._common import check_device, gram_stats, resolve_dtype, solve_quadratic_fro, stacked_deltas
+from loraclr.merge._common import (
+    check_device,
+    check_problem,
+    gram_stats,
+    reduce_to_row_space,
+    resolve_dtype,
+    rhs_and_const,
+    rows,
+    solve_quadratic_fro,
+    sq_errors,
+    stacked_deltas,
+)
 from loraclr.merge.api import Callback, LayerProblem, LayerResult, MergeMethod, register
 
 logger = logging.getLogger(__name__)
@@ -62,27 +73,29 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
     """
     dtype = resolve_dtype(config.dtype)
     sdtype = resolve_dtype(config.solve_dtype, "solve_dtype")
-    stats = gram_stats(problem, "lstsq", dtype, config.device)
+    check_problem(problem)
+    in_full = problem.W0.shape[1]
+    xs = rows(problem, "lstsq", dtype, config.device) if problem.X is not None else None
+    problem, xs, Q = reduce_to_row_space(problem, xs, dtype, config.device, sdtype)  # exact, fewer dims
+    stats = gram_stats(problem, "lstsq", dtype, config.device, xs=xs)
     deltas = stacked_deltas(problem, dtype, config.device)
     n, out_dim, in_dim = deltas.shape
     if n == 0:
         zero = torch.zeros_like(problem.W0, dtype=torch.float32)
         return LayerResult(zero, {"loss": None, "converged": True, "pos_dist": []})
-    G = stats.gram.to(sdtype)  # (N, in, in)
-    dW = deltas.to(sdtype)  # (N, out, in)
-    A = G.sum(0)
+    A = stats.gram.to(sdtype).sum(0)  # sum_i G_i  (in, in)
     A = (A + A.T) / 2  # exact symmetry for eigh; float32 accumulation can break it in the last bit
-    B = torch.einsum("noi,nij->oj", dW, G)  # sum_i dW_i G_i  (out, in)
+    Xg = xs if problem.gram is None else None  # the rows behind the Grams
+    ones = torch.ones(n, dtype=torch.float64)
+    B, _ = rhs_and_const(deltas, stats.gram, Xg, ones, sdtype)  # sum_i dW_i G_i  (out, in)
     if config.ridge > 0:
-        A = A + config.ridge * float(torch.diagonal(A).mean()) * torch.eye(
-            in_dim, dtype=sdtype, device=A.device
-        )
+        eye = torch.eye(in_dim, dtype=sdtype, device=A.device)
+        A = A + config.ridge * float(torch.diagonal(A).mean()) * eye
     sol = solve_quadratic_fro(A, B, 0.0, config.rcond)
     D = sol.offset
     if not torch.isfinite(D).all():
         raise ValueError(f"layer {problem.key}: lstsq produced NaN/inf; check the features for this layer")
-    E = D.unsqueeze(0) - dW  # (N, out, in)
-    sq = torch.einsum("noi,nij,noj->n", E, G, E).clamp(min=0)  # ||X_i E_i^T||^2 per concept
+    sq = sq_errors(D, deltas, stats.gram, Xg)  # ||X_i (D - dW_i)^T||^2
     loss = float(sq.sum()) / (out_dim * sum(stats.n_rows))
     if callback is not None:
         callback(problem.key, 0, loss)
@@ -92,8 +105,10 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
         "steps": 0,
         "pos_dist": [float(v) for v in sq.sqrt()],
         "kept_dims": sol.kept,
-        "unexcited_dims": sol.dropped,
+        "unexcited_dims": sol.dropped + (in_full - in_dim),
     }
+    if Q is not None:
+        D = D @ Q.T  # (out, K) @ (K, in): back from the row space
     return LayerResult(D.to(device=problem.W0.device, dtype=torch.float32), report)
 
 
