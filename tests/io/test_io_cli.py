@@ -39,9 +39,10 @@ def test_inspect_json(tmp_path, capsys):
 
 def test_inspect_text_and_warnings(tmp_path, capsys):
     path, _ = _sdxl_file(tmp_path)
-    assert main(["inspect", str(path)]) == 0
+    assert main(["inspect", str(path), "--modules"]) == 0
     out = capsys.readouterr().out
     assert "format:   kohya" in out and "family:   sdxl" in out and "unet.mid_block" in out
+    assert all(f"  {k}\n" in out for k in KEYS)
     # a file with a nonsense module: inspect lists it as a warning instead of failing
     from safetensors.torch import save_file
 

@@ -17,6 +17,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--allow-pickle", action="store_true", help="load pickle files (weights only)")
     parser.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="expected base family (checked)")
+    parser.add_argument("--modules", action="store_true", help="also list every module the file touches")
 
 
 def _block(key: str) -> str:
@@ -92,6 +93,8 @@ def run(args) -> int:
         for name, b in info["blocks"].items():
             extra = f", {b['dense']} dense" if b["dense"] else ""
             w(f"  {name:<22} {b['modules']:>4} modules  rank {b['rank']}  alpha {b['alpha']}{extra}\n")
+    if args.modules:
+        w("modules:\n" + "".join(f"  {m}\n" for m in info["modules"]))
     if info["trigger_words"]:
         w("trigger words: " + ", ".join(info["trigger_words"]) + "\n")
     for t in info["learned_tokens"]:
