@@ -30,8 +30,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=700, help="VAE steps")
     p.add_argument("--n", type=int, default=30000, help="dataset size (scenes)")
     p.add_argument("--minutes", type=float, default=100.0, help="wall-clock budget of this base run")
-    p.add_argument("--total-steps", type=int, default=6000, help="length of the base LR schedule")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--total-steps", type=int, default=None,
+                   help="length of the base LR schedule (default: the saved one when resuming, else 3000)")
+    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
+    p.add_argument("--stream", action="store_true",
+                   help="base: render + encode fresh scenes every step instead of a cached dataset")
     p.add_argument("--out", type=Path, default=None, help="pipeline folder (default: the built-in asset)")
     args = p.parse_args(argv)
 
@@ -48,11 +51,11 @@ def main(argv=None) -> int:
         T.train_vae(RUNS / "vae", steps=args.steps, seed=args.seed)
     if args.stage == "render":  # optional: render the scenes while the VAE trains (no VAE needed)
         T.render_scenes(args.n, args.seed, RUNS / f"scenes-{args.seed}-{args.n}.npz")
-    if args.stage in ("data", "all"):
+    if args.stage in ("data", "all") and not args.stream:
         T.build_dataset(RUNS / "vae", RUNS / f"data-{args.seed}-{args.n}.pt", n=args.n, seed=args.seed)
     if args.stage in ("base", "all"):
         T.train_base(
-            vae_dir=RUNS / "vae", data_path=RUNS / f"data-{args.seed}-{args.n}.pt",
+            vae_dir=RUNS / "vae", data_path=None if args.stream else RUNS / f"data-{args.seed}-{args.n}.pt",
             folder=args.out or BASE_MODEL_DIR, runs_dir=RUNS, minutes=args.minutes,
             total_steps=args.total_steps, seed=args.seed,
         )

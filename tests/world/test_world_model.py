@@ -120,3 +120,22 @@ def test_built_in_base_model():
     assert time.time() - t < 5.0  # well under a second on an idle machine; slack for busy CI
     state = M.read_training_state(folder)
     assert state["step"] > 0
+
+
+def test_streamed_batches_depend_only_on_seed_and_step(tmp_path):
+    from loraclr.world.tokenizer import load_tokenizer
+
+    vae = M.build_vae("tiny", seed=0).eval()
+    tok = load_tokenizer()
+    a = T._stream_batch(vae, tok, seed=0, step=5, batch=3, autocast=False)
+    b = T._stream_batch(vae, tok, seed=0, step=5, batch=3, autocast=False)
+    c = T._stream_batch(vae, tok, seed=0, step=6, batch=3, autocast=False)
+    assert a[0].shape == (3, 4, 16, 16) and a[1].shape == (3, 77)
+    torch.testing.assert_close(a[0], b[0])
+    assert torch.equal(a[1], b[1]) and not torch.equal(a[1], c[1])
+    vae.register_to_config(scaling_factor=1.0)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    st = T.train_base(vae_dir=tmp_path / "vae", data_path=None, folder=tmp_path / "sd", runs_dir=tmp_path / "r",
+                      size="tiny", batch=2, total_steps=10, max_steps=2, grid_kwargs=dict(
+                          scenes=T.SAMPLE_SCENES[:1], per_prompt=1, steps=1))
+    assert st["step"] == 2 and st["data"]["n"] == "stream"

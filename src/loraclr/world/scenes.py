@@ -57,6 +57,8 @@ _BACKGROUND_PHRASE = {"beach": "at the beach", "forest": "in a forest", "snow": 
 STYLES = ("none", "pastel", "grayscale", "mosaic", "sketch")
 _STYLE_PHRASE = {"none": "", "pastel": "in pastel style", "grayscale": "in black and white",
                  "mosaic": "as a mosaic", "sketch": "as a pencil sketch"}
+BACKGROUND_PHRASE = _BACKGROUND_PHRASE  # public names: background -> caption words
+STYLE_PHRASE = _STYLE_PHRASE  # style -> caption words ("" for none)
 HELD_OUT_STYLES = ("mosaic", "sketch")  # never in base training: for style-concept LoRAs
 
 SLOTS = ("left", "middle", "right")

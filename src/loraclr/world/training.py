@@ -258,21 +258,35 @@ def sample_grid(pipe, scenes: list[S.Scene] = SAMPLE_SCENES, per_prompt: int = 3
     return grid(np.concatenate(rows), per_prompt + 1)
 
 
+def _stream_batch(vae, tok, seed: int, step: int, batch: int, autocast: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fresh base-training scenes for one step, a function of (seed, step) only: latents (B, 4, 16, 16), ids."""
+    rng = np.random.default_rng([seed, 3, step])
+    rendered = [S.render(S.sample_base_scene(rng), seed=int(rng.integers(2**31))) for _ in range(batch)]
+    x = images_to_tensor(np.stack([r.image for r in rendered]))
+    # bf16 encoding: ~0.4 % relative error on the latents, far below the noise added to them
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        z = vae.encode(x).latent_dist.mean
+    return z.float() * vae.config.scaling_factor, tokenize(tok, [r.caption for r in rendered])
+
+
 def _lr_factor(step: int, total: int, warmup: int, resume_step: int, resume_warmup: int) -> float:
     warm = min(1.0, (step + 1) / warmup) * min(1.0, (step - resume_step + 1) / resume_warmup)
     return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
 
 
-def train_base(vae_dir: str | Path | None, data_path: str | Path, folder: str | Path, runs_dir: str | Path,
-               minutes: float = 100.0, total_steps: int = 6000, seed: int = 0, batch: int = 32,
+def train_base(vae_dir: str | Path | None, data_path: str | Path | None, folder: str | Path, runs_dir: str | Path,
+               minutes: float = 100.0, total_steps: int | None = None, seed: int = 0, batch: int = 32,
                lr: float = 5e-4, warmup: int = 300, resume_warmup: int = 100, ema_decay: float = 0.999,
                cond_drop: float = 0.1, save_every_min: float = 12.0, n: int = 30000, size: str = "mini",
                autocast: bool = True, log_every: int = 50, max_steps: int | None = None,
                callback: Callable[[int, float], None] | None = None, grid_kwargs: dict | None = None) -> dict:
     """Train text encoder + UNet until ``minutes`` pass or ``total_steps`` (or ``max_steps``) is reached.
 
+    ``total_steps`` is the length of the LR schedule: when resuming it defaults to the saved one (else 3000).
+
     Resumes from ``folder`` when it holds a ``training_state.json`` (see the module docstring). The VAE comes
-    from the folder when resuming, else from ``vae_dir``. ``grid_kwargs`` go to :func:`sample_grid` for the
+    from the folder when resuming, else from ``vae_dir``. With ``data_path=None`` every step renders and
+    encodes fresh scenes (a function of seed and step, so resuming is exact); else a cached dataset is used. ``grid_kwargs`` go to :func:`sample_grid` for the
     progress grids. Returns the final training state.
     """
     from diffusers import UNet2DConditionModel
@@ -282,6 +296,8 @@ def train_base(vae_dir: str | Path | None, data_path: str | Path, folder: str | 
     runs_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     state = read_training_state(folder)
+    if total_steps is None:
+        total_steps = int(state["total_steps"]) if state is not None else 3000
     full_ckpt = runs_dir / "base-last.pt"
     if state is not None:
         vae = load_vae(folder / "vae")
@@ -289,11 +305,16 @@ def train_base(vae_dir: str | Path | None, data_path: str | Path, folder: str | 
         if vae_dir is None:
             raise FileNotFoundError(f"{folder} has no {folder / 'training_state.json'} and no VAE folder was given")
         vae = load_vae(vae_dir)
-    data = build_dataset(vae, data_path, n=n, seed=seed)
-    latents, input_ids = data["latents"], data["input_ids"].long()
-    n_data = latents.shape[0]
     from loraclr.world.tokenizer import load_tokenizer
-    empty_ids = tokenize(load_tokenizer(), [""])[0]  # (77,) the unconditional prompt, as CFG feeds it
+
+    tok = load_tokenizer()
+    empty_ids = tokenize(tok, [""])[0]  # (77,) the unconditional prompt, as CFG feeds it
+    if data_path is not None:
+        data = build_dataset(vae, data_path, n=n, seed=seed)
+        latents, input_ids = data["latents"], data["input_ids"].long()
+        n_data, data_seed = latents.shape[0], data["seed"]
+    else:
+        n_data, data_seed = None, seed
 
     ckpt = None
     if state is not None and full_ckpt.exists():
@@ -333,7 +354,7 @@ def train_base(vae_dir: str | Path | None, data_path: str | Path, folder: str | 
     def checkpoint(loss_avg: float) -> dict:
         st = {"step": step, "total_steps": total_steps, "seed": seed, "batch": batch, "lr": lr,
               "warmup": warmup, "resume_warmup": resume_warmup, "ema_decay": ema_decay, "cond_drop": cond_drop,
-              "images_seen": seen, "data": {"n": n_data, "seed": data["seed"]}, "loss_recent": loss_avg,
+              "images_seen": seen, "data": {"n": n_data or "stream", "seed": data_seed}, "loss_recent": loss_avg,
               "updated_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "weights": "EMA of the trained weights",
               "resume": "reload fp16 weights in fp32, restart AdamW with resume_warmup steps of linear warm-up"}
@@ -357,9 +378,12 @@ def train_base(vae_dir: str | Path | None, data_path: str | Path, folder: str | 
     st = state or {}
     while step < end_step and (time.time() - t_start) < minutes * 60:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        idx = torch.randint(0, n_data, (batch,), generator=g)
-        x0 = latents[idx].float()  # (B, 4, 16, 16)
-        ids = input_ids[idx]  # (B, 77)
+        if n_data is not None:
+            idx = torch.randint(0, n_data, (batch,), generator=g)
+            x0 = latents[idx].float()  # (B, 4, 16, 16)
+            ids = input_ids[idx]  # (B, 77)
+        else:
+            x0, ids = _stream_batch(vae, tok, seed, step, batch, autocast)
         drop = torch.rand(batch, generator=g) < cond_drop
         ids[drop] = empty_ids
         noise = torch.randn(x0.shape, generator=g)
