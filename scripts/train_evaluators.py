@@ -1,0 +1,89 @@
+"""Train, calibrate and save the miniature world's evaluators (seeded; ~15 min on one busy core).
+
+    python scripts/train_evaluators.py                 # everything: data, identity, text-image, calibration
+    python scripts/train_evaluators.py calibrate       # only re-calibrate the saved weights
+
+Writes ``src/loraclr/world/assets/evaluators/{identity,text_image}.safetensors`` (fp16) and
+``evaluators.json`` (threshold, accuracy, retrieval rates, and how they were measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from loraclr.evaluate import train as T
+from loraclr.evaluate.nets import save_net
+from loraclr.evaluate.world import ASSETS, calibrate, evaluate_retrieval, load_world_evaluator
+
+log = logging.getLogger("train_evaluators")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", nargs="?", default="all", choices=["all", "train", "calibrate"])
+    p.add_argument("--out", default=str(ASSETS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scenes", type=int, default=14000, help="training renders")
+    p.add_argument("--pool", type=int, default=1500, help="base identities with their own class")
+    p.add_argument("--identity-steps", type=int, default=1000)
+    p.add_argument("--clip-steps", type=int, default=800)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    if args.stage in ("all", "train"):
+        from loraclr.world.tokenizer import load_tokenizer
+
+        t0 = time.time()
+        pool = T.identity_pool(args.pool, args.seed)
+        data = T.render_data(args.scenes, args.seed, pool, progress=lambda i: log.info("rendered %d", i))
+        timings["render_s"] = time.time() - t0
+        log.info("%d renders, %d character crops, %d classes", len(data.captions), len(data.crop_image),
+                 len(data.classes))
+
+        def report(name):
+            def cb(step, loss):
+                if step % 100 == 0 or step == 0:
+                    log.info("%s step %d loss %.4f", name, step, loss)
+            return cb
+
+        t0 = time.time()
+        ident = T.train_identity(data, args.identity_steps, seed=args.seed, callback=report("identity"))
+        timings["identity_train_s"] = time.time() - t0
+        save_net(ident, out / "identity.safetensors", {"steps": args.identity_steps, "seed": args.seed,
+                                                       "scenes": args.scenes, "pool": args.pool})
+        t0 = time.time()
+        clip = T.train_text_image(data, load_tokenizer(), args.clip_steps, seed=args.seed,
+                                  callback=report("text-image"))
+        timings["text_image_train_s"] = time.time() - t0
+        save_net(clip, out / "text_image.safetensors", {"steps": args.clip_steps, "seed": args.seed,
+                                                        "scenes": args.scenes})
+    if args.stage in ("all", "calibrate"):
+        t0 = time.time()
+        ev = load_world_evaluator(out, calibrated=False)
+        cal = calibrate(ev, seed=args.seed)
+        ret = evaluate_retrieval(ev, seed=args.seed)
+        timings["calibrate_s"] = time.time() - t0
+        info = {"identity": cal, "text_image": ret, "timings_s": timings,
+                "command": "python scripts/train_evaluators.py " + " ".join(argv or sys.argv[1:])}
+        old = out / "evaluators.json"
+        if old.is_file() and args.stage == "calibrate":
+            info["timings_s"] = {**json.loads(old.read_text()).get("timings_s", {}), **timings}
+        old.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        log.info("identity: %s", {k: v for k, v in cal.items() if not isinstance(v, dict)})
+        log.info("text-image: %s", ret)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
