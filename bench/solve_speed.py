@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -64,7 +65,10 @@ def main(argv=None):
     ap.add_argument("--layers", default="all", help="comma-separated indices into the layer list, or 'all'")
     ap.add_argument("--variants", action="store_true", help="also time converged with token / normalize")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "solve_speed"))
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     chosen = range(len(LAYERS)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
     variants = [("converged", {"mode": "converged"}), ("lstsq", None)]
     if args.variants:
@@ -127,13 +131,14 @@ def main(argv=None):
         "threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "machine": platform.processor() or platform.machine(),
+        "load_average_at_end": list(os.getloadavg()),
         "total_paper_s": tot_paper,
         "total_converged_s": tot_conv,
         "total_speedup": tot_paper / tot_conv,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "layers": rows_out}, indent=2))
+    (out.parent / (out.name + ".json")).write_text(json.dumps({"meta": meta, "layers": rows_out}, indent=2))
     labels = [label for label, _ in variants]
     md = [
         "# Per-layer solve speed: LoRACLR paper (official: full blocks, 50 AdamW steps) vs converged vs lstsq",
@@ -164,7 +169,7 @@ def main(argv=None):
         f"Total: paper {tot_paper:.1f} s, converged {tot_conv:.1f} s, speed-up x{tot_paper / tot_conv:.1f}.",
         "lstsq's loss column is its own mean squared error, not the LoRACLR objective.",
     ]
-    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    (out.parent / (out.name + ".md")).write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 

@@ -33,6 +33,14 @@ def check_device(name: str) -> None:
         ) from None
 
 
+def all_finite(t: Tensor) -> bool:
+    """No NaN/inf in t. One reduction pass: NaN/inf propagate into the sum; only if the sum is not finite
+    (bad values, or finite values overflowing) is the elementwise check run."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def check_problem(problem: LayerProblem) -> tuple[int, int, int]:
     """Validate W0 / deltas / names; return (N, out, in). Raises ValueError naming the layer."""
     key = problem.key
@@ -48,7 +56,7 @@ def check_problem(problem: LayerProblem) -> tuple[int, int, int]:
                 f"layer {key}: delta of concept {_name(problem, i)} has shape {tuple(d.shape)}, "
                 f"expected the base weight's {(out_dim, in_dim)}"
             )
-        if not torch.isfinite(d).all():
+        if not all_finite(d):
             raise ValueError(f"layer {key}: delta of concept {_name(problem, i)} has NaN/inf values")
     if problem.concept_names and len(problem.concept_names) != len(problem.deltas):
         raise ValueError(
@@ -87,7 +95,7 @@ def rows(problem: LayerProblem, method: str, dtype: torch.dtype, device) -> list
                 f"expected (n_rows >= 1, {in_dim})"
             )
         x = x.to(device=device, dtype=dtype)
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise ValueError(f"layer {problem.key}: X of concept {_name(problem, i)} has NaN/inf values")
         out.append(x)
     return out
@@ -122,7 +130,7 @@ def gram_stats(
                     f"expected {(in_dim, in_dim)}"
                 )
             g = g.to(device=device, dtype=dtype)
-            if not torch.isfinite(g).all():
+            if not all_finite(g):
                 raise ValueError(
                     f"layer {problem.key}: Gram of concept {_name(problem, i)} has NaN/inf values"
                 )
