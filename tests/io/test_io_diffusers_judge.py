@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 from iohelpers import random_layers
+from safetensors.torch import save_file
 
 from loraclr.io import load_lora, save_lora
 from loraclr.io.checkpoint import fuse_deltas, save_pipeline, save_single_file, single_file_state_dict
@@ -133,3 +134,43 @@ def test_save_pipeline_replaces_atomically(tmp_path, tiny_sd1):
     with pytest.raises(RuntimeError):
         save_pipeline(Broken(), out)
     assert (out / "model_index.json").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_dora_with_base_matches_peft_merge(tmp_path, tiny_sd1):
+    """PEFT's own DoRA merge is the judge of our dense DoRA delta (PEFT layout: lora_magnitude_vector)."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    linear = find_module(tiny_sd1, key)
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randn(2, linear.in_features, generator=g), torch.randn(linear.out_features, 2, generator=g) * 0.1
+    mag = torch.rand(linear.out_features, generator=g) + 0.5
+    save_file({f"{key}.lora_A.weight": a, f"{key}.lora_B.weight": b, f"{key}.lora_magnitude_vector": mag},
+              str(tmp_path / "dora.safetensors"))
+    lora = load_lora(tmp_path / "dora.safetensors", base=tiny_sd1)  # alpha = rank: scale 1
+
+    holder = torch.nn.Module()
+    holder.to_k = copy.deepcopy(linear)
+    holder = inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k"], use_dora=True), holder)
+    with torch.no_grad():
+        holder.to_k.lora_A["default"].weight.copy_(a)
+        holder.to_k.lora_B["default"].weight.copy_(b)
+        holder.to_k.lora_magnitude_vector["default"].weight.copy_(mag)
+    holder.to_k.merge()
+    want = holder.to_k.base_layer.weight.detach() - linear.weight.detach()
+    assert torch.allclose(lora.layers[key].delta(), want, atol=1e-6)
+
+
+def test_lycoris_dora_column_norm(tmp_path, tiny_sd1):
+    key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    w0 = find_module(tiny_sd1, key).weight.detach()
+    g = torch.Generator().manual_seed(10)
+    down, up = torch.randn(2, w0.shape[1], generator=g), torch.randn(w0.shape[0], 2, generator=g) * 0.1
+    scale = torch.rand(1, w0.shape[1], generator=g) + 0.5  # (1, in): per input column
+    save_file({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(1.0),
+               f"{name}.dora_scale": scale}, str(tmp_path / "d.safetensors"))
+    got = load_lora(tmp_path / "d.safetensors", base=tiny_sd1).layers[key].delta()
+    w = w0 + 0.5 * up @ down
+    want = torch.stack([w[:, j] * scale[0, j] / w[:, j].norm() for j in range(w.shape[1])], 1) - w0
+    assert torch.allclose(got, want, atol=1e-6)

@@ -68,3 +68,23 @@ def tucker_delta(down: Tensor, mid: Tensor, up: Tensor, alpha: float | None) -> 
     d = _f(down).reshape(r, -1)  # (r, in)
     u = _f(up).reshape(up.shape[0], -1)  # (out, r)
     return torch.einsum("ijkl,jq,pi->pqkl", _f(mid), d, u) * scale
+
+
+def dora_delta(w0: Tensor, dw: Tensor, magnitude: Tensor) -> Tensor:
+    """Exact dW of a DoRA layer: ``m * (W0 + dW) / ||W0 + dW|| - W0``.
+
+    ``magnitude`` (out,) or (out, 1, ...) normalises each output row (PEFT ``lora_magnitude_vector``,
+    LyCORIS ``wd_on_out``); (1, in, ...) normalises each input column (LyCORIS default before wd_on_out).
+    """
+    w = w0.to(torch.float32) + dw.to(torch.float32).reshape(w0.shape)
+    m = magnitude.to(torch.float32)
+    rest = [1] * (w.dim() - 1)
+    if m.numel() == w.shape[0] and (m.dim() == 1 or m.shape[0] == w.shape[0]):
+        norm = w.reshape(w.shape[0], -1).norm(dim=1)  # (out,)
+        scale = (m.reshape(-1) / norm).reshape(-1, *rest)
+    elif m.dim() >= 2 and m.shape[0] == 1 and m.shape[1] == w.shape[1] and m.numel() == w.shape[1]:
+        norm = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)  # (in,)
+        scale = (m.reshape(-1) / norm).reshape(1, -1, *rest[1:])
+    else:
+        raise ValueError(f"DoRA magnitude of shape {tuple(m.shape)} does not fit a weight of shape {tuple(w.shape)}")
+    return w * scale - w0.to(torch.float32)

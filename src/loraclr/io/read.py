@@ -30,7 +30,7 @@ from loraclr.io.safe import (
     read_safetensors,
 )
 from loraclr.lora import DenseDelta, LearnedToken, LoraLayer, LoraSet, split_key
-from loraclr.models import canonical_module_name
+from loraclr.models import canonical_module_name, find_module
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +179,30 @@ def decide_family(evidence: list[tuple[str, str]], source: str, family: str | No
 # --- per-format parsers ---------------------------------------------------------------------------------------
 
 
-def _make_layer(key: str, parts: dict[str, Tensor], source: str) -> LoraLayer | DenseDelta:
-    """One module's tensors (suffix -> tensor) -> a canonical layer; raises naming the key on bad shapes."""
+def _make_layer(key: str, parts: dict[str, Tensor], source: str, base: Any = None) -> LoraLayer | DenseDelta:
+    """One module's tensors (suffix -> tensor) -> a canonical layer; raises naming the key on bad shapes.
+
+    DoRA layers need the base weight (``base``: a pipeline or components dict) and become exact dense deltas.
+    """
     names = set(parts)
     if "dora_scale" in names:
-        raise ValueError(
-            f"{source}: {key} is a DoRA layer (dora_scale): its delta depends on the base weight, which a LoRA "
-            "file does not hold; refused rather than silently dropping the magnitude (as diffusers does). "
-            "Fuse it into the base model with its training tool first"
-        )
+        if base is None:
+            raise ValueError(
+                f"{source}: {key} is a DoRA layer (dora_scale): its delta depends on the base weight, which a "
+                "LoRA file does not hold; refused rather than silently dropping the magnitude (as diffusers "
+                "does). Load it with base= (the base model) to apply it exactly"
+            )
+        inner = _make_layer(key, {k: v for k, v in parts.items() if k != "dora_scale"}, source)
+        try:
+            w0 = find_module(base, key).weight.detach()
+        except KeyError as e:
+            raise ValueError(f"{source}: {key}: DoRA layer for a module the base model lacks ({e.args[0]})") from e
+        if w0.device.type == "meta":
+            raise ValueError(f"{source}: {key}: DoRA needs real base weights, the base model is on the meta device")
+        try:
+            return DenseDelta(lycoris.dora_delta(w0, inner.delta(), parts["dora_scale"]))
+        except (ValueError, RuntimeError) as e:
+            raise ValueError(f"{source}: {key}: {e}") from e
     alpha = parts.get("alpha")
     if alpha is not None and alpha.numel() != 1:
         raise ValueError(f"{source}: {key}.alpha has shape {tuple(alpha.shape)}; expected one number")
@@ -218,7 +233,7 @@ def _make_layer(key: str, parts: dict[str, Tensor], source: str) -> LoraLayer | 
 
 
 def parse_kohya(sd: dict[str, Tensor], source: str, unet_config: dict | None, strict: bool,
-                report: ReadReport) -> dict[str, LoraLayer | DenseDelta]:
+                report: ReadReport, base: Any = None) -> dict[str, LoraLayer | DenseDelta]:
     groups: dict[str, dict[str, Tensor]] = {}
     for k, v in sd.items():
         name, _, suffix = k.partition(".")
@@ -237,7 +252,7 @@ def parse_kohya(sd: dict[str, Tensor], source: str, unet_config: dict | None, st
         if key in layers:
             raise ValueError(f"{source}: {name} and another module both map to {key} (mixed SGM and diffusers "
                              "names for the same layer); the file is ambiguous")
-        layers[key] = _make_layer(key, parts, source)
+        layers[key] = _make_layer(key, parts, source, base)
     return layers
 
 
@@ -306,7 +321,8 @@ def _pattern_value(patterns: dict[str, Any], path: str) -> Any:
 
 
 def parse_diffusers(sd: dict[str, Tensor], source: str, meta: dict[str, str], adapter_cfg: dict | None,
-                    default_component: str | None, report: ReadReport) -> tuple[dict[str, Any], set[str]]:
+                    default_component: str | None, report: ReadReport,
+                    base: Any = None) -> tuple[dict[str, Any], set[str]]:
     groups: dict[str, dict[str, Tensor]] = {}
     styles: set[str] = set()
     for k, v in sd.items():
@@ -343,7 +359,7 @@ def parse_diffusers(sd: dict[str, Tensor], source: str, meta: dict[str, str], ad
                     alpha = cfg.get("lora_alpha")
                 if alpha is not None:
                     parts["alpha"] = torch.tensor(float(alpha))
-        layers[key] = _make_layer(key, parts, source)
+        layers[key] = _make_layer(key, parts, source, base)
     return layers, styles
 
 
@@ -390,6 +406,7 @@ def read_lora(
     family: str | None = None,
     unet_config: dict | None = None,
     strict: bool = True,
+    base: Any = None,
 ) -> tuple[LoraSet, ReadReport]:
     """Like :func:`load_lora`, also returning a :class:`ReadReport` (warnings, evidence, unknown keys).
 
@@ -420,7 +437,7 @@ def read_lora(
         layers = {}
         for comp in ("text_encoder", "unet"):
             sub = params.get(comp) or {}
-            got, _ = parse_diffusers(_flatten(sub), source, {}, None, comp, report)
+            got, _ = parse_diffusers(_flatten(sub), source, {}, None, comp, report, base)
             layers.update(got)
         other = set(params) - {"new_concept_embedding", "text_encoder", "unet"}
         report.unknown_keys.extend(f"params.{k}" for k in sorted(other))
@@ -434,10 +451,10 @@ def read_lora(
             fmt = "kohya"
             unet_config = unet_config or _kohya_unet_layout(flat, family)
             layers = parse_kohya({k: v for k, v in flat.items() if isinstance(v, Tensor)}, source, unet_config,
-                                 strict, report)
+                                 strict, report, base)
         else:
             layers, styles = parse_diffusers({k: v for k, v in flat.items() if isinstance(v, Tensor)}, source, meta,
-                                             adapter_cfg, None, report)
+                                             adapter_cfg, None, report, base)
             fmt = "diffusers" if styles <= {"peft"} else "diffusers-legacy"
             if any(k.startswith("base_model.model.") for k in flat):
                 fmt = "peft"
@@ -541,6 +558,7 @@ def load_lora(
     allow_pickle: bool = False,
     family: str | None = None,
     unet_config: dict | None = None,
+    base: Any = None,
 ) -> LoraSet:
     """Read any supported LoRA / embedding file into canonical form.
 
@@ -548,7 +566,8 @@ def load_lora(
     family (sd1, sd2, sdxl; "unknown" when nothing tells) from shapes, keys and metadata. ``family`` given
     and contradicted by the file raises ``ValueError`` with the evidence. Pickles (.pt/.pth/.ckpt/.bin) are
     refused unless ``allow_pickle``, and then loaded weights-only. ``unet_config`` is needed only for
-    SGM-named kohya files of a non-standard (not real SDXL) UNet.
+    SGM-named kohya files of a non-standard (not real SDXL) UNet. ``base`` (a pipeline or components
+    dict with real weights) is needed only for DoRA layers, whose delta depends on the base weight.
     """
-    lora, _ = read_lora(path, allow_pickle=allow_pickle, family=family, unet_config=unet_config)
+    lora, _ = read_lora(path, allow_pickle=allow_pickle, family=family, unet_config=unet_config, base=base)
     return lora
