@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=100.0, help="wall-clock budget of this base run")
     p.add_argument("--total-steps", type=int, default=None,
                    help="length of the base LR schedule (default: the saved one when resuming, else 3000)")
+    p.add_argument("--batch", type=int, default=16, help="base batch size")
+    p.add_argument("--lr", type=float, default=4e-4, help="base peak learning rate")
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     p.add_argument("--stream", action="store_true",
                    help="base: render + encode fresh scenes every step instead of a cached dataset")
@@ -57,7 +59,7 @@ def main(argv=None) -> int:
         T.train_base(
             vae_dir=RUNS / "vae", data_path=None if args.stream else RUNS / f"data-{args.seed}-{args.n}.pt",
             folder=args.out or BASE_MODEL_DIR, runs_dir=RUNS, minutes=args.minutes,
-            total_steps=args.total_steps, seed=args.seed,
+            total_steps=args.total_steps, seed=args.seed, batch=args.batch, lr=args.lr,
         )
     return 0
 
