@@ -174,3 +174,29 @@ def test_lycoris_dora_column_norm(tmp_path, tiny_sd1):
     w = w0 + 0.5 * up @ down
     want = torch.stack([w[:, j] * scale[0, j] / w[:, j].norm() for j in range(w.shape[1])], 1) - w0
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_we_read_what_diffusers_writes(tmp_path, tiny_sdxl):
+    """A LoRA loaded into diffusers and saved by its own save_lora_weights reads back to the same deltas."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    comps = {k: getattr(tiny_sdxl, k) for k in ("unet", "text_encoder", "text_encoder_2")}
+    layers = random_layers(comps, rank=2, every=3)
+    save_lora(layers, tmp_path / "ours.safetensors", format="diffusers", family="sdxl")
+    pipe = copy.deepcopy(tiny_sdxl)
+    pipe.load_lora_weights(str(tmp_path / "ours.safetensors"), adapter_name="default")
+    out = tmp_path / "theirs"
+    StableDiffusionXLPipeline.save_lora_weights(
+        str(out),
+        unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+        text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder),
+        text_encoder_2_lora_layers=get_peft_model_state_dict(pipe.text_encoder_2),
+        unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict(),
+        text_encoder_lora_adapter_metadata=pipe.text_encoder.peft_config["default"].to_dict(),
+        text_encoder_2_lora_adapter_metadata=pipe.text_encoder_2.peft_config["default"].to_dict(),
+    )
+    back = load_lora(out)
+    assert back.format == "diffusers" and set(back.layers) == set(layers)
+    for k, layer in layers.items():
+        assert torch.allclose(back.layers[k].delta(), layer.delta(), atol=1e-7, rtol=0), k
