@@ -1,0 +1,113 @@
+"""``loraclr train-lora``: train one concept LoRA (DreamBooth-LoRA, ED-LoRA or with textual-inversion tokens).
+
+Data: ``--images DIR`` (images with ``<stem>.txt`` captions that use the trigger), or the built-in world's
+held-out identities (``--world-identity rubo``) and styles (``--world-style mosaic``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", metavar="DIR", help="folder of images with <stem>.txt captions")
+    src.add_argument("--world-identity", metavar="NAME", help="a held-out identity of the built-in world")
+    src.add_argument("--world-style", metavar="STYLE", help="a held-out style of the built-in world")
+    p.add_argument("-o", "--out", required=True,
+                   help="output file (.safetensors; .pth for --edlora); learned tokens go beside it")
+    p.add_argument("--base", default="mini", help="base model: diffusers folder, checkpoint or 'mini'")
+    p.add_argument("--format", choices=["kohya", "diffusers", "edlora"], default=None,
+                   help="file format (default kohya; edlora with --edlora)")
+    p.add_argument("--trigger", help="trigger word (world identities: picked automatically when omitted)")
+    p.add_argument("--caption", help="caption for images without a .txt file (--images)")
+    p.add_argument("--prior-images", metavar="DIR", help="prior-preservation images with captions (--images)")
+    p.add_argument("--prior", type=int, default=0, metavar="N",
+                   help="world: N base-pool scenes for prior preservation (0 = off)")
+    p.add_argument("--n-images", type=int, default=128, help="world: number of training renders")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--edlora", action="store_true",
+                     help="ED-LoRA: learned layer-wise tokens (--token, default two: <NAME1> <NAME2>)")
+    tok.add_argument("--learned-token", action="store_true",
+                     help="also learn textual-inversion token(s) (--token), saved beside the LoRA")
+    p.add_argument("--token", action="append", default=[], metavar="NAME",
+                   help="learned token name(s) (repeatable); captions must use them")
+    p.add_argument("--init-word", default="creature", help="learned tokens start from this word's embedding")
+    p.add_argument("--rank", type=int, default=4)
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default = rank)")
+    p.add_argument("--targets", choices=["attn", "kohya"], default="attn",
+                   help="attn: q/k/v/out of attention layers; kohya: also ff, proj_in/out, text MLP")
+    p.add_argument("--no-text-encoder", action="store_true", help="train the UNet only")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prior-batch", type=int, default=4)
+    p.add_argument("--prior-weight", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=1e-3, help="UNet LoRA learning rate")
+    p.add_argument("--text-lr", type=float, default=5e-4, help="text-encoder LoRA learning rate")
+    p.add_argument("--embedding-lr", type=float, default=5e-3, help="learned-token learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args) -> int:
+    import torch
+
+    from loraclr.pipeline import family_of, load_base
+    from loraclr.training import TrainConfig, save_trained, train_lora
+    from loraclr.training import data as D
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    fmt = args.format or ("edlora" if args.edlora else "kohya")
+    if fmt == "edlora" and not args.edlora:
+        raise ValueError("--format edlora needs --edlora (ED-LoRA files carry layer-wise tokens)")
+    pipe = load_base(args.base)
+    side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+
+    name = args.world_identity or args.world_style or out.stem
+    tokens = tuple(args.token)
+    if args.edlora and not tokens:
+        stem = D.pick_trigger(pipe.tokenizer, name, set())
+        tokens = (f"<{stem}1>", f"<{stem}2>")
+    if args.learned_token and not tokens:
+        raise ValueError("--learned-token needs --token NAME (and captions that use it)")
+    if args.world_identity:
+        if tokens:
+            trigger = " ".join(tokens)
+        else:
+            trigger = args.trigger or D.pick_trigger(pipe.tokenizer, name, D.caption_vocabulary_ids(pipe.tokenizer))
+        data = D.world_identity_data(name, f"a {trigger} creature", n=args.n_images, seed=args.seed,
+                                     n_prior=args.prior)
+    elif args.world_style:
+        trigger = D.style_trigger(args.world_style)
+        data = D.world_style_data(args.world_style, n=args.n_images, seed=args.seed, n_prior=args.prior)
+        if tokens:  # the learned tokens stand in for the style words
+            data.captions = [c.replace(trigger, " ".join(tokens)) for c in data.captions]
+            trigger = " ".join(tokens)
+    else:
+        data = D.folder_data(args.images, side, default_caption=args.caption, prior_folder=args.prior_images)
+        trigger = args.trigger or (" ".join(tokens) if tokens else None)
+    if data.images.shape[1] != side:  # world renders are 64 px; another base model may draw at another size
+        data.images = D.resize_images(data.images, side)
+        if data.prior_images is not None:
+            data.prior_images = D.resize_images(data.prior_images, side)
+    cfg = TrainConfig(
+        rank=args.rank, alpha=float(args.alpha if args.alpha is not None else args.rank), targets=args.targets,
+        train_text_encoder=not args.no_text_encoder, steps=args.steps, batch=args.batch,
+        prior_batch=args.prior_batch, prior_weight=args.prior_weight, lr=args.lr, text_lr=args.text_lr,
+        embedding_lr=args.embedding_lr, tokens=tokens, layerwise=args.edlora, init_word=args.init_word,
+        seed=args.seed, autocast=not args.no_autocast,
+    )
+    result = train_lora(pipe, data, cfg)
+    save_trained(result, out, format=fmt, family=family_of(pipe), trigger=trigger)
+    summary = {"file": str(out), "format": fmt, "trigger": trigger, "tokens": list(tokens), "rank": cfg.rank,
+               "alpha": cfg.alpha, "steps": cfg.steps, "seed": cfg.seed, "layers": len(result.layers),
+               "loss_first_50": sum(result.losses[:50]) / len(result.losses[:50]),
+               "loss_last_50": sum(result.losses[-50:]) / len(result.losses[-50:]),
+               "seconds": round(result.seconds, 1), "example_caption": data.captions[0]}
+    print(json.dumps(summary, indent=2))
+    return 0
