@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from loraclr.merge.api import LayerProblem
-from loraclr.merge.methods import make_config, merge_offsets
+from loraclr.merge.methods import merge_offsets
 
 # name, in, out, rows per concept at the official settings (20 timesteps for spatial layers)
 LAYERS = [
@@ -51,10 +52,29 @@ def make_problem(name, d_in, d_out, n_rows, n_concepts, rank, seed):
     return LayerProblem(f"bench.{name}", W0, deltas, X=xs, concept_names=[f"c{i}" for i in range(n_concepts)])
 
 
-def timed(problem, method, cfg):
+def timed(problem, method, cfg, repeat=1):
+    """Median wall time over ``repeat`` runs (the cores are shared: medians resist other jobs' spikes)."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        r = merge_offsets([problem], method, cfg, progress=False)[problem.key]
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), r
+
+
+def timed_paper(problem, steps):
+    """Paper mode run for ``steps`` AdamW steps; its time for the official 50 is 50 x the median step
+    (step = loss evaluation + backward + AdamW update, timed between consecutive callbacks)."""
+    stamps = []
+    cfg = {"mode": "paper", "steps": steps}
     t = time.perf_counter()
-    r = merge_offsets([problem], method, cfg, progress=False)[problem.key]
-    return time.perf_counter() - t, r
+    r = merge_offsets(
+        [problem], "loraclr", cfg, callback=lambda *_: stamps.append(time.perf_counter()), progress=False
+    )[problem.key]
+    wall = time.perf_counter() - t
+    stamps.append(t + wall)
+    per_step = statistics.median(b - a for a, b in zip(stamps, stamps[1:], strict=False))
+    return 50 * per_step, wall, r
 
 
 def main(argv=None):
@@ -66,6 +86,8 @@ def main(argv=None):
     ap.add_argument("--variants", action="store_true", help="also time converged with token / normalize")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "solve_speed"))
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    ap.add_argument("--paper-steps", type=int, default=50, help="steps actually run (time is 50 x median)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each fast solver (median reported)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,14 +104,15 @@ def main(argv=None):
         name, d_in, d_out, rows, spatial = LAYERS[li]
         n_rows = rows * args.timesteps // 20 if spatial else rows
         p = make_problem(name, d_in, d_out, n_rows, args.concepts, args.rank, seed=li)
-        t_paper, r_paper = timed(p, "loraclr", {"mode": "paper"})
-        ref = make_config("loraclr", mode="paper")
+        t_paper, wall_paper, r_paper = timed_paper(p, args.paper_steps)
         entry = {
             "layer": name,
             "in": d_in,
             "out": d_out,
             "rows_per_concept": n_rows,
             "paper_s": t_paper,
+            "paper_wall_s": wall_paper,
+            "paper_steps_run": args.paper_steps,
             "paper_loss": r_paper.report["loss"],
             "paper_hinge_active": r_paper.report["hinge_active"],
             "paper_best_is_last": r_paper.report["best_is_last"],
@@ -101,7 +124,7 @@ def main(argv=None):
         )
         for label, cfg in variants:
             method = "lstsq" if label == "lstsq" else "loraclr"
-            t, r = timed(p, method, cfg)
+            t, r = timed(p, method, cfg, args.repeat)
             rep = r.report
             # objective of the paper's settings at this solution (same objective for paper / converged)
             entry["solvers"][label] = {
@@ -119,7 +142,6 @@ def main(argv=None):
                 f"steps {rep.get('steps')}  hinge {rep.get('hinge_active')}",
                 flush=True,
             )
-        del ref
         rows_out.append(entry)
     tot_paper = sum(e["paper_s"] for e in rows_out)
     tot_conv = sum(e["solvers"]["converged"]["seconds"] for e in rows_out)
@@ -127,11 +149,14 @@ def main(argv=None):
         "concepts": args.concepts,
         "rank": args.rank,
         "timesteps_of_20": args.timesteps,
+        "paper_steps_run": args.paper_steps,
+        "repeat": args.repeat,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "machine": platform.processor() or platform.machine(),
         "load_average_at_end": list(os.getloadavg()),
+        "command": "python bench/solve_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "total_paper_s": tot_paper,
         "total_converged_s": tot_conv,
         "total_speedup": tot_paper / tot_conv,
@@ -145,8 +170,10 @@ def main(argv=None):
         "",
         f"{args.concepts} concepts, random rank-{args.rank} LoRAs, SD 1.5 layer shapes, spatial rows = "
         f"positions x {args.timesteps} of the official 20 timesteps; CPU, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads. Times in seconds (speed-up over paper in brackets); loss = the "
-        "official objective at each solution.",
+        f"{torch.get_num_threads()} threads on shared cores (load average at the end "
+        f"{os.getloadavg()[0]:.1f}). Paper time = 50 x its median AdamW step ({args.paper_steps} steps run; "
+        f"its loss is the best after those steps); other solvers: median of {args.repeat} runs. Speed-up over "
+        "paper in brackets; loss = the official objective at each solution.",
         "",
         "| layer | rows/concept | paper s (loss) | "
         + " | ".join(f"{lb} s (x) (loss)" for lb in labels)
@@ -166,6 +193,7 @@ def main(argv=None):
         )
     md += [
         "",
+        f"Command: `{meta['command']}`.",
         f"Total: paper {tot_paper:.1f} s, converged {tot_conv:.1f} s, speed-up x{tot_paper / tot_conv:.1f}.",
         "lstsq's loss column is its own mean squared error, not the LoRACLR objective.",
     ]

@@ -391,6 +391,7 @@ class _Converged:
         self.B0, self.c0 = rhs_and_const(self.dW, self.G, Xg, a, sd)
         self.needs_hinge = cfg.lambda_con > 0 and self.N > 1
         self.R = self.Tc = None
+        self.rows_are_gram_rows = False  # True: R holds every row behind the Grams, in order
         self._Gc: dict[int, Tensor] = {}
         if self.X is not None:
             x_rows = [x.shape[0] for x in self.X]
@@ -598,12 +599,17 @@ def _solve_converged(
                 break
         else:
             note = f"max_iter={cfg.max_iter} reached (relative decrease {rel:.2e})"
-    # exact values at the final D for the report (P refreshed; per-concept squared errors)
-    DA0 = D @ S.A0
-    q = S.quad(D, DA0)
-    if S.R is not None and S.N > 1:
-        neg, jstar, hinge_sum = S.hinge(S.predict(D))
-    sq = S.per_concept_sq(D)
+    # exact values at the final D for the report (P refreshed after iterations; per-concept errors)
+    if steps > 1:
+        DA0 = D @ S.A0
+        q = S.quad(D, DA0)
+    if S.R is not None and S.N > 1 and (P is None or steps > 1):
+        P = S.predict(D)
+        neg, jstar, hinge_sum = S.hinge(P)
+    if P is not None and S.rows_are_gram_rows:  # P - Tc = X_i (D - dW_i)^T on all rows: no new product
+        sq = (P - S.Tc).pow(2).sum(dim=(1, 2), dtype=torch.float64).cpu()
+    else:
+        sq = S.per_concept_sq(D)
     hinge_term = w.w_hinge * hinge_sum if S.needs_hinge else 0.0
     loss = q + hinge_term + lam * float(D.norm())
     con_raw = float((w.a_pos * sq).sum()) + hinge_term

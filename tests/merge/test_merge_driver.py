@@ -1,0 +1,73 @@
+"""The per-layer driver merge_offsets and make_config."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraclr.merge.api import METHODS, LayerProblem, get_method
+from loraclr.merge.contrastive import LoraclrConfig
+from loraclr.merge.methods import make_config, merge_offsets
+
+
+def _problems(k=3):
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(k):
+        W0 = torch.randn(4, 3, generator=g)
+        deltas = [torch.randn(4, 3, generator=g) for _ in range(2)]
+        xs = [torch.randn(5, 3, generator=g) for _ in range(2)]
+        out.append(LayerProblem(f"unet.layer{i}", W0, deltas, X=xs, concept_names=["a", "b"]))
+    return out
+
+
+def test_registry_lists_every_method():
+    get_method("sum")
+    assert {"loraclr", "lstsq", "sum", "average", "svd", "ties", "dare"} <= set(METHODS)
+    assert get_method("loraclr").needs_features and get_method("lstsq").needs_features
+
+
+def test_make_config_defaults_and_overrides():
+    cfg = make_config("loraclr")
+    assert (cfg.mode, cfg.margin, cfg.lambda_con, cfg.lambda_mse, cfg.lambda_reg) == (
+        "converged",
+        0.5,
+        1,
+        0.1,
+        0.001,
+    )
+    assert (cfg.lr, cfg.weight_decay, cfg.steps) == (1e-4, 1e-4, 50)
+    assert make_config("loraclr", mode="paper", normalize=True).normalize is True
+    with pytest.raises(ValueError, match="'lamda_reg'"):
+        make_config("loraclr", lamda_reg=0.1)
+
+
+def test_merge_offsets_runs_generators_with_dict_config_and_callback():
+    seen = []
+    problems = _problems()
+    res = merge_offsets(
+        (p for p in problems),
+        "loraclr",
+        {"mode": "paper", "steps": 3},
+        callback=lambda key, step, loss: seen.append((key, step)),
+        progress=False,
+    )
+    assert list(res) == [p.key for p in problems]
+    assert seen == [(p.key, s) for p in problems for s in range(3)]
+    res2 = merge_offsets(problems, "loraclr", LoraclrConfig(mode="paper", steps=3), progress=False)
+    for k in res:
+        assert torch.equal(res[k].offset, res2[k].offset)
+    for r in res.values():
+        assert {"loss", "converged", "pos_dist", "neg_dist", "hinge_active", "steps"} <= set(r.report)
+
+
+def test_merge_offsets_errors():
+    problems = _problems(2)
+    with pytest.raises(ValueError, match="twice"):
+        merge_offsets([problems[0], problems[0]], "sum", progress=False)
+    with pytest.raises(ValueError, match="LstsqConfig or a mapping"):
+        merge_offsets(problems, "lstsq", LoraclrConfig(), progress=False)
+    bare = LayerProblem("unet.nofeat", torch.zeros(2, 2), [torch.ones(2, 2)])
+    with pytest.raises(ValueError, match="unet.nofeat.*needs features"):
+        merge_offsets([bare], "loraclr", progress=False)
+    assert torch.equal(merge_offsets([bare], "sum", progress=False)["unet.nofeat"].offset, torch.ones(2, 2))
