@@ -331,3 +331,23 @@ def test_sdxl_embeddings_written_in_clip_l_clip_g_layout(tmp_path):
     assert set(tensors) == {"clip_l", "clip_g"} and meta["name"] == "<xl>"
     (back,) = load_embeddings(f)
     assert back.name == "<xl>" and torch.equal(back.embeddings["text_encoder_2"], tok.embeddings["text_encoder_2"])
+
+
+def test_old_diffusers_text_encoder_processor_names(tmp_path):
+    base = "text_encoder.text_model.encoder.layers.0.self_attn"
+    down, up = torch.randn(2, 768), torch.randn(768, 2)
+    save_file({f"{base}.to_q_lora.down.weight": down, f"{base}.to_q_lora.up.weight": up,
+               f"{base}.to_out_lora.down.weight": down.clone(), f"{base}.to_out_lora.up.weight": up.clone()},
+              str(tmp_path / "old_te.safetensors"))
+    layers = load_lora(tmp_path / "old_te.safetensors").layers
+    assert set(layers) == {f"{base}.q_proj", f"{base}.out_proj"}
+    assert torch.equal(layers[f"{base}.q_proj"].down, down)
+
+
+def test_writer_accepts_layers_sharing_tensors(tmp_path):
+    down, up = torch.randn(2, 768), torch.randn(320, 2)
+    keys = [f"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.{m}" for m in ("to_k", "to_v")]
+    layers = {k: LoraLayer(down, up, 2.0) for k in keys}
+    save_lora(layers, tmp_path / "s.safetensors", format="kohya", family="sd1")
+    back = load_lora(tmp_path / "s.safetensors").layers
+    assert all(torch.equal(back[k].down, down) and torch.equal(back[k].up, up) for k in keys)

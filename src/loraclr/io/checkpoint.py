@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from loraclr.io import keymap
-from loraclr.io.safe import atomic_write, check_finite, check_output_path
+from loraclr.io.safe import atomic_write, check_finite, check_output_path, unshare
 from loraclr.models import find_module
 
 log = logging.getLogger(__name__)
@@ -192,5 +192,5 @@ def save_single_file(pipe: Any, path: str | Path, inputs: list[str | Path] | Non
     sd = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in sd.items()}
     check_finite(sd, str(path))
     with atomic_write(path) as tmp:
-        save_file(sd, str(tmp), metadata={"format": "pt"})
+        save_file(unshare(sd), str(tmp), metadata={"format": "pt"})
     return path

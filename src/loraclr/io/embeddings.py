@@ -18,7 +18,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from loraclr.io.safe import atomic_write, check_finite, check_output_path
+from loraclr.io.safe import atomic_write, check_finite, check_output_path, unshare
 from loraclr.lora import LearnedToken
 
 log = logging.getLogger(__name__)
@@ -71,12 +71,12 @@ def save_embeddings(tokens: list[LearnedToken], path: str | Path, format: str = 
     if len(files) == 1 and path.suffix == ".safetensors":
         (tensors, meta), = files.values()
         with atomic_write(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            save_file(unshare(tensors), str(tmp), metadata=meta)
         return [path]
     with atomic_write(path) as tmp:
         tmp.mkdir()
         for name, (tensors, meta) in files.items():
-            save_file(tensors, str(tmp / name), metadata=meta)
+            save_file(unshare(tensors), str(tmp / name), metadata=meta)
     return [path / name for name in files]
 
 

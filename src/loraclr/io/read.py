@@ -53,6 +53,9 @@ _DIFFUSERS_SUFFIX = [
 ]
 
 
+_TE_PROCESSOR = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+
+
 @dataclass
 class ReadReport:
     """What a reader saw besides the layers: detection evidence and problems worth a warning."""
@@ -270,7 +273,11 @@ def _diffusers_split(key: str) -> tuple[str, str, str] | None:
         if style == "processor":
             # attention-processor layout: attn1.processor.to_q_lora.down -> attn1.to_q; to_out_lora -> to_out.0
             path = path.replace(".processor.", ".")
-            if path.endswith(".to_out") or path.endswith("to_out"):
+            head, _, leaf = path.rpartition(".")
+            if head.endswith("self_attn") and leaf in _TE_PROCESSOR:
+                # old diffusers text-encoder LoRAs used the UNet processor names on CLIP attention
+                path = f"{head}.{_TE_PROCESSOR[leaf]}"
+            elif leaf == "to_out":
                 path = path + ".0"
         return path, style, which
     return None

@@ -99,6 +99,20 @@ def check_output_path(out: str | os.PathLike, inputs: list[str | os.PathLike] | 
     return out
 
 
+def unshare(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Contiguous tensors with no two sharing memory (safetensors refuses shared storage)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for k, t in tensors.items():
+        t = t.contiguous()
+        span = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if t.numel() and span in seen or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.clone()
+        seen.add((t.untyped_storage().data_ptr(), t.storage_offset()))
+        out[k] = t
+    return out
+
+
 # --- guarded reading -------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from loraclr.io import keymap
-from loraclr.io.safe import atomic_write, check_finite, check_output_path
+from loraclr.io.safe import atomic_write, check_finite, check_output_path, unshare
 from loraclr.lora import DenseDelta, LearnedToken, LoraLayer, split_key
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ def save_lora(
         for t in tokens:
             check_finite(t.embeddings, f"{path} token {t.name}")
     with atomic_write(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+        save_file(unshare(tensors), str(tmp), metadata=meta)
     if tokens:
         save_embeddings(tokens, emb_path, "a1111" if format == "kohya" else "diffusers")
     worst = max(report.items(), key=lambda kv: kv[1]["rel_error"])
