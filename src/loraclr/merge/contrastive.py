@@ -534,6 +534,16 @@ def _token_hardest(P: Tensor, T: Tensor) -> tuple[Tensor, Tensor]:
     return best.sqrt(), j
 
 
+def _line_point(S: _Converged, line: tuple, s: float) -> tuple:
+    """Objective at D + s * delta: the quadratic part is a parabola in s and P moves linearly."""
+    P, Pd, q, g1, h2, D, delta = line
+    neg, j, hinge_sum = S.hinge(P + s * Pd)
+    loss = (
+        q + s * g1 + s * s * h2 + S.w.w_hinge * hinge_sum + S.cfg.lambda_reg * float((D + s * delta).norm())
+    )
+    return s, neg, j, loss
+
+
 def _solve_converged(
     problem: LayerProblem, cfg: LoraclrConfig, callback: Callback | None
 ) -> tuple[Tensor, dict]:
@@ -573,14 +583,21 @@ def _solve_converged(
             g1 = 2 * float((delta * DA0).sum() - (delta * S.B0).sum())
             h2 = float((dA0 * delta).sum())
             Pd = torch.einsum("nri,oi->nro", S.R, delta.to(S.W0.dtype))
+            line = (P, Pd, q, g1, h2, D, delta)
             s, accepted = 1.0, None
             for _ in range(40):
-                neg_c, j_c, hs_c = S.hinge(P + s * Pd)
-                loss_c = q + s * g1 + s * s * h2 + w.w_hinge * hs_c + lam * float((D + s * delta).norm())
-                if loss_c <= loss:
-                    accepted = (s, neg_c, j_c, loss_c)
+                cand = _line_point(S, line, s)
+                if cand[3] <= loss:
+                    accepted = cand
                     break
                 s *= 0.5
+            # the majoriser's curvature is conservative, so full steps are often short: try longer ones
+            # (each try costs only distances, not a product with the rows)
+            while accepted is not None and accepted[0] >= 1.0 and accepted[0] < 64:
+                cand = _line_point(S, line, accepted[0] * 2)
+                if cand[3] >= accepted[3]:
+                    break
+                accepted = cand
             steps += 1
             if accepted is None:  # no decrease representable in floating point: a stationary point
                 converged, note, rel = True, "line search found no decrease (numerical optimum)", 0.0
