@@ -249,6 +249,7 @@ class QuadSolve:
     t: float  # ridge implied by the Frobenius-norm term, lambda_reg / (2 ||D||_F); 0 without it
     kept: int  # eigen-directions of A above the rcond cutoff
     dropped: int  # directions treated as unexcited (D = 0 there)
+    quad: float = 0.0  # tr(D A D^T) - 2 <D, B> at the solution, from the eigen-solve (no extra product)
 
 
 def solve_quadratic_fro(A: Tensor, B: Tensor, lambda_reg: float, rcond: float) -> QuadSolve:
@@ -273,7 +274,7 @@ def solve_quadratic_fro(A: Tensor, B: Tensor, lambda_reg: float, rcond: float) -
     kept = int(keep.sum())
     if lambda_reg == 0:
         inv = torch.where(keep, 1.0 / torch.where(keep, lam, torch.ones_like(lam)), torch.zeros_like(lam))
-        return QuadSolve((C * inv) @ V.T, 0.0, kept, evals.numel() - kept)
+        return QuadSolve((C * inv) @ V.T, 0.0, kept, evals.numel() - kept, -float((c2 * inv).sum()))
     half = lambda_reg / 2
     if math.sqrt(float(c2.sum())) <= half:
         return QuadSolve(torch.zeros_like(B), math.inf, kept, evals.numel() - kept)
@@ -296,4 +297,5 @@ def solve_quadratic_fro(A: Tensor, B: Tensor, lambda_reg: float, rcond: float) -
         if hi / lo < 1 + 1e-14:
             break
     t = math.sqrt(lo * hi)
-    return QuadSolve((C / (lam + t)) @ V.T, t, kept, evals.numel() - kept)
+    quad = float((c2 * (lam / (lam + t) ** 2 - 2 / (lam + t))).sum())
+    return QuadSolve((C / (lam + t)) @ V.T, t, kept, evals.numel() - kept, quad)

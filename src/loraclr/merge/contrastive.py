@@ -397,7 +397,10 @@ class _Converged:
             x_rows = [x.shape[0] for x in self.X]
             idx = common_row_index(x_rows, device=cfg.device)
             self.m = min(x_rows)
-            self.R = torch.stack([x[i] for x, i in zip(self.X, idx, strict=True)])  # (N, m, in)
+            if len(set(x_rows)) == 1:
+                self.R = torch.stack(self.X)  # (N, m, in): all rows are common
+            else:
+                self.R = torch.stack([x[i] for x, i in zip(self.X, idx, strict=True)])  # (N, m, in)
             self.Tc = torch.einsum("nri,noi->nro", self.R, self.W0 + self.dW)  # (N, m, out) targets
             self.rows_are_gram_rows = problem.gram is None and len(set(x_rows)) == 1
             if problem.gram is not None:
@@ -421,9 +424,6 @@ class _Converged:
             g = self.G[i] if self.rows_are_gram_rows else self.R[i].T @ self.R[i]
             self._Gc[i] = g.to(self.sdtype)
         return self._Gc[i]
-
-    def quad(self, D: Tensor, DA0: Tensor) -> float:
-        return float((DA0 * D).sum() - 2 * (self.B0 * D).sum()) + self.c0
 
     def predict(self, D: Tensor) -> Tensor:
         return torch.einsum("nri,oi->nro", self.R, self.W0 + D.to(self.W0.dtype))  # (N, m, out)
@@ -549,9 +549,8 @@ def _solve_converged(
 ) -> tuple[Tensor, dict]:
     S = _Converged(problem, cfg)
     w, lam = S.w, cfg.lambda_reg
-    D = solve_quadratic_fro(S.A0, S.B0, lam, cfg.rcond).offset  # minimiser of the convex part
-    DA0 = D @ S.A0
-    q = S.quad(D, DA0)
+    sol = solve_quadratic_fro(S.A0, S.B0, lam, cfg.rcond)  # minimiser of the convex part
+    D, q = sol.offset, sol.quad + S.c0
     neg = jstar = P = None
     hinge_sum, bound = 0.0, False
     if S.needs_hinge and S.R is not None:
@@ -572,6 +571,7 @@ def _solve_converged(
     if neg is None or bound or not bool((neg < w.mu).any()):
         converged, note = True, "closed form (no active hinge: global minimum)"
     else:
+        DA0 = D @ S.A0
         for it in range(cfg.max_iter):
             A, B = S.surrogate(P, neg, jstar)
             delta = solve_quadratic_fro(A, B, lam, cfg.rcond).offset - D
@@ -617,9 +617,6 @@ def _solve_converged(
         else:
             note = f"max_iter={cfg.max_iter} reached (relative decrease {rel:.2e})"
     # exact values at the final D for the report (P refreshed after iterations; per-concept errors)
-    if steps > 1:
-        DA0 = D @ S.A0
-        q = S.quad(D, DA0)
     if S.R is not None and S.N > 1 and (P is None or steps > 1):
         P = S.predict(D)
         neg, jstar, hinge_sum = S.hinge(P)
@@ -628,7 +625,8 @@ def _solve_converged(
     else:
         sq = S.per_concept_sq(D)
     hinge_term = w.w_hinge * hinge_sum if S.needs_hinge else 0.0
-    loss = q + hinge_term + lam * float(D.norm())
+    # from the residuals, not q: q = c0 + (terms in D) cancels to a small rest when the fit is good
+    loss = float(((w.a_pos + w.a_mse) * sq).sum()) + hinge_term + lam * float(D.norm())
     con_raw = float((w.a_pos * sq).sum()) + hinge_term
     pos = (sq / w.pos_scale).sqrt()
     if neg is None:
