@@ -295,3 +295,16 @@ def test_config_validation():
         make_config("loraclr", steps=0)
     with pytest.raises(ValueError, match="marg"):
         make_config("loraclr", marg=0.3)
+
+
+def test_grams_with_rows_for_negatives():
+    """Grams (full statistics) plus raw rows for the negatives: with all rows kept this is the same
+    problem as rows alone; with a subsample, negatives use the kept rows and the solve still runs."""
+    p = _synthetic((6, 6, 6), seed=0)
+    both = LayerProblem(p.key, p.W0, p.deltas, X=p.X, gram=[x.T @ x for x in p.X], n_rows=[6, 6, 6])
+    a, b = _merge(p, mode="converged"), _merge(both, mode="converged")
+    assert torch.allclose(a.offset, b.offset, atol=1e-5)
+    assert a.report["hinge_active"] == b.report["hinge_active"] > 0
+    sub = LayerProblem(p.key, p.W0, p.deltas, X=[x[:3] for x in p.X], gram=both.gram, n_rows=[6, 6, 6])
+    r = _merge(sub, mode="converged")
+    assert r.report["converged"] is True and len(r.report["neg_dist"]) == 3
