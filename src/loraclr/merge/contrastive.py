@@ -39,9 +39,15 @@ Modes:
      minimiser of L (L >= its convex part everywhere, with equality there) and the solve stops;
   3. otherwise majorise-minimise: each active hinge term relu(mu - ||v||)^2, v = vec(P_i - Y_j*), is
      replaced by its upper bound ||v - mu * v_k / ||v_k|| ||^2 (exact at the current v_k, valid for all v),
-     the resulting convex surrogate is minimised in closed form, and a backtracking line search on the
-     true L keeps every step a descent step. It stops when the relative decrease of L falls below ``tol``;
+     the resulting convex surrogate is minimised in closed form, and a line search on the true L
+     (halving from the full step, or doubling while L keeps falling) keeps every step a descent step.
+     It stops when the relative decrease of L falls below ``tol`` (``converged``), or at ``max_iter``;
      a fixed point is a stationary point of L (the hinge makes L non-convex, so not necessarily global).
+  When all concepts together have fewer rows than the layer has inputs (text encoder, cross-attention
+  k/v), the problem is solved exactly in the span of the rows (an (rows x rows) instead of (in x in)
+  eigen-solve). Cost with n rows per concept, N concepts: Grams N n in^2, one in^3 eigen-solve, two
+  products N n in out for the exact negative distances, plus one product and one eigen-solve per
+  majorise-minimise step; the official recipe costs about 100 products N n in out (50 x forward+backward).
   It needs the Grams (from ``gram`` or ``X``) and, for the negatives, the raw rows X. With Grams only and
   equal row counts, block distances are bounded below by | ||P_i|| - ||Y_j|| | (both norms come from the
   Grams); if that certifies every hinge inactive the closed form is the exact answer, else it raises.
