@@ -71,3 +71,19 @@ def test_merge_offsets_errors():
     with pytest.raises(ValueError, match="unet.nofeat.*needs features"):
         merge_offsets([bare], "loraclr", progress=False)
     assert torch.equal(merge_offsets([bare], "sum", progress=False)["unet.nofeat"].offset, torch.ones(2, 2))
+
+
+def test_feature_store_style_problems_with_missing_rows():
+    """Feature stores may hold X = [None, ...] where only Grams were kept: Gram-capable solvers use them."""
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(4, 3, generator=g)
+    xs = [3 * torch.randn(8, 3, generator=g) for _ in range(2)]
+    deltas = [torch.randn(4, 3, generator=g) for _ in range(2)]
+    full = LayerProblem("unet.l", W0, deltas, X=xs)
+    stats = LayerProblem("unet.l", W0, deltas, X=[None, None], gram=[x.T @ x for x in xs], n_rows=[8, 8])
+    for method in ("lstsq", "loraclr"):
+        a = merge_offsets([full], method, progress=False)["unet.l"].offset
+        b = merge_offsets([stats], method, progress=False)["unet.l"].offset
+        assert torch.allclose(a, b, atol=1e-5), method
+    with pytest.raises(ValueError, match="unet.l.*raw feature rows"):
+        merge_offsets([stats], "loraclr", {"mode": "paper"}, progress=False)

@@ -41,6 +41,11 @@ def all_finite(t: Tensor) -> bool:
     return bool(torch.isfinite(t).all())
 
 
+def has_rows(problem: LayerProblem) -> bool:
+    """Raw rows were kept for every concept (feature stores may hold None where only Grams were kept)."""
+    return problem.X is not None and all(x is not None for x in problem.X)
+
+
 def check_problem(problem: LayerProblem) -> tuple[int, int, int]:
     """Validate W0 / deltas / names; return (N, out, in). Raises ValueError naming the layer."""
     key = problem.key
@@ -79,7 +84,7 @@ def stacked_deltas(problem: LayerProblem, dtype: torch.dtype, device: torch.devi
 def rows(problem: LayerProblem, method: str, dtype: torch.dtype, device) -> list[Tensor]:
     """The raw feature rows X_i (n_i, in), checked; ValueError naming the layer when they were not kept."""
     n, in_dim = len(problem.deltas), problem.W0.shape[1]
-    if problem.X is None:
+    if not has_rows(problem):
         raise ValueError(
             f"layer {problem.key}: method {method!r} needs the raw feature rows X (LayerProblem.X), "
             "but only statistics were collected; keep rows for this layer or pick a method that works "
@@ -139,7 +144,7 @@ def gram_stats(
             raise ValueError(f"layer {problem.key}: n_rows must be >= 1, got {problem.n_rows}")
         gram = torch.stack(grams) if grams else torch.zeros(0, in_dim, in_dim, dtype=dtype, device=device)
         return GramStats(gram, [int(k) for k in problem.n_rows])
-    if problem.X is None:
+    if not has_rows(problem):
         raise ValueError(
             f"layer {problem.key}: method {method!r} needs features: LayerProblem.X (raw rows) or "
             "LayerProblem.gram with n_rows; collect features for this layer or use a feature-free method "

@@ -72,6 +72,7 @@ from loraclr.merge._common import (
     check_problem,
     common_row_index,
     gram_stats,
+    has_rows,
     reduce_to_row_space,
     resolve_dtype,
     rhs_and_const,
@@ -380,7 +381,7 @@ class _Converged:
         self.cfg, self.key = cfg, problem.key
         dtype = resolve_dtype(cfg.dtype)
         sd = self.sdtype = resolve_dtype(cfg.solve_dtype, "solve_dtype")
-        xs = rows(problem, "loraclr", dtype, cfg.device) if problem.X is not None else None
+        xs = rows(problem, "loraclr", dtype, cfg.device) if has_rows(problem) else None
         problem, xs, self.Q = reduce_to_row_space(problem, xs, dtype, cfg.device, sd)
         stats = gram_stats(problem, "loraclr (mode='converged')", dtype, cfg.device, xs=xs)
         self.n_rows, self.N = stats.n_rows, len(stats.n_rows)

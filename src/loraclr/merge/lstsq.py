@@ -20,6 +20,7 @@ from loraclr.merge._common import (
     check_device,
     check_problem,
     gram_stats,
+    has_rows,
     reduce_to_row_space,
     resolve_dtype,
     rhs_and_const,
@@ -75,7 +76,7 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
     sdtype = resolve_dtype(config.solve_dtype, "solve_dtype")
     check_problem(problem)
     in_full = problem.W0.shape[1]
-    xs = rows(problem, "lstsq", dtype, config.device) if problem.X is not None else None
+    xs = rows(problem, "lstsq", dtype, config.device) if has_rows(problem) else None
     problem, xs, Q = reduce_to_row_space(problem, xs, dtype, config.device, sdtype)  # exact, fewer dims
     stats = gram_stats(problem, "lstsq", dtype, config.device, xs=xs)
     deltas = stacked_deltas(problem, dtype, config.device)

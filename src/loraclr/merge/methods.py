@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from loraclr.merge import baselines, contrastive, lstsq  # noqa: F401  (registers the methods)
+from loraclr.merge._common import has_rows
 from loraclr.merge.api import Callback, LayerProblem, LayerResult, get_method
 
 logger = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ def merge_offsets(
     for problem in bar:
         if problem.key in results:
             raise ValueError(f"layer {problem.key} appears twice in the merge problems")
-        if spec.needs_features and problem.X is None and problem.gram is None and problem.deltas:
+        if spec.needs_features and not has_rows(problem) and problem.gram is None and problem.deltas:
             raise ValueError(
                 f"layer {problem.key}: merge method {method!r} needs features (X or gram), none were "
                 "collected for this layer"
