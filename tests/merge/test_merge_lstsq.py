@@ -87,3 +87,19 @@ def test_missing_features_name_the_layer():
     p = LayerProblem("unet.k", torch.zeros(3, 3), [torch.ones(3, 3)], gram=[torch.eye(3)])
     with pytest.raises(ValueError, match="n_rows"):
         _merge(p)
+
+
+def test_fewer_rows_than_inputs_is_minimum_norm_least_squares():
+    """12 rows in total for 30 inputs: solved in the rows' span, equal to numpy's minimum-norm solution."""
+    g = torch.Generator().manual_seed(4)
+    out, inn = 6, 30
+    W0 = _rand((out, inn), g)
+    xs = [_rand((n, inn), g) for n in (5, 4, 3)]
+    deltas = [_rand((out, inn), g, 0.3) for _ in xs]
+    r = _merge(LayerProblem("unet.k", W0, deltas, X=xs))
+    Xs = np.concatenate([x.double().numpy() for x in xs])
+    T = np.concatenate([(x.double() @ d.double().T).numpy() for x, d in zip(xs, deltas, strict=True)])
+    golden = np.linalg.lstsq(Xs, T, rcond=1e-4)[0].T
+    np.testing.assert_allclose(r.offset.numpy(), golden, atol=1e-4)
+    assert r.report["unexcited_dims"] == inn - 12
+    assert r.report["loss"] == pytest.approx(0.0, abs=1e-9)  # 12 rows, 30 unknowns per output: exact fit

@@ -178,38 +178,22 @@ def common_row_index(n_rows: list[int], device=None) -> list[Tensor]:
     return out
 
 
-def reduce_to_row_space(
-    problem: LayerProblem, xs: list[Tensor] | None, dtype: torch.dtype, device, solve_dtype: torch.dtype
-) -> tuple[LayerProblem, list[Tensor] | None, Tensor | None]:
-    """Rewrite a problem whose concepts have fewer rows in total (K) than inputs in the row span's basis.
+def row_basis(xs: list[Tensor] | None) -> Tensor | None:
+    """Orthonormal basis Q (in, K) of the span of all concepts' rows, when they are fewer (K) than inputs.
 
-    With Q (in, K) orthonormal spanning all rows of X (QR of the stacked rows), every prediction obeys
-    X_i W^T = (X_i Q)(W Q)^T, so the problem in (X_i Q, W0 Q, dW_i Q) has the same objective for D = C Q^T,
-    and ||D||_F = ||C||_F. Minimisers that use no unexcited direction (minimum-norm least squares, or any
-    objective with a norm penalty on D) lie in that span, so solving for C (out, K) and returning C Q^T is
-    exact; it turns an (in x in) eigen-solve into a (K x K) one (e.g. 768 -> 72 for cross-attention k/v).
-    ``xs`` are the problem's checked rows (or None). Returns (problem, rows, Q), Q None when there is
-    nothing to gain (no rows, Grams given, or K >= in).
+    Predictions only see that span (X_i W^T = (X_i Q)(W Q)^T), and minimisers that use no unexcited
+    direction (minimum-norm least squares, or any objective with a norm penalty on D) lie in it, so
+    solving for C (out, K) and returning D = C Q^T is exact, with ||D||_F = ||C||_F; it turns an (in x in)
+    eigen-solve into a (K x K) one (e.g. 768 -> 72 for cross-attention k/v). Any orthonormal basis will do,
+    so the QR runs in the rows' dtype. None when there is nothing to gain (no rows, or K >= in).
     """
-    if xs is None or problem.gram is not None or not problem.deltas:
-        return problem, xs, None
-    k, in_dim = sum(x.shape[0] for x in xs), problem.W0.shape[1]
+    if not xs:
+        return None
+    k, in_dim = sum(x.shape[0] for x in xs), xs[0].shape[1]
     if k >= in_dim:
-        return problem, xs, None
-    Q, _ = torch.linalg.qr(torch.cat(xs).to(solve_dtype).T)  # (in, K)
-
-    def red(t: Tensor) -> Tensor:
-        return (t.to(device=device, dtype=solve_dtype) @ Q).to(dtype)
-
-    xs = [red(x) for x in xs]
-    reduced = LayerProblem(
-        problem.key,
-        red(problem.W0),
-        [red(d) for d in problem.deltas],
-        X=xs,
-        concept_names=list(problem.concept_names),
-    )
-    return reduced, xs, Q
+        return None
+    Q, _ = torch.linalg.qr(torch.cat(xs).T)  # (in, K)
+    return Q
 
 
 def rhs_and_const(

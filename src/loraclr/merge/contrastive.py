@@ -68,14 +68,15 @@ import torch
 from torch import Tensor
 
 from loraclr.merge._common import (
+    GramStats,
     check_device,
     check_problem,
     common_row_index,
     gram_stats,
     has_rows,
-    reduce_to_row_space,
     resolve_dtype,
     rhs_and_const,
+    row_basis,
     rows,
     solve_quadratic_fro,
     sq_errors,
@@ -372,9 +373,10 @@ class _Converged:
          + w_h * sum_active relu(mu - d)^2         hinges, from predictions P on the common rows
          + lambda_reg * ||D||_F
     The quadratic part is kept in the solve dtype; predictions and distances in the compute dtype.
-    When all concepts together have fewer rows than inputs (text-encoder and cross-attention layers), the
-    problem is first reduced to the span of the rows (D = C Q^T, see ``reduce_to_row_space``): exact, since
-    predictions only see that span and the regulariser pushes D to 0 outside it.
+    When all concepts together have fewer rows than inputs (text-encoder and cross-attention layers), D is
+    solved in the span of the rows (D_full = D Q^T, see ``row_basis``): exact, since predictions only see
+    that span and the regulariser pushes D to 0 outside it. Products with the deltas and W0 stay in the
+    original coordinates (RW0, Tc), so no delta is ever rotated.
     """
 
     def __init__(self, problem: LayerProblem, cfg: LoraclrConfig):
@@ -382,22 +384,36 @@ class _Converged:
         dtype = resolve_dtype(cfg.dtype)
         sd = self.sdtype = resolve_dtype(cfg.solve_dtype, "solve_dtype")
         xs = rows(problem, "loraclr", dtype, cfg.device) if has_rows(problem) else None
-        problem, xs, self.Q = reduce_to_row_space(problem, xs, dtype, cfg.device, sd)
-        stats = gram_stats(problem, "loraclr (mode='converged')", dtype, cfg.device, xs=xs)
+        # D lives in solve coordinates: D_full = D Q^T when the rows span fewer dims than the inputs
+        self.Q = row_basis(xs) if problem.gram is None else None  # (in, K) or None
+        xr = [x @ self.Q for x in xs] if self.Q is not None else xs  # rows in solve coordinates
+        if self.Q is not None:
+            stats = GramStats(torch.stack([x.T @ x for x in xr]), [x.shape[0] for x in xr])
+        else:
+            stats = gram_stats(problem, "loraclr (mode='converged')", dtype, cfg.device, xs=xs)
         self.n_rows, self.N = stats.n_rows, len(stats.n_rows)
-        self.W0 = problem.W0.to(device=cfg.device, dtype=dtype)  # (out, in)
-        self.dW = stacked_deltas(problem, dtype, cfg.device)  # (N, out, in)
-        self.out_dim, self.in_dim = self.W0.shape
+        self.W0 = problem.W0.to(device=cfg.device, dtype=dtype)  # (out, in), original coordinates
+        self.dW = stacked_deltas(problem, dtype, cfg.device)  # (N, out, in), original coordinates
+        self.out_dim = self.W0.shape[0]
+        self.in_dim = stats.gram.shape[-1]  # solve dimension (K or in)
         self.w = _weights(cfg, self.n_rows, self.out_dim)
-        self.G = stats.gram  # (N, in, in), compute dtype
-        self.X = xs
+        self.G = stats.gram  # (N, k, k), compute dtype
+        self.X, self.Xr = xs, xr
         self.grams_from_rows = problem.gram is None
         a = (self.w.a_pos + self.w.a_mse).to(device=cfg.device, dtype=sd)  # (N,)
         self.A0 = _sym(torch.einsum("n,nij->ij", a, self.G.to(sd)))
-        Xg = self.X if self.grams_from_rows else None  # rows behind the Grams, if they are the same
-        self.B0, self.c0 = rhs_and_const(self.dW, self.G, Xg, a, sd)
+        if self.Q is not None:  # B0 = sum_i a_i (X_i dW_i^T)^T (X_i Q): deltas never change basis
+            self.B0 = torch.zeros(self.out_dim, self.in_dim, dtype=sd, device=cfg.device)
+            self.c0 = 0.0
+            for i in range(self.N):
+                T = xs[i] @ self.dW[i].T  # (n_i, out)
+                self.B0 += float(a[i]) * (T.T @ xr[i]).to(sd)
+                self.c0 += float(a[i]) * float(T.pow(2).sum(dtype=torch.float64))
+        else:
+            Xg = self.X if self.grams_from_rows else None  # rows behind the Grams, if they are the same
+            self.B0, self.c0 = rhs_and_const(self.dW, self.G, Xg, a, sd)
         self.needs_hinge = cfg.lambda_con > 0 and self.N > 1
-        self.R = self.Tc = None
+        self.R = self.Rr = self.RW0 = self.Tc = None
         self.rows_are_gram_rows = False  # True: R holds every row behind the Grams, in order
         self._Gc: dict[int, Tensor] = {}
         if self.X is not None:
@@ -408,7 +424,9 @@ class _Converged:
                 self.R = torch.stack(self.X)  # (N, m, in): all rows are common
             else:
                 self.R = torch.stack([x[i] for x, i in zip(self.X, idx, strict=True)])  # (N, m, in)
-            self.Tc = torch.einsum("nri,noi->nro", self.R, self.W0 + self.dW)  # (N, m, out) targets
+            self.Rr = self.R @ self.Q if self.Q is not None else self.R  # (N, m, k)
+            self.RW0 = self.R @ self.W0.T  # (N, m, out) base outputs
+            self.Tc = self.RW0 + torch.einsum("nri,noi->nro", self.R, self.dW)  # (N, m, out) targets
             self.rows_are_gram_rows = problem.gram is None and len(set(x_rows)) == 1
             if problem.gram is not None:
                 # the rows may be a subsample of those behind the Grams: hinge weights count the rows used
@@ -428,12 +446,13 @@ class _Converged:
     def Gc(self, i: int) -> Tensor:
         """R_i^T R_i over the common rows (solve dtype), cached."""
         if i not in self._Gc:
-            g = self.G[i] if self.rows_are_gram_rows else self.R[i].T @ self.R[i]
+            g = self.G[i] if self.rows_are_gram_rows else self.Rr[i].T @ self.Rr[i]
             self._Gc[i] = g.to(self.sdtype)
         return self._Gc[i]
 
     def predict(self, D: Tensor) -> Tensor:
-        return torch.einsum("nri,oi->nro", self.R, self.W0 + D.to(self.W0.dtype))  # (N, m, out)
+        """P = R (W0 + D_full)^T on the common rows, (N, m, out); D in solve coordinates."""
+        return self.RW0 + torch.einsum("nrk,ok->nro", self.Rr, D.to(self.W0.dtype))
 
     def hinge(self, P: Tensor) -> tuple[Tensor, Tensor, float]:
         """Hardest negatives at predictions P: (raw distances, argmin j, sum of squared hinges)."""
@@ -463,7 +482,7 @@ class _Converged:
             if self.cfg.distance == "block":
                 if not bool(active[i]):
                     continue
-                R, Tj = self.R[i], self.Tc[int(jstar[i])]  # (m, in), (m, out)
+                R, RW0, Tj = self.Rr[i], self.RW0[i], self.Tc[int(jstar[i])]  # (m, k), (m, out), (m, out)
                 diff = P[i] - Tj
                 d = float(neg[i])
                 U = diff / d if d > 1e-30 else _fallback_dir(self.Tc[i] - Tj, diff)
@@ -472,17 +491,25 @@ class _Converged:
                 sel = active[i]  # (m,)
                 if not bool(sel.any()):
                     continue
-                R = self.R[i][sel]
+                R, RW0 = self.Rr[i][sel], self.RW0[i][sel]
                 Tj = self.Tc[jstar[i][sel], torch.nonzero(sel).squeeze(1)]  # (k, out)
                 diff = P[i][sel] - Tj
                 U = diff / neg[i][sel].clamp(min=1e-30).unsqueeze(1).to(diff.dtype)
                 A += w.w_hinge * (R.T @ R).to(sd)
-            Zp = Tj + w.mu * U - R @ self.W0.T  # majoriser's target minus the base output  (rows, out)
+            Zp = Tj + w.mu * U - RW0  # majoriser's target minus the base output  (rows, out)
             B += w.w_hinge * (Zp.T @ R).to(sd)
         return _sym(A), B
 
     def per_concept_sq(self, D: Tensor) -> Tensor:
         """||X_i (D - dW_i)^T||^2 per concept (float64), for the report."""
+        if self.Q is not None:  # rows in solve coordinates against X_i dW_i^T
+            return torch.tensor(
+                [
+                    float((x @ D.to(x.dtype).T - x0 @ d.T).pow(2).sum(dtype=torch.float64))
+                    for x, x0, d in zip(self.Xr, self.X, self.dW, strict=True)
+                ],
+                dtype=torch.float64,
+            )
         return sq_errors(D, self.dW, self.G, self.X if self.grams_from_rows else None)
 
 
@@ -589,7 +616,7 @@ def _solve_converged(
             dA0 = delta @ S.A0
             g1 = 2 * float((delta * DA0).sum() - (delta * S.B0).sum())
             h2 = float((dA0 * delta).sum())
-            Pd = torch.einsum("nri,oi->nro", S.R, delta.to(S.W0.dtype))
+            Pd = torch.einsum("nrk,ok->nro", S.Rr, delta.to(S.W0.dtype))
             line = (P, Pd, q, g1, h2, D, delta)
             s, accepted = 1.0, None
             for _ in range(40):

@@ -17,13 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from loraclr.merge._common import (
+    GramStats,
     check_device,
     check_problem,
     gram_stats,
     has_rows,
-    reduce_to_row_space,
     resolve_dtype,
     rhs_and_const,
+    row_basis,
     rows,
     solve_quadratic_fro,
     sq_errors,
@@ -77,18 +78,25 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
     check_problem(problem)
     in_full = problem.W0.shape[1]
     xs = rows(problem, "lstsq", dtype, config.device) if has_rows(problem) else None
-    problem, xs, Q = reduce_to_row_space(problem, xs, dtype, config.device, sdtype)  # exact, fewer dims
-    stats = gram_stats(problem, "lstsq", dtype, config.device, xs=xs)
-    deltas = stacked_deltas(problem, dtype, config.device)
-    n, out_dim, in_dim = deltas.shape
+    deltas = stacked_deltas(problem, dtype, config.device)  # (N, out, in)
+    n, out_dim, _ = deltas.shape
     if n == 0:
         zero = torch.zeros_like(problem.W0, dtype=torch.float32)
         return LayerResult(zero, {"loss": None, "converged": True, "pos_dist": []})
+    Q = row_basis(xs) if problem.gram is None else None  # (in, K): solve in the rows' span, exactly
+    if Q is not None:
+        xr = [x @ Q for x in xs]  # (n_i, K)
+        stats = GramStats(torch.stack([x.T @ x for x in xr]), [x.shape[0] for x in xr])
+        targets = [x @ d.T for x, d in zip(xs, deltas, strict=True)]  # X_i dW_i^T  (n_i, out)
+        B = sum((t.T @ x).to(sdtype) for t, x in zip(targets, xr, strict=True))  # (out, K)
+    else:
+        stats = gram_stats(problem, "lstsq", dtype, config.device, xs=xs)
+        Xg = xs if problem.gram is None else None  # the rows behind the Grams
+        ones = torch.ones(n, dtype=torch.float64)
+        B, _ = rhs_and_const(deltas, stats.gram, Xg, ones, sdtype)  # sum_i dW_i G_i  (out, in)
+    in_dim = stats.gram.shape[-1]
     A = stats.gram.to(sdtype).sum(0)  # sum_i G_i  (in, in)
     A = (A + A.T) / 2  # exact symmetry for eigh; float32 accumulation can break it in the last bit
-    Xg = xs if problem.gram is None else None  # the rows behind the Grams
-    ones = torch.ones(n, dtype=torch.float64)
-    B, _ = rhs_and_const(deltas, stats.gram, Xg, ones, sdtype)  # sum_i dW_i G_i  (out, in)
     if config.ridge > 0:
         eye = torch.eye(in_dim, dtype=sdtype, device=A.device)
         A = A + config.ridge * float(torch.diagonal(A).mean()) * eye
@@ -96,7 +104,16 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
     D = sol.offset
     if not torch.isfinite(D).all():
         raise ValueError(f"layer {problem.key}: lstsq produced NaN/inf; check the features for this layer")
-    sq = sq_errors(D, deltas, stats.gram, Xg)  # ||X_i (D - dW_i)^T||^2
+    if Q is not None:
+        sq = torch.tensor(
+            [
+                float((x @ D.to(x.dtype).T - t).pow(2).sum(dtype=torch.float64))
+                for x, t in zip(xr, targets, strict=True)
+            ],
+            dtype=torch.float64,
+        )
+    else:
+        sq = sq_errors(D, deltas, stats.gram, Xg)  # ||X_i (D - dW_i)^T||^2
     loss = float(sq.sum()) / (out_dim * sum(stats.n_rows))
     if callback is not None:
         callback(problem.key, 0, loss)
@@ -109,7 +126,7 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
         "unexcited_dims": sol.dropped + (in_full - in_dim),
     }
     if Q is not None:
-        D = D @ Q.T  # (out, K) @ (K, in): back from the row space
+        D = D.to(Q.dtype) @ Q.T  # (out, K) @ (K, in): back from the row space
     return LayerResult(D.to(device=problem.W0.device, dtype=torch.float32), report)
 
 
