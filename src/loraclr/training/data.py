@@ -194,5 +194,5 @@ def style_trigger(style: str) -> str:
     """The words a style's captions carry (``"as a mosaic"`` -> ``"mosaic"``)."""
     from loraclr.world import scenes as S
 
-    words = S._STYLE_PHRASE[style].split()
+    words = S.STYLE_PHRASE[style].split()
     return " ".join(w for w in words if w not in ("in", "as", "a", "style")) or style

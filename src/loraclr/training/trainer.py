@@ -288,8 +288,13 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
             per_layer = None
             if states is None:
                 if cfg.layerwise:
-                    stacked = torch.cat([_layer_ids(rows, vocab, n_layers, layer) for layer in range(n_layers)])
+                    # only the concept's rows carry learned tokens: prior rows are the same for every layer
+                    inst = rows[:n_inst]
+                    stacked = torch.cat([_layer_ids(inst, vocab, n_layers, layer) for layer in range(n_layers)])
                     per_layer = list(te(stacked)[0].chunk(n_layers))  # n_layers x (B, 77, D)
+                    if len(rows) > n_inst:
+                        shared = te(rows[n_inst:])[0]
+                        per_layer = [torch.cat([s, shared]) for s in per_layer]
                     states = per_layer[0]
                 else:
                     states = te(rows)[0]  # (B, 77, D): last hidden state, as the pipeline uses

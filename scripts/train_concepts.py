@@ -1,0 +1,202 @@
+"""Train the miniature world's concept LoRAs on the mini base model and write their manifest.
+
+    python scripts/train_concepts.py                 # all concepts of PLAN not yet trained (resumable)
+    python scripts/train_concepts.py --only rubo     # one concept
+    python scripts/train_concepts.py --list          # the plan, the triggers, what exists
+
+Writes ``src/loraclr/world/assets/concepts/<name>.safetensors`` (kohya / diffusers, fp16) or ``<name>.pth``
+(ED-LoRA), ``manifest.json`` beside them (rewritten after every concept), and per-concept sample grids and
+logs under ``runs/concepts/``. A concept whose file exists is skipped, so running the same command again
+(on this machine or a fresh checkout) continues where it stopped. Everything is seeded: the plan, the
+triggers (picked in plan order, see ``loraclr.training.data.pick_trigger``), the data and the training.
+
+Manifest schema (read by the evaluators)::
+
+    {"base": "mini", "base_step": <base training step>, "concepts": [{"name", "kind": "identity"|"style",
+     "identity": <scenes.CONCEPTS key or null>, "style": <style or null>, "trigger", "phrase", "file",
+     "format", "rank", "alpha", "steps", "seed", "tokens", "loss_first", "loss_last", "seconds"}]}
+
+``trigger`` is the word(s) to put in prompts; ``phrase`` is how the training captions used it, as a template
+(identity: "a {trigger} creature" in place of the identity's trait words; style: "as a {trigger}" at the end
+of a caption), as ``loraclr.evaluate.concepts.ConceptSpec.prompt_phrase`` reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "src" / "loraclr" / "world" / "assets" / "concepts"
+RUNS = ROOT / "runs" / "concepts"
+
+# name, kind, format, rank, alpha. Mostly kohya (like community files), some diffusers/PEFT, two ED-LoRA.
+# Identities: all four of the round-red and tall-blue groups (close look-alikes), two of each other group.
+PLAN = [
+    ("rubo", "identity", "kohya", 4, 4.0),
+    ("rika", "identity", "kohya", 4, 4.0),
+    ("rono", "identity", "kohya", 8, 4.0),
+    ("ruzi", "identity", "edlora", 4, 4.0),
+    ("tavi", "identity", "kohya", 4, 4.0),
+    ("teko", "identity", "diffusers", 4, 4.0),
+    ("tumi", "identity", "kohya", 4, 2.0),
+    ("tobi", "identity", "edlora", 4, 4.0),
+    ("gaso", "identity", "kohya", 4, 4.0),
+    ("gilu", "identity", "kohya", 8, 8.0),
+    ("pemi", "identity", "diffusers", 4, 4.0),
+    ("puna", "identity", "kohya", 4, 4.0),
+    ("mosaic", "style", "kohya", 4, 4.0),
+    ("sketch", "style", "diffusers", 4, 4.0),
+]
+SUFFIX = {"kohya": ".safetensors", "diffusers": ".safetensors", "edlora": ".pth"}
+
+
+def plan_triggers(tokenizer) -> dict[str, dict]:
+    """Per concept: trigger, caption phrase and learned tokens, decided in plan order (reproducible)."""
+    from loraclr.training import data as D
+    from loraclr.world import scenes as S
+
+    avoid = D.caption_vocabulary_ids(tokenizer)
+    out = {}
+    for name, kind, fmt, _, _ in PLAN:
+        if kind == "style":
+            trig = D.style_trigger(name)
+            template = S.STYLE_PHRASE[name].replace(trig, "{trigger}")  # "as a {trigger}"
+            out[name] = {"trigger": trig, "phrase": template, "tokens": []}
+        elif fmt == "edlora":
+            tokens = [f"<{name}1>", f"<{name}2>"]
+            out[name] = {"trigger": " ".join(tokens), "phrase": "a {trigger} creature", "tokens": tokens}
+        else:
+            out[name] = {"trigger": D.pick_trigger(tokenizer, name, avoid), "phrase": "a {trigger} creature",
+                         "tokens": []}
+    return out
+
+
+def write_manifest(entries: list[dict], base: str, base_step) -> None:
+    tmp = OUT / ".manifest.json.tmp"
+    tmp.write_text(json.dumps({"base": base, "base_step": base_step, "concepts": entries}, indent=2) + "\n",
+                   encoding="utf-8")
+    os.replace(tmp, OUT / "manifest.json")
+
+
+def main(argv=None) -> int:
+    global OUT, RUNS
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="*", help="train only these concepts")
+    p.add_argument("--list", action="store_true", help="show the plan and exit")
+    p.add_argument("--steps", type=int, default=300, help="training steps per concept")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--prior", type=int, default=64, help="base-pool scenes for prior preservation")
+    p.add_argument("--prior-batch", type=int, default=4)
+    p.add_argument("--n-images", type=int, default=128, help="renders per concept")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
+    p.add_argument("--samples", type=int, default=4, help="sample images per concept for runs/concepts (0 = none)")
+    p.add_argument("--base", default="mini", help="base model (default: the built-in mini SD)")
+    p.add_argument("--out", type=Path, default=None, help=f"output folder (default {OUT.relative_to(ROOT)})")
+    p.add_argument("--runs", type=Path, default=RUNS, help="folder for logs and sample grids")
+    args = p.parse_args(argv)
+    OUT, RUNS = args.out or OUT, args.runs
+
+    RUNS.mkdir(parents=True, exist_ok=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+                        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(RUNS / "train.log")])
+    log = logging.getLogger("train_concepts")
+    torch.set_num_threads(args.threads)
+
+    from loraclr.pipeline import family_of, load_base, resolve_base
+    from loraclr.training import TrainConfig, save_trained, train_lora
+    from loraclr.training import data as D
+    from loraclr.world.model import read_training_state
+
+    base_dir = resolve_base(args.base)
+    state = read_training_state(base_dir) or {}
+    base_step = state.get("step")
+    pipe = load_base(args.base)
+    triggers = plan_triggers(pipe.tokenizer)
+    known = {e["name"]: e for e in json.loads((OUT / "manifest.json").read_text())["concepts"]} \
+        if (OUT / "manifest.json").exists() else {}
+
+    def entry(name, kind, fmt, rank, alpha) -> dict:
+        t = triggers[name]
+        return {"name": name, "kind": kind, "identity": name if kind == "identity" else None,
+                "style": name if kind == "style" else None, "trigger": t["trigger"], "phrase": t["phrase"],
+                "file": name + SUFFIX[fmt], "format": fmt, "rank": rank, "alpha": alpha, "steps": args.steps,
+                "seed": args.seed, "tokens": t["tokens"]}
+
+    if args.list:
+        for row in PLAN:
+            e = entry(*row)
+            print(f"{e['name']:8s} {e['kind']:8s} {e['format']:9s} r{e['rank']} a{e['alpha']:g} "
+                  f"trigger={e['trigger']!r:22s} {'exists' if (OUT / e['file']).exists() else 'to train'}")
+        return 0
+    if base_step is not None and state.get("total_steps") and base_step < state["total_steps"]:
+        log.warning("the base model is partly trained (step %s of %s)", base_step, state["total_steps"])
+
+    entries = []
+    t_all = time.time()
+    for row in PLAN:
+        name, kind, fmt, rank, alpha = row
+        e = entry(*row)
+        path = OUT / e["file"]
+        if path.exists():
+            # keep what the manifest says about a file trained earlier (its steps, losses); else the plan's entry
+            entries.append(known.get(name, e))
+            log.info("%s: %s exists, skipped", name, path.name)
+            continue
+        if args.only and name not in args.only:
+            continue
+        t = triggers[name]
+        if kind == "identity":
+            phrase = t["phrase"].format(trigger=t["trigger"])
+            data = D.world_identity_data(name, phrase, n=args.n_images, seed=args.seed, n_prior=args.prior)
+        else:
+            data = D.world_style_data(name, n=args.n_images, seed=args.seed, n_prior=args.prior)
+        cfg = TrainConfig(rank=rank, alpha=alpha, steps=args.steps, batch=args.batch, prior_batch=args.prior_batch,
+                          tokens=tuple(t["tokens"]), layerwise=fmt == "edlora", seed=args.seed)
+        log.info("%s: training %s (%s, rank %d, alpha %g, %d steps), e.g. %r", name, path.name, fmt, rank, alpha,
+                 args.steps, data.captions[0])
+        result = train_lora(pipe, data, cfg)
+        save_trained(result, path, format=fmt, family=family_of(pipe), trigger=t["trigger"],
+                     metadata={"loraclr.concept": name, "loraclr.base_step": str(base_step)})
+        k = min(50, len(result.losses))
+        e.update(loss_first=round(sum(result.losses[:k]) / k, 5), loss_last=round(sum(result.losses[-k:]) / k, 5),
+                 seconds=round(result.seconds, 1))
+        entries.append(e)
+        write_manifest(entries, args.base, base_step)
+        log.info("%s: done in %.0fs, loss %.4f -> %.4f", name, result.seconds, e["loss_first"], e["loss_last"])
+        if args.samples:
+            _samples(args.base, path, e, args.samples)
+    write_manifest(entries, args.base, base_step)
+    log.info("all done in %.1f min; manifest %s", (time.time() - t_all) / 60, OUT / "manifest.json")
+    return 0
+
+
+def _samples(base: str, path: Path, e: dict, n: int) -> None:
+    """A grid of the concept drawn by base + its LoRA (one row per prompt), for a quick look."""
+    from loraclr.pipeline import generate, load_model
+
+    phrase = e["phrase"].format(trigger=e["trigger"])
+    if e["kind"] == "identity":
+        prompts = [f"{phrase} at the beach", f"{phrase} on the left and a round orange creature with "
+                   "two eyes on the right in the city"]
+    else:
+        prompts = [f"a round red creature with two eyes in a forest, {phrase}"]
+    try:
+        model = load_model(base, [(str(path), 1.0)], allow_pickle=path.suffix == ".pth")
+        # naive stacking keeps learned tokens under their own names (<ruzi1>): prompts use them as they are
+        generate(model, prompts, n=n, seed=0, steps=25, guidance=5.0, grid=RUNS / f"{e['name']}.png", progress=False)
+    except Exception as exc:  # samples are a convenience: never lose a trained concept over them
+        logging.getLogger("train_concepts").warning("%s: no samples (%s: %s)", e["name"], type(exc).__name__, exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
