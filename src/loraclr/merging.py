@@ -292,17 +292,23 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
     unet_config = dict(pipe.unet.config)
     loras = []
     for i, c in enumerate(recipe.concepts):
-        lora = load_lora(c.lora, allow_pickle=recipe.allow_pickle, unet_config=unet_config)
+        at = f"{recipe.source or 'recipe'}: concepts[{i}] ({c.name})"
+        try:
+            lora = load_lora(c.lora, allow_pickle=recipe.allow_pickle, unet_config=unet_config)
+        except ValueError as e:
+            raise ValueError(f"{at}: {e} (the base model is {family}: is the LoRA for another base model?)") from e
         if c.embeddings:
             lora.tokens = list(lora.tokens) + load_embeddings(c.embeddings, allow_pickle=recipe.allow_pickle)
-        _check_lora_fits(pipe, lora, family, f"{recipe.source or 'recipe'}: concepts[{i}] ({c.name})")
+        _check_lora_fits(pipe, lora, family, at)
         loras.append(lora)
     concepts, table = prepare_concepts(recipe, pipe, loras)
     timings["load"] = time.perf_counter() - t
 
     f = recipe.features
     settings = SamplingSettings(steps=f.steps, resolution=f.resolution, seed=f.seed, precision=f.precision,
-                                max_rows=f.max_rows, gram=f.gram, spatial_prompts=f.spatial_prompts)
+                                max_rows=f.max_rows, gram=f.gram, spatial_prompts=f.spatial_prompts,
+                                cross_attention_rows=f.cross_attention_rows,
+                                text_encoder_rows=f.text_encoder_rows)
     reports: dict[str, dict] = {}
     update, close_bars = _progress_fn(progress)
     all_keys = sorted({k for c in concepts for k in c.layers})

@@ -63,7 +63,7 @@ def test_text_encoder_rows_give_the_concepts_own_outputs(family, tiny_sd1, tiny_
     pipe = tiny_sd1 if family == "sd1" else tiny_sdxl
     concepts = _concepts(pipe)
     table = TokenTable(n_layers=len(cross_attention_modules(pipe.unet)))
-    feats = collect_text_encoder(pipe, concepts, table, SamplingSettings(max_rows=0))
+    feats = collect_text_encoder(pipe, concepts, table, SamplingSettings(max_rows=0, text_encoder_rows="prompt"))
     components = {k.split(".")[0] for k in feats.keys}
     assert components == ({"text_encoder"} if family == "sd1" else {"text_encoder", "text_encoder_2"})
     key = next(k for k in feats.keys if k.endswith("layers.1.mlp.fc2"))
@@ -83,13 +83,16 @@ def test_text_encoder_rows_give_the_concepts_own_outputs(family, tiny_sd1, tiny_
     assert problem.X[1].shape == (n_tokens, module.in_features) and problem.n_rows[1] == n_tokens
     torch.testing.assert_close(problem.deltas[1], 0.8 * c.layers[key].delta())  # strength is part of dW_i
     _check_closed_form(problem.X[1], problem.W0, problem.deltas[1], module, outs)
+    # default: padding positions too (the UNet attends to all of them): 77 rows per prompt
+    padded = collect_text_encoder(pipe, concepts[:1], table, SamplingSettings(max_rows=0))
+    assert next(padded.problems()).X[0].shape[0] == 2 * pipe.tokenizer.model_max_length
 
 
 def test_cross_attention_rows_are_trigger_positions_plus_eot(tiny_sdxl):
     pipe = tiny_sdxl
     concepts = _concepts(pipe)
     table = TokenTable(n_layers=len(cross_attention_modules(pipe.unet)))
-    feats = collect_cross_attention(pipe, concepts, table, SamplingSettings())
+    feats = collect_cross_attention(pipe, concepts, table, SamplingSettings(cross_attention_rows="trigger"))
     assert feats.keys and all(k.endswith(("attn2.to_k", "attn2.to_v")) for k in feats.keys)
     problem = next(feats.problems())
     c = concepts[2]
@@ -103,6 +106,10 @@ def test_cross_attention_rows_are_trigger_positions_plus_eot(tiny_sdxl):
     assert trigger_positions(pipe.tokenizer, c.prompts[1], c.trigger) == [1, 2, 3, 4]
     assert problem.X[2].shape[1] == pipe.unet.config.cross_attention_dim == 64
     torch.testing.assert_close(problem.X[2], torch.cat(rows))
+    padded = collect_cross_attention(pipe, concepts, table, SamplingSettings())  # default: all 77 positions
+    X = next(padded.problems()).X[2]
+    torch.testing.assert_close(X[:77], encode(pipe, [c.prompts[0]], pad=True)[0][0])
+    assert X.shape[0] == 2 * 77
 
 
 def test_trigger_not_in_prompt_is_a_clear_error(tiny_sd1):
@@ -153,6 +160,7 @@ def test_spill_to_disk_matches_memory(tiny_sd1, tmp_path):
         assert a.key == b.key and all(torch.equal(x, y) for x, y in zip(a.X, b.X, strict=True))
 
 
+@pytest.mark.slow  # two full feature runs of three concepts
 def test_subsampling_tolerance_on_a_least_squares_merge(tiny_sd1):
     """Capping rows changes the least-squares merge of a spatial layer by a bounded amount (stated here)."""
     from loraclr.merge.methods import get_method, make_config
@@ -214,7 +222,7 @@ def test_layerwise_cross_attention_features(tiny_sd1):
     add_tokens(pipe, table)
     lora = random_loraset(pipe, 0, only=lambda k: k.endswith(("attn2.to_k", "attn2.to_v")))
     c = ConceptFeaturesInput("carol", lora.layers, {"unet": 1.0}, ["photo of <carol-elsa1>"], "<carol-elsa1>")
-    feats = collect_cross_attention(pipe, [c], table, SamplingSettings())
+    feats = collect_cross_attention(pipe, [c], table, SamplingSettings(cross_attention_rows="trigger"))
     names = [f"unet.{n}" for n, _ in cross_attention_modules(pipe.unet)]
     by_key = {p.key: p.X[0] for p in feats.problems()}
     for layer in (0, 4):

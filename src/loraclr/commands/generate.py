@@ -26,8 +26,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from loraclr.commands.merge import quiet_libraries
     from loraclr.pipeline import generate, load_model, parse_lora_arg, parse_size
 
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     if args.num < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be >= 1")
     size = parse_size(args.size) if args.size else None

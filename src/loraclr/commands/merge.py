@@ -28,6 +28,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
+def quiet_libraries() -> None:
+    """--quiet: no loading / writing progress bars from diffusers, transformers and huggingface_hub either."""
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def _parse_sets(items: list[str]) -> dict:
     import yaml
 
@@ -64,6 +75,8 @@ def build_recipe(args):
 def run(args) -> int:
     from loraclr.merging import merge
 
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     recipe = build_recipe(args)
     summary = merge(recipe, args.out, progress=not getattr(args, "quiet", False), overwrite=args.overwrite)
     out = {

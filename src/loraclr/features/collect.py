@@ -74,6 +74,8 @@ class SamplingSettings:
     max_rows: int = 2048
     gram: bool = False
     spatial_prompts: int = 1
+    cross_attention_rows: str = "padded"  # "trigger" (paper: trigger tokens + EOT), "prompt", "padded"
+    text_encoder_rows: str = "padded"  # "prompt" (paper: every unpadded token) or "padded" (all positions)
     spill_dir: str | None = None  # spill spatial rows to disk (one safetensors file per concept)
 
 
@@ -172,7 +174,9 @@ def collect_text_encoder(
 ) -> StageFeatures:
     """X_i of every text-encoder layer any LoRA touches, from concept i's prompts with its LoRA applied.
 
-    All unpadded tokens of every prompt (layer-wise tokens: every per-layer variant of the prompt).
+    Every token of every prompt (layer-wise tokens: every per-layer variant of the prompt); with
+    ``text_encoder_rows="padded"`` (default) the padding positions too, as the UNet sees them at inference;
+    ``"prompt"`` keeps the official unpadded tokens only. See :class:`loraclr.recipe.FeatureSettings`.
     """
     keys = sorted({k for c in concepts for k in c.layers if split_key(k)[0].startswith("text_encoder")})
     weights, shapes = _snapshot_weights(pipe, keys)
@@ -185,7 +189,7 @@ def collect_text_encoder(
             modules, cap=settings.max_rows, expected_calls=len(texts), seed=settings.seed, gram=settings.gram
         ) as cap:
             for t in texts:
-                encode(pipe, [t], pad=False)
+                encode(pipe, [t], pad=settings.text_encoder_rows == "padded")
         _store_capture(store, i, cap, keys)
         if progress:
             progress("text encoder", i + 1, len(concepts))
@@ -206,9 +210,11 @@ def collect_cross_attention(
     pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: SamplingSettings,
     progress: Progress | None = None,
 ) -> StageFeatures:
-    """X_i for cross-attention to_k / to_v: the (already merged) text encoder's states at the concept's
-    trigger-token positions plus end-of-text, over its prompts. Layer-wise tokens: layer l gets the states of
-    the prompts bound to its own token variant. No hooks: the rows are the encoder states themselves."""
+    """X_i for cross-attention to_k / to_v: the (already merged) text encoder's states over the concept's
+    prompts: at the trigger-token positions plus end-of-text (``cross_attention_rows="trigger"``, official),
+    every unpadded token ("prompt") or every position the UNet attends to ("padded", default). Layer-wise
+    tokens: layer l gets the states of the prompts bound to its own token variant. No hooks: the rows are
+    the encoder states themselves."""
     all_keys = {k for c in concepts for k in c.layers if k.startswith("unet.")}
     keys = cross_attention_keys(pipe, all_keys)
     weights, shapes = _snapshot_weights(pipe, keys)
@@ -222,8 +228,16 @@ def collect_cross_attention(
             for layer in range(table.n_layers) if layerwise else [None]:
                 text, trig = table.expand(p, layer), table.expand(c.trigger, layer)
                 pos = trigger_positions(tokenizer, text, trig, where=f"concept {c.name!r}")
-                states, _ = encode(pipe, [text], pad=False)  # (1, L, D)
-                per_layer.setdefault(layer, []).append(states[0, pos].float())
+                if settings.cross_attention_rows == "trigger":
+                    states, _ = encode(pipe, [text], pad=False)  # (1, L, D)
+                    rows_i = states[0, pos]
+                elif settings.cross_attention_rows == "prompt":
+                    states, _ = encode(pipe, [text], pad=False)
+                    rows_i = states[0]  # every unpadded token
+                else:  # "padded": every position the UNet attends to at inference, padding included
+                    states, _ = encode(pipe, [text], pad=True)
+                    rows_i = states[0]
+                per_layer.setdefault(layer, []).append(rows_i.float())
         rows = {layer: torch.cat(chunks) for layer, chunks in per_layer.items()}  # (n, D)
         out = {}
         for k in keys:
