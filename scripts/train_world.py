@@ -1,6 +1,7 @@
 """Train the miniature world's base model from scratch (see src/loraclr/world/training.py).
 
     python scripts/train_world.py vae   [--steps 700]            # ~12 min on 2 cores -> runs/world/vae
+    python scripts/train_world.py decoder [--steps 1500]         # optional, in parallel with base
     python scripts/train_world.py render [--n 30000]             # optional, in parallel with vae: render
     python scripts/train_world.py data  [--n 30000]              # render + encode the dataset (cached)
     python scripts/train_world.py base  [--minutes 100]          # text encoder + UNet, resumable
@@ -25,7 +26,7 @@ RUNS = ROOT / "runs" / "world"
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["vae", "render", "data", "base", "all"])
+    p.add_argument("stage", choices=["vae", "decoder", "render", "data", "base", "all"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=700, help="VAE steps")
     p.add_argument("--n", type=int, default=30000, help="dataset size (scenes)")
@@ -51,6 +52,8 @@ def main(argv=None) -> int:
 
     if args.stage in ("vae", "all"):
         T.train_vae(RUNS / "vae", steps=args.steps, seed=args.seed)
+    if args.stage == "decoder":  # optional, in parallel with base: sharpen the decoder, encoder frozen
+        T.finetune_decoder(RUNS / "vae", steps=args.steps, seed=args.seed)
     if args.stage == "render":  # optional: render the scenes while the VAE trains (no VAE needed)
         T.render_scenes(args.n, args.seed, RUNS / f"scenes-{args.seed}-{args.n}.npz")
     if args.stage in ("data", "all") and not args.stream:

@@ -139,6 +139,68 @@ def train_vae(out_dir: str | Path, steps: int = 700, batch: int = 32, lr: float 
     return vae
 
 
+def finetune_decoder(vae_dir: str | Path, steps: int = 1500, batch: int = 32, lr: float = 5e-4, seed: int = 0,
+                     latent_noise: float = 0.1, save_every: int = 100, autocast: bool = True, log_every: int = 25):
+    """Train only the VAE's decoder (the encoder, hence the latent space, stays frozen), saving into ``vae_dir``.
+
+    The base UNet trains on the frozen encoder's latents, so this can run at the same time as ``train_base``,
+    which picks up the newer decoder at its next checkpoint. The decoder sees the posterior mean plus a little
+    Gaussian noise (``latent_noise`` x the latent std) so that it tolerates the UNet's imperfect latents.
+    """
+    vae_dir = Path(vae_dir)
+    vae = load_vae(vae_dir)
+    vae.decoder.requires_grad_(True).train()
+    vae.post_quant_conv.requires_grad_(True).train()
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng([seed, 4])
+    std = 1.0 / vae.config.scaling_factor
+    t0 = time.time()
+    losses: list[float] = []
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, step / 50) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        x = images_to_tensor(_vae_batch(rng, batch))
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = vae.encode(x).latent_dist.mean.float()
+        z = z + latent_noise * std * torch.randn_like(z)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            rec = vae.decode(z).sample
+        rec = rec.float()
+        loss = F.mse_loss(rec, x) + F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % log_every == 0:
+            log.info("decoder step %d/%d loss %.4f %.1fs", step, steps, float(np.mean(losses[-log_every:])),
+                     time.time() - t0)
+        if step % save_every == 0 or step == steps:
+            vae.eval()
+            with torch.no_grad():
+                x = images_to_tensor(_vae_batch(np.random.default_rng([seed, 5]), 16))
+                rec = vae.decode(vae.encode(x).latent_dist.mean).sample
+            psnr = float(10 * torch.log10(4.0 / F.mse_loss(rec.clamp(-1, 1), x)))
+            tmp = vae_dir.parent / f".{vae_dir.name}.tmp"
+            vae.save_pretrained(str(tmp))
+            pair = np.concatenate([tensor_to_images(x), tensor_to_images(rec)])
+            save_png(grid(pair, 16), tmp / "reconstructions.png", scale=3)
+            report = json.loads((vae_dir / "vae_report.json").read_text(encoding="utf-8"))
+            report["decoder_finetune"] = {"steps": step, "psnr_db": psnr, "latent_noise": latent_noise,
+                                          "seconds": time.time() - t0}
+            (tmp / "vae_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+            old = vae_dir.parent / f".{vae_dir.name}.old"
+            vae_dir.rename(old)
+            tmp.rename(vae_dir)
+            import shutil
+
+            shutil.rmtree(old)
+            log.info("decoder step %d: held-out reconstruction PSNR %.2f dB, saved to %s", step, psnr, vae_dir)
+            vae.decoder.train()
+    return vae
+
+
 # --- 2. dataset ------------------------------------------------------------------------------------------------
 
 
@@ -269,6 +331,14 @@ def _stream_batch(vae, tok, seed: int, step: int, batch: int, autocast: bool) ->
     return z.float() * vae.config.scaling_factor, tokenize(tok, [r.caption for r in rendered])
 
 
+def _mtime(folder) -> float | None:
+    path = Path(folder) / "diffusion_pytorch_model.safetensors"
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return None
+
+
 def _lr_factor(step: int, total: int, warmup: int, resume_step: int, resume_warmup: int) -> float:
     warm = min(1.0, (step + 1) / warmup) * min(1.0, (step - resume_step + 1) / resume_warmup)
     return warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total))))
@@ -351,7 +421,26 @@ def train_base(vae_dir: str | Path | None, data_path: str | Path | None, folder:
     acp = noise_sched.alphas_cumprod  # (1000,)
     end_step = total_steps if max_steps is None else min(total_steps, step + max_steps)
 
+    vae_mtime = _mtime(vae_dir) if state is None and vae_dir is not None else None
+
     def checkpoint(loss_avg: float) -> dict:
+        nonlocal vae, vae_mtime
+        if vae_mtime is not None and _mtime(vae_dir) not in (None, vae_mtime):
+            # a newer decoder from finetune_decoder: same encoder (checked), so the latents do not move
+            try:
+                new = load_vae(vae_dir)
+            except OSError:  # caught in the middle of the decoder's folder swap: try at the next checkpoint
+                return _checkpoint(loss_avg)
+            same = all(torch.equal(a, b) for a, b in zip(new.encoder.state_dict().values(),
+                                                        vae.encoder.state_dict().values(), strict=True))
+            if same:
+                log.info("using the newer VAE decoder from %s", vae_dir)
+                vae, vae_mtime = new, _mtime(vae_dir)
+            else:
+                log.error("%s has a different VAE encoder than the one training uses; keeping the old VAE", vae_dir)
+        return _checkpoint(loss_avg)
+
+    def _checkpoint(loss_avg: float) -> dict:
         st = {"step": step, "total_steps": total_steps, "seed": seed, "batch": batch, "lr": lr,
               "warmup": warmup, "resume_warmup": resume_warmup, "ema_decay": ema_decay, "cond_drop": cond_drop,
               "images_seen": seen, "data": {"n": n_data or "stream", "seed": data_seed}, "loss_recent": loss_avg,
