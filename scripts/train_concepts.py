@@ -3,6 +3,13 @@
     python scripts/train_concepts.py                 # all concepts of PLAN not yet trained (resumable)
     python scripts/train_concepts.py --only rubo     # one concept
     python scripts/train_concepts.py --list          # the plan, the triggers, what exists
+    python scripts/train_concepts.py --minutes 45    # size the steps per concept to a time budget (default)
+    python scripts/train_concepts.py --steps 400     # or fix them
+
+Steps per concept: a first run times a few LoRA and ED-LoRA steps on this machine and picks the number of
+steps that fits ``--minutes`` for the whole plan; the choice and the measurement are written into the
+manifest (``budget``), and later runs (resuming, on any machine) reuse them, so all concepts of a manifest
+are trained alike.
 
 Writes ``src/loraclr/world/assets/concepts/<name>.safetensors`` (kohya / diffusers, fp16) or ``<name>.pth``
 (ED-LoRA), ``manifest.json`` beside them (rewritten after every concept), and per-concept sample grids and
@@ -12,7 +19,7 @@ triggers (picked in plan order, see ``loraclr.training.data.pick_trigger``), the
 
 Manifest schema (read by the evaluators)::
 
-    {"base": "mini", "base_step": <base training step>, "concepts": [{"name", "kind": "identity"|"style",
+    {"base": "mini", "base_step": <base training step>, "budget": {"steps", "how", ...}, "concepts": [{"name", "kind": "identity"|"style",
      "identity": <scenes.CONCEPTS key or null>, "style": <style or null>, "trigger", "phrase", "file",
      "format", "rank", "alpha", "steps", "seed", "tokens", "loss_first", "loss_last", "seconds"}]}
 
@@ -24,6 +31,7 @@ of a caption), as ``loraclr.evaluate.concepts.ConceptSpec.prompt_phrase`` reads 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -79,10 +87,55 @@ def plan_triggers(tokenizer) -> dict[str, dict]:
     return out
 
 
-def write_manifest(entries: list[dict], base: str, base_step) -> None:
+def _seconds_per_step(pipe, data, cfg, steps: int = 8) -> tuple[float, float]:
+    """(seconds per training step, seconds of set-up) for ``cfg`` on ``data``, from a short timed run."""
+    from loraclr.training import train_lora
+
+    stamps: list[float] = []
+    result = train_lora(pipe, data, dataclasses.replace(cfg, steps=steps), log_every=0,
+                        callback=lambda step, loss: stamps.append(time.time()))
+    per_step = (stamps[-1] - stamps[1]) / (steps - 2)  # the first two steps warm up the allocator
+    return per_step, max(0.0, result.seconds - steps * per_step)
+
+
+def size_budget(pipe, triggers: dict, args) -> dict:
+    """Steps per concept so that the whole plan fits ``args.minutes``, from timed probes of both step kinds.
+
+    10 % of the budget is kept for set-up and sample grids; the result is rounded down to 25 steps and kept
+    within [200, 1000] (outside that range the budget is not met, with a warning).
+    """
+    from loraclr.training import TrainConfig
+    from loraclr.training import data as D
+
+    log = logging.getLogger("train_concepts")
+    name = next(n for n, k, f, _, _ in PLAN if k == "identity" and f != "edlora")
+    ed = next(n for n, k, f, _, _ in PLAN if f == "edlora")
+    common = dict(batch=args.batch, prior_batch=args.prior_batch, seed=args.seed)
+    data = D.world_identity_data(name, f"a {triggers[name]['trigger']} creature", n=32, seed=args.seed, n_prior=16)
+    lora_s, setup = _seconds_per_step(pipe, data, TrainConfig(**common))
+    ed_data = D.world_identity_data(ed, f"a {triggers[ed]['trigger']} creature", n=32, seed=args.seed, n_prior=16)
+    ed_s, _ = _seconds_per_step(pipe, ed_data, TrainConfig(tokens=tuple(triggers[ed]["tokens"]), layerwise=True,
+                                                           **common))
+    n_ed = sum(f == "edlora" for _, _, f, _, _ in PLAN)
+    n_lora = len(PLAN) - n_ed
+    usable = 0.9 * args.minutes * 60 - len(PLAN) * setup
+    raw = usable / (n_lora * lora_s + n_ed * ed_s)
+    steps = int(min(1000, max(200, raw // 25 * 25)))
+    if steps != raw // 25 * 25:
+        log.warning("a %.0f-minute budget allows %.0f steps per concept here; using %d", args.minutes, raw, steps)
+    how = (f"timed probe with {args.threads} thread(s): {lora_s:.2f} s/step LoRA, {ed_s:.2f} s/step ED-LoRA, "
+           f"set-up {setup:.0f} s; {args.minutes:g} min for {len(PLAN)} concepts")
+    log.info("budget: %d steps per concept (%s)", steps, how)
+    return {"steps": steps, "how": how, "minutes": args.minutes, "lora_s_per_step": round(lora_s, 3),
+            "edlora_s_per_step": round(ed_s, 3), "setup_s": round(setup, 1), "threads": args.threads,
+            "batch": args.batch, "prior_batch": args.prior_batch,
+            "measured_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_manifest(entries: list[dict], base: str, base_step, budget: dict) -> None:
     tmp = OUT / ".manifest.json.tmp"
-    tmp.write_text(json.dumps({"base": base, "base_step": base_step, "concepts": entries}, indent=2) + "\n",
-                   encoding="utf-8")
+    doc = {"base": base, "base_step": base_step, "budget": budget, "concepts": entries}
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, OUT / "manifest.json")
 
 
@@ -91,7 +144,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", nargs="*", help="train only these concepts")
     p.add_argument("--list", action="store_true", help="show the plan and exit")
-    p.add_argument("--steps", type=int, default=300, help="training steps per concept")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps per concept (default: the manifest's, else sized by a timed probe to --minutes)")
+    p.add_argument("--minutes", type=float, default=45.0, help="time budget for all concepts (sizes --steps)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--prior", type=int, default=64, help="base-pool scenes for prior preservation")
     p.add_argument("--prior-batch", type=int, default=4)
@@ -122,8 +177,16 @@ def main(argv=None) -> int:
     base_step = state.get("step")
     pipe = load_base(args.base)
     triggers = plan_triggers(pipe.tokenizer)
-    known = {e["name"]: e for e in json.loads((OUT / "manifest.json").read_text())["concepts"]} \
-        if (OUT / "manifest.json").exists() else {}
+
+    manifest = json.loads((OUT / "manifest.json").read_text()) if (OUT / "manifest.json").exists() else {}
+    budget = manifest.get("budget") or {}
+    if args.steps is not None:
+        budget = {"steps": args.steps, "how": "--steps"}
+    elif "steps" not in budget and not args.list:
+        budget = size_budget(pipe, triggers, args)
+    args.steps = int(budget.get("steps", 0)) or None
+    known = {e["name"]: e for e in manifest.get("concepts", [])}
+    log.info("steps per concept: %s (%s)", args.steps, budget.get("how", "not sized yet"))
 
     def entry(name, kind, fmt, rank, alpha) -> dict:
         t = triggers[name]
@@ -171,11 +234,11 @@ def main(argv=None) -> int:
         e.update(loss_first=round(sum(result.losses[:k]) / k, 5), loss_last=round(sum(result.losses[-k:]) / k, 5),
                  seconds=round(result.seconds, 1))
         entries.append(e)
-        write_manifest(entries, args.base, base_step)
+        write_manifest(entries, args.base, base_step, budget)
         log.info("%s: done in %.0fs, loss %.4f -> %.4f", name, result.seconds, e["loss_first"], e["loss_last"])
         if args.samples:
             _samples(args.base, path, e, args.samples)
-    write_manifest(entries, args.base, base_step)
+    write_manifest(entries, args.base, base_step, budget)
     log.info("all done in %.1f min; manifest %s", (time.time() - t_all) / 60, OUT / "manifest.json")
     return 0
 
