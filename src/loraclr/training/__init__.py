@@ -1,4 +1,14 @@
-"""Concept LoRA training (``loraclr train-lora``): DreamBooth-LoRA, ED-LoRA and textual-inversion styles."""
+"""Concept LoRA training (``loraclr train-lora``): DreamBooth-LoRA, ED-LoRA and textual-inversion styles.
+
+    loraclr train-lora --images DIR --base BASE -o concept.safetensors --trigger sks   # kohya file
+    loraclr train-lora --world-identity rubo -o rubo.safetensors --prior 64           # built-in world
+    loraclr train-lora --world-identity ruzi --edlora -o ruzi.pth                     # Mix-of-Show ED-LoRA
+    loraclr train-lora --world-style mosaic --format diffusers -o mosaic.safetensors
+
+Library: ``data = world_identity_data(...)`` / ``folder_data(...)``; ``result = train_lora(pipe, data,
+TrainConfig(...))``; ``save_trained(result, path, format=...)``. ``scripts/train_concepts.py`` trains the
+world's whole concept set.
+"""
 
 from loraclr.training.data import (
     ConceptData,
