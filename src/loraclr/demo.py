@@ -185,6 +185,7 @@ def _train_quick(config: DemoConfig, base_dir: Path, state: dict | None, cache: 
         raise ValueError(f"demo: merging needs at least two concepts, got {names}")
     key = _quick_key(config, base_dir, state)
     key["concepts"] = names
+    key = json.loads(json.dumps(key))  # as it reads back from the cache (tuples become lists)
     cache.mkdir(parents=True)
     old_manifest = old_cache / "manifest.json" if old_cache is not None else None
     if old_manifest is not None and old_manifest.is_file():
@@ -401,7 +402,10 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
     out_dir = Path(out_dir)
     base_dir = resolve_base(config.base)  # the FileNotFoundError of base_model_path() when not built
     state = read_training_state(base_dir)
-    inputs = [base_dir] + ([Path(config.manifest).parent] if config.manifest else [])
+    from loraclr.evaluate.concepts import WORLD_MANIFEST
+
+    manifest_path = Path(config.manifest) if config.manifest else WORLD_MANIFEST
+    inputs = [base_dir] + ([manifest_path.parent] if manifest_path.is_file() else [])
     _check_out(out_dir, overwrite, inputs)
     notes: list[str] = []
     if state is not None and state.get("total_steps") and int(state["step"]) < int(state["total_steps"]):
