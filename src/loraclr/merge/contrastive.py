@@ -413,7 +413,8 @@ class _Converged:
             Xg = self.X if self.grams_from_rows else None  # rows behind the Grams, if they are the same
             self.B0, self.c0 = rhs_and_const(self.dW, self.G, Xg, a, sd)
         self.needs_hinge = cfg.lambda_con > 0 and self.N > 1
-        self.R = self.Rr = self.RW0 = self.Tc = None
+        self.R = self.Rr = self.Tc = None
+        self._RW0: Tensor | None = None
         self.rows_are_gram_rows = False  # True: R holds every row behind the Grams, in order
         self._Gc: dict[int, Tensor] = {}
         if self.X is not None:
@@ -425,8 +426,7 @@ class _Converged:
             else:
                 self.R = torch.stack([x[i] for x, i in zip(self.X, idx, strict=True)])  # (N, m, in)
             self.Rr = self.R @ self.Q if self.Q is not None else self.R  # (N, m, k)
-            self.RW0 = self.R @ self.W0.T  # (N, m, out) base outputs
-            self.Tc = self.RW0 + torch.einsum("nri,noi->nro", self.R, self.dW)  # (N, m, out) targets
+            self.Tc = torch.einsum("nri,noi->nro", self.R, self.W0 + self.dW)  # (N, m, out) targets
             self.rows_are_gram_rows = problem.gram is None and len(set(x_rows)) == 1
             if problem.gram is not None:
                 # the rows may be a subsample of those behind the Grams: hinge weights count the rows used
@@ -450,8 +450,17 @@ class _Converged:
             self._Gc[i] = g.to(self.sdtype)
         return self._Gc[i]
 
+    @property
+    def RW0(self) -> Tensor:
+        """Base outputs R W0^T on the common rows (N, m, out), formed on first use."""
+        if self._RW0 is None:
+            self._RW0 = self.R @ self.W0.T
+        return self._RW0
+
     def predict(self, D: Tensor) -> Tensor:
         """P = R (W0 + D_full)^T on the common rows, (N, m, out); D in solve coordinates."""
+        if self.Q is None:  # one product with the rows
+            return torch.einsum("nri,oi->nro", self.R, self.W0 + D.to(self.W0.dtype))
         return self.RW0 + torch.einsum("nrk,ok->nro", self.Rr, D.to(self.W0.dtype))
 
     def hinge(self, P: Tensor) -> tuple[Tensor, Tensor, float]:
