@@ -139,14 +139,16 @@ def test_spatial_rows_reproduce_outputs_and_are_deterministic(tiny_sd1):
     # 2 steps x 8x8 latent positions, batch 1, every row kept
     assert problem.X[0].shape == (2 * 64, module.in_channels)
     _check_closed_form(problem.X[1], problem.W0, problem.deltas[1], module, outs)
-    capped = collect_spatial(pipe, concepts[:2], table, SamplingSettings(steps=2, max_rows=40))
-    again = collect_spatial(pipe, concepts[:2], table, SamplingSettings(steps=2, max_rows=40))
+    only_key = [dict(c.__dict__, layers={key: c.layers[key]}) for c in concepts[:2]]
+    small = [ConceptFeaturesInput(**d) for d in only_key]  # one layer: the capped runs stay cheap
+    capped = collect_spatial(pipe, small, table, SamplingSettings(steps=2, max_rows=40))
+    again = collect_spatial(pipe, small, table, SamplingSettings(steps=2, max_rows=40))
     p1 = next(p for p in capped.problems() if p.key == key)
     p2 = next(p for p in again.problems() if p.key == key)
     assert p1.X[0].shape == (40, module.in_channels) and p1.n_rows == [128, 128]
     assert torch.equal(p1.X[0], p2.X[0]) and torch.equal(p1.X[1], p2.X[1])
-    # the kept rows are rows of the full recording
-    full = problem.X[0]
+    # the kept rows are rows of the full recording (of the same one-layer concepts)
+    full = next(collect_spatial(pipe, small, table, SamplingSettings(steps=2, max_rows=0)).problems()).X[0]
     assert all(((full - r).abs().sum(1) < 1e-5).any() for r in p1.X[0])
 
 
