@@ -173,7 +173,7 @@ def main(argv=None):
         f"{torch.get_num_threads()} threads on shared cores (load average at the end "
         f"{os.getloadavg()[0]:.1f}). Paper time = 50 x its median AdamW step ({args.paper_steps} steps run; "
         f"its loss is the best after those steps); other solvers: median of {args.repeat} runs. Speed-up over "
-        "paper in brackets; loss = the official objective at each solution.",
+        "paper in brackets; loss = each solver's own objective (paper and converged: the official one).",
         "",
         "| layer | rows/concept | paper s (loss) | "
         + " | ".join(f"{lb} s (x) (loss)" for lb in labels)
@@ -195,7 +195,7 @@ def main(argv=None):
         "",
         f"Command: `{meta['command']}`.",
         f"Total: paper {tot_paper:.1f} s, converged {tot_conv:.1f} s, speed-up x{tot_paper / tot_conv:.1f}.",
-        "lstsq's loss column is its own mean squared error, not the LoRACLR objective.",
+        "lstsq's loss is its mean squared error; the token / normalize variants report their own objective.",
     ]
     (out.parent / (out.name + ".md")).write_text("\n".join(md) + "\n")
     print("\n".join(md))
