@@ -186,7 +186,8 @@ def finetune_decoder(vae_dir: str | Path, steps: int = 1500, batch: int = 32, lr
             vae.save_pretrained(str(tmp))
             pair = np.concatenate([tensor_to_images(x), tensor_to_images(rec)])
             save_png(grid(pair, 16), tmp / "reconstructions.png", scale=3)
-            report = json.loads((vae_dir / "vae_report.json").read_text(encoding="utf-8"))
+            report_path = vae_dir / "vae_report.json"
+            report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.exists() else {}
             report["decoder_finetune"] = {"steps": step, "psnr_db": psnr, "latent_noise": latent_noise,
                                           "seconds": time.time() - t0}
             (tmp / "vae_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
