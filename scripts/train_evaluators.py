@@ -1,6 +1,7 @@
 """Train, calibrate and save the miniature world's evaluators (seeded; ~15 min on one busy core).
 
     python scripts/train_evaluators.py                 # everything: data, identity, text-image, calibration
+    python scripts/train_evaluators.py identity        # one network only (then run `calibrate`)
     python scripts/train_evaluators.py calibrate       # only re-calibrate the saved weights
 
 Writes ``src/loraclr/world/assets/evaluators/{identity,text_image}.safetensors`` (fp16) and
@@ -27,12 +28,13 @@ log = logging.getLogger("train_evaluators")
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", nargs="?", default="all", choices=["all", "train", "calibrate"])
+    p.add_argument("stage", nargs="?", default="all", choices=["all", "identity", "text-image", "calibrate"])
     p.add_argument("--out", default=str(ASSETS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scenes", type=int, default=14000, help="training renders")
     p.add_argument("--pool", type=int, default=1500, help="base identities with their own class")
-    p.add_argument("--identity-steps", type=int, default=1000)
+    p.add_argument("--p-near", type=float, default=0.25, help="share of one-trait concept variants (identity)")
+    p.add_argument("--identity-steps", type=int, default=1200)
     p.add_argument("--clip-steps", type=int, default=800)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
@@ -41,33 +43,45 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    if args.stage in ("all", "train"):
-        from loraclr.world.tokenizer import load_tokenizer
+    pool = T.identity_pool(args.pool, args.seed)
 
+    def report(name):
+        def cb(step, loss):
+            if step % 100 == 0:
+                log.info("%s step %d loss %.4f", name, step, loss)
+        return cb
+
+    def progress(i):
+        log.info("rendered %d", i)
+
+    if args.stage in ("all", "identity"):
+        # its own renders: a quarter of the characters are one-trait variants of the concepts (hard negatives)
         t0 = time.time()
-        pool = T.identity_pool(args.pool, args.seed)
-        data = T.render_data(args.scenes, args.seed, pool, progress=lambda i: log.info("rendered %d", i))
-        timings["render_s"] = time.time() - t0
-        log.info("%d renders, %d character crops, %d classes", len(data.captions), len(data.crop_image),
-                 len(data.classes))
-
-        def report(name):
-            def cb(step, loss):
-                if step % 100 == 0 or step == 0:
-                    log.info("%s step %d loss %.4f", name, step, loss)
-            return cb
-
+        near = T.near_misses(list(T.S.CONCEPTS.values()))
+        data = T.render_data(args.scenes, args.seed + 1, pool, progress, near=near, p_near=args.p_near)
+        timings["identity_render_s"] = time.time() - t0
+        log.info("identity data: %d renders, %d crops, %d classes (%d near misses)", len(data.captions),
+                 len(data.crop_image), len(data.classes), len(near))
         t0 = time.time()
         ident = T.train_identity(data, args.identity_steps, seed=args.seed, callback=report("identity"))
         timings["identity_train_s"] = time.time() - t0
         save_net(ident, out / "identity.safetensors", {"steps": args.identity_steps, "seed": args.seed,
-                                                       "scenes": args.scenes, "pool": args.pool})
+                                                       "scenes": args.scenes, "pool": args.pool,
+                                                       "p_near": args.p_near})
+        del data
+    if args.stage in ("all", "text-image"):
+        from loraclr.world.tokenizer import load_tokenizer
+
+        t0 = time.time()
+        data = T.render_data(args.scenes, args.seed, pool, progress)
+        timings["text_image_render_s"] = time.time() - t0
         t0 = time.time()
         clip = T.train_text_image(data, load_tokenizer(), args.clip_steps, seed=args.seed,
                                   callback=report("text-image"))
         timings["text_image_train_s"] = time.time() - t0
         save_net(clip, out / "text_image.safetensors", {"steps": args.clip_steps, "seed": args.seed,
                                                         "scenes": args.scenes})
+        del data
     if args.stage in ("all", "calibrate"):
         t0 = time.time()
         ev = load_world_evaluator(out, calibrated=False)
@@ -77,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         info = {"identity": cal, "text_image": ret, "timings_s": timings,
                 "command": "python scripts/train_evaluators.py " + " ".join(argv or sys.argv[1:])}
         old = out / "evaluators.json"
-        if old.is_file() and args.stage == "calibrate":
+        if old.is_file() and args.stage != "all":
             info["timings_s"] = {**json.loads(old.read_text()).get("timings_s", {}), **timings}
         old.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         log.info("identity: %s", {k: v for k, v in cal.items() if not isinstance(v, dict)})

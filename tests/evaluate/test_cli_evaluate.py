@@ -72,7 +72,7 @@ def test_cli_evaluate_with_clip_folder(tiny_model, tiny_clip, manifest, tmp_path
     single = res[0]
     assert single["evaluators"]["text_image"] == f"clip:{tiny_clip.name}"
     assert single["overall"]["text"]["n"] == 2 * 2  # 2 concepts x 1 prompt x 2 seeds
-    assert single["images"][0]["prompt"] == "zqrubo at the beach"
+    assert single["images"][0]["prompt"] == "a zqrubo creature at the beach"
     assert single["images"][0]["scored_text"].startswith("a round red creature")
     assert -1.0 <= single["overall"]["text"]["mean"] <= 1.0
     assert len(res[1]["images"]) == 2 and "| rubo |" in md.read_text()

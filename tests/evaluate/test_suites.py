@@ -28,7 +28,7 @@ def manifest(tmp_path_factory):
     data = {"base": "mini", "concepts": [
         {"name": n, "kind": "identity", "identity": n, "style": None, "trigger": f"zq{n}", "file": f"{n}.safetensors",
          "format": "kohya"} for n in ("rubo", "rika", "tavi")] + [
-        {"name": "mos", "kind": "style", "identity": None, "style": "mosaic", "trigger": "in zqmos style",
+        {"name": "mos", "kind": "style", "identity": None, "style": "mosaic", "trigger": "zqmos",
          "file": "mos.safetensors", "format": "kohya"}]}
     path.write_text(json.dumps(data))
     return path
@@ -65,9 +65,13 @@ def test_manifest_descriptions_and_prompts(manifest):
     specs = C.load_manifest(manifest)
     assert specs[0].description == S.caption_identity(S.CONCEPTS["rubo"])
     assert specs[3].description == "as a mosaic"
+    assert specs[0].prompt_phrase() == "a zqrubo creature"  # as train-lora captions it
+    assert specs[0].prompt_phrase("<r1> <r2>") == "a <r1> <r2> creature"
+    assert specs[3].prompt_phrase() == "as a zqmos"
     p = single_prompts(specs[0], 3)
-    assert [x.fill({"rubo": "zqrubo"}) for x in p] == ["zqrubo at the beach", "zqrubo in a forest",
-                                                        "zqrubo in the snow"]
+    words = {"rubo": specs[0].prompt_phrase()}
+    assert [x.fill(words) for x in p] == ["a zqrubo creature at the beach", "a zqrubo creature in a forest",
+                                          "a zqrubo creature in the snow"]
     multi = multi_prompts(specs, 3, 1, seed=0)
     assert len(multi) == 4 and {len(m.concepts) for m in multi} == {2, 3}
     assert all(set(m.concepts) <= {"rubo", "rika", "tavi"} for m in multi)  # the style is not a character

@@ -37,13 +37,33 @@ class ConceptSpec:
     style: str | None = None  # a scenes.STYLES name (world)
     file: Path | None = None  # the concept's own LoRA
     references: Path | None = None  # a folder of reference images (real models)
+    phrase: str | None = None  # how prompts call it, "{trigger}" for the trigger (default: see prompt_phrase)
+
+    def prompt_phrase(self, trigger: str | None = None) -> str:
+        """The words that call the concept in a prompt, with ``trigger`` (default: the manifest's).
+
+        As the world's LoRAs are trained (``loraclr train-lora``): an identity ``t`` is "a t creature" in
+        captions, a style's content words are swapped for its trigger ("as a mosaic"); a manifest ``phrase``
+        (e.g. ``"photo of {trigger} woman"``) overrides both. Real concepts default to the trigger alone.
+        """
+        t = self.trigger if trigger is None else trigger
+        if self.phrase is not None:
+            return self.phrase.replace("{trigger}", t)
+        if self.kind == "identity" and self.identity:
+            return t if t.startswith("a ") else f"a {t} creature"
+        if self.kind == "style" and self.style:
+            words = S.STYLE_PHRASE[self.style].split()
+            content = " ".join(w for w in words if w not in _STYLE_STOP)
+            return S.STYLE_PHRASE[self.style].replace(content, t) if content else t
+        return t
+
+
+_STYLE_STOP = ("in", "as", "a", "style")  # the words a style's trigger leaves in place (training.data)
 
 
 def style_phrase(style: str) -> str:
     """The caption words of a world style, e.g. ``"as a mosaic"``."""
-    scene = S.Scene((S.Character(S.CONCEPTS["rubo"], "middle"),), "room", style)
-    caption, _ = S.caption_scene(scene)
-    return caption.rpartition(", ")[2]
+    return S.STYLE_PHRASE[style]
 
 
 def load_manifest(path: str | Path = WORLD_MANIFEST) -> list[ConceptSpec]:
@@ -75,7 +95,7 @@ def load_manifest(path: str | Path = WORLD_MANIFEST) -> list[ConceptSpec]:
         out.append(ConceptSpec(
             name=c["name"], kind=kind, trigger=c["trigger"], description=desc, identity=c.get("identity"),
             style=c.get("style"), file=(path.parent / c["file"]) if c.get("file") else None,
-            references=(path.parent / refs) if refs else None))
+            references=(path.parent / refs) if refs else None, phrase=c.get("phrase")))
     if not out:
         raise ValueError(f"{path}: no concepts")
     return out

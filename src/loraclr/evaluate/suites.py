@@ -29,7 +29,7 @@ from loraclr.world import scenes as S
 
 log = logging.getLogger(__name__)
 
-BACKGROUND_PHRASES = ("at the beach", "in a forest", "in the snow", "in the city", "at night", "in a room")
+BACKGROUND_PHRASES = tuple(S.BACKGROUND_PHRASE.values())  # beach, forest, snow, city, night, room
 
 
 @dataclass(frozen=True)
@@ -197,7 +197,7 @@ def run_suite(source: ImageSource, specs: list[ConceptSpec], evaluators: Evaluat
         if not prompts:
             raise ValueError("the multi-concept suite needs at least two identity concepts")
     by = {s.name: s for s in specs}
-    triggers = {n: source.trigger(s) for n, s in by.items()}
+    triggers = {n: s.prompt_phrase(source.trigger(s)) for n, s in by.items()}
     descriptions = {n: s.description for n, s in by.items()}
     records = []
     bar = _progress(len(prompts), f"{suite} [{source.name}]", progress)

@@ -65,16 +65,40 @@ def identity_pool(size: int, seed: int) -> list[S.Identity]:
     return list(pool)
 
 
+def near_misses(idents: list[S.Identity]) -> list[S.Identity]:
+    """Every base-pool identity that differs from one of ``idents`` in exactly one trait (the pattern and its
+    colour count as one trait each): hard negatives, so that a concept drawn with, say, the wrong face is
+    not taken for the concept."""
+    out: dict[S.Identity, None] = {}
+    for c in idents:
+        options = [dict(shape=v) for v in S.SHAPES] + [dict(colour=v) for v in S.BODY_COLOURS]
+        options += [dict(face=v) for v in S.FACES] + [dict(accessory=v) for v in S.ACCESSORIES]
+        options += [dict(pattern=p, pattern_colour=pc) for p in S.PATTERNS
+                    for pc in ([None] if p == "plain" else S.PATTERN_COLOURS)]
+        for change in options:
+            try:
+                x = S.replace(c, **change)
+            except ValueError:  # e.g. a pattern colour equal to the body colour
+                continue
+            if x != c and not S.is_held_out(x):
+                out[x] = None
+    return list(out)
+
+
 def sample_scene(rng: np.random.Generator, pool: list[S.Identity], p_concept: float = 0.3,
-                 p_pool: float = 0.5, p_held_out_style: float = 0.06) -> S.Scene:
+                 p_pool: float = 0.5, p_held_out_style: float = 0.06, near: list[S.Identity] | None = None,
+                 p_near: float = 0.0) -> S.Scene:
     base = S.sample_base_scene(rng)
     concepts = list(S.CONCEPTS.values())
+    p_near = p_near if near else 0.0
     chars = []
     for c in base.characters:
         u = rng.random()
         if u < p_concept:
             ident = concepts[rng.integers(len(concepts))]
-        elif u < p_concept + (1 - p_concept) * p_pool:
+        elif u < p_concept + p_near:
+            ident = near[rng.integers(len(near))]
+        elif u < p_concept + p_near + (1 - p_concept - p_near) * p_pool:
             ident = pool[rng.integers(len(pool))]
         else:
             ident = c.identity
@@ -96,8 +120,11 @@ def padded_box(box: tuple[int, int, int, int], pad: float = 0.25, size: int = S.
 def render_data(n_scenes: int, seed: int, pool: list[S.Identity], progress: Callable[[int], None] | None = None,
                 **scene_kw) -> WorldData:
     rng = np.random.default_rng([seed, 11])
-    classes = list(S.CONCEPTS.values()) + pool
-    index = {c: i for i, c in enumerate(classes)}
+    classes = list(S.CONCEPTS.values()) + list(scene_kw.get("near") or []) + pool
+    index: dict[S.Identity, int] = {}
+    for c in classes:
+        index.setdefault(c, len(index))
+    classes = list(index)
     images = np.zeros((n_scenes, S.SIZE, S.SIZE, 3), dtype=np.uint8)
     captions, styles = [], []
     ci, cr, cb, cc, ct = [], [], [], [], []
@@ -151,11 +178,12 @@ def _cosine_lr(step: int, total: int, lr: float, warmup: int = 50) -> float:
 
 def train_identity(data: WorldData, steps: int, batch: int = 128, lr: float = 2e-3, seed: int = 0,
                    input_size: int = 48, scale: float = 16.0, margin: float = 0.2, p_box: float = 0.25,
-                   autocast: bool = True, callback: Callable[[int, float], None] | None = None) -> IdentityNet:
+                   autocast: bool = True, stem_stride: int = 1,
+                   callback: Callable[[int, float], None] | None = None) -> IdentityNet:
     """CosFace over ``data.classes`` + trait softmaxes; crops only from unstyled / pastel renders."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
-    net = IdentityNet(input_size, traits={k: len(v) for k, v in TRAITS.items()})
+    net = IdentityNet(input_size, traits={k: len(v) for k, v in TRAITS.items()}, stem_stride=stem_stride)
     classes = nn.Parameter(torch.randn(len(data.classes), net.config["dim"]) * 0.01)
     params = list(net.parameters()) + [classes]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
@@ -193,8 +221,8 @@ def train_identity(data: WorldData, steps: int, batch: int = 128, lr: float = 2e
 def world_vocabulary(tokenizer, captions: list[str]) -> list[int]:
     """The CLIP token ids of the world's captions (and of every trait, background and style phrase)."""
     extra = [S.caption_identity(i) for i in S.CONCEPTS.values()]
-    extra += [" ".join(TRAITS[k]) for k in TRAITS] + list(S._BACKGROUND_PHRASE.values())
-    extra += list(S._STYLE_PHRASE.values())
+    extra += [" ".join(TRAITS[k]) for k in TRAITS] + list(S.BACKGROUND_PHRASE.values())
+    extra += list(S.STYLE_PHRASE.values())
     ids: set[int] = set()
     for text in list(dict.fromkeys(captions)) + extra:
         ids.update(tokenizer(text).input_ids)
