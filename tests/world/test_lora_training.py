@@ -65,6 +65,8 @@ def test_lora_changes_outputs_and_leaves_the_pipeline_alone(pipe, data, trained)
     assert set(after_sd) == set(before)  # no peft modules left in the caller's UNet
     assert all(torch.equal(before[k], after_sd[k]) for k in before)
     assert all(float(layer.up.abs().max()) > 0 for layer in result.layers.values())
+    lset = result.lora_set()
+    assert lset.components() == ["text_encoder", "unet"] and lset.layers == result.layers
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 4, 8, 8, generator=g)
     ids = pipe.tokenizer(["a rubox creature at the beach"] * 2, padding="max_length", max_length=77,

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from loraclr.lora import LearnedToken, LoraLayer
+from loraclr.lora import LearnedToken, LoraLayer, LoraSet
 from loraclr.training.data import ConceptData
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,11 @@ class TrainResult:
     @property
     def steps_per_second(self) -> float:
         return len(self.losses) / self.seconds if self.seconds > 0 else float("nan")
+
+    def lora_set(self, family: str = "sd1") -> LoraSet:
+        """The trained LoRA in canonical form, as a reader would return it from a saved file."""
+        return LoraSet(layers=dict(self.layers), tokens=list(self.tokens), format="trained", family=family,
+                       metadata={"loraclr.training": repr(self.config)})
 
 
 # --- target selection ---------------------------------------------------------------------------------------
@@ -350,11 +355,11 @@ def denoising_loss(pipe, data: ConceptData, layers: dict[str, LoraLayer] | None 
 
     gen = torch.Generator().manual_seed(seed)
     latents = _encode_images(pipe.vae, data.images)
-    states = pipe.text_encoder(_tokenize(pipe.tokenizer, data.captions))[0]
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     total = []
     ctx = apply_layers(pipe, layers) if layers else contextlib.nullcontext()
     with ctx:
+        states = pipe.text_encoder(_tokenize(pipe.tokenizer, data.captions))[0]  # with the text-encoder LoRA
         for _ in range(n_draws):
             noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(0, int(sched.config.num_train_timesteps), (len(latents),), generator=gen)
