@@ -17,9 +17,11 @@ When the world's evaluators are not built yet, images and the grid are still mad
 metrics were skipped. A missing base model raises the ``FileNotFoundError`` of
 :func:`loraclr.world.model.base_model_path`.
 
-Budget (measured 2026-11-25 on the 2-core machine while 5 other jobs ran, one torch thread; see
-``DemoConfig``): one quick-LoRA step (batch 8, mini SD) ~0.47 CPU s, one 64 px image with 20 DDIM steps
-and guidance ~0.8 CPU s, one LoRACLR merge of 3 concepts ~3.4 CPU s, loading a model ~1 CPU s.
+Budget, measured 2026-11-25 on the 2-core machine under a load average of 8 (one torch thread), in CPU
+seconds, which is what a quiet core would take: a quick-LoRA step (batch 8, mini SD) ~0.5, a 64 px image with
+20 DDIM steps and guidance ~0.8, a LoRACLR merge of 3 concepts ~3.4, loading a model ~1. The whole default
+demo with quick LoRAs (3 x 100 steps, 52 scored images): 229 CPU s (`/usr/bin/time`: user time), i.e.
+about 4 minutes on one quiet core; it took 11.4 min of wall time on the loaded machine (33 % of a core).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ DEFAULT_CONCEPTS = ("rubo", "rika", "rono")
 METHOD_LABELS = {"loraclr": "LoRACLR merge", "lstsq": "lstsq merge", "sum": "sum merge",
                  "average": "average merge", "svd": "svd merge", "ties": "ties merge", "dare": "dare merge"}
 SINGLE, NAIVE = "single", "naive"
+# Suite sizes by measurement (module docstring): with quick LoRAs, training takes ~170 of ~230 CPU s, so the
+# suites stay small (52 images); shipped LoRAs leave the time to more images (132) for tighter intervals.
+SUITES_QUICK = {"n_prompts": 2, "seeds": 2}
+SUITES_SHIPPED = {"n_prompts": 4, "seeds": 3}
 COLUMN_LABELS = {SINGLE: "single LoRA", NAIVE: "naive stack"}
 
 # Grid layout (pixels): the label column on the left, a header row, square cells, a footer line.
@@ -76,7 +82,8 @@ class DemoConfig:
     manifest: the concept manifest (None = the world's); missing file or LoRAs -> quick LoRAs.
     concepts: concept names from the manifest (empty = :data:`DEFAULT_CONCEPTS`).
     methods: merge methods, one merged model and grid column each.
-    n_prompts, seeds, n_pairs, n_triples: suite sizes (see :func:`loraclr.evaluate.run_suite`); the grid
+    n_prompts, seeds, n_pairs, n_triples: suite sizes (see :func:`loraclr.evaluate.run_suite`); n_prompts and
+        seeds default (None) to :data:`SUITES_QUICK` or, with no LoRAs to train, :data:`SUITES_SHIPPED`; the grid
         shows seed ``seed`` of the first single prompt of each concept and of every multi prompt.
     steps, guidance: sampling; feature_steps: the merge's spatial feature run.
     evaluators: a folder of world evaluator weights (None = the built-in ones).
@@ -87,8 +94,8 @@ class DemoConfig:
     concepts: tuple[str, ...] = ()
     methods: tuple[str, ...] = ("loraclr",)
     quick: QuickLoras = field(default_factory=QuickLoras)
-    n_prompts: int = 2
-    seeds: int = 2
+    n_prompts: int | None = None
+    seeds: int | None = None
     n_pairs: int = 3
     n_triples: int = 1
     steps: int = 20
@@ -99,7 +106,7 @@ class DemoConfig:
 
     def validate(self) -> None:
         for name in ("n_prompts", "seeds", "steps", "feature_steps"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"demo: {name} must be >= 1, got {getattr(self, name)}")
         for name in ("n_pairs", "n_triples"):
             if getattr(self, name) < 0:
@@ -439,6 +446,8 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
             specs, manifest = shipped
             notes.insert(0, f"concepts: shipped concept LoRAs from {manifest}; {base_note}")
         timings["concepts"] = time.perf_counter() - t
+        sizes = SUITES_QUICK if quick else SUITES_SHIPPED
+        config = dataclasses.replace(config, **{k: v for k, v in sizes.items() if getattr(config, k) is None})
         names = [s.name for s in specs]
         allow_pickle = any(Path(s.file).suffix == ".pth" for s in specs)
 

@@ -26,7 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, help="first seed")
     p.add_argument("--evaluators", metavar="DIR", help="folder of world evaluator weights (default: built-in)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    # One thread by default: measured on the 2-core machine under load (load average 8), a quick-LoRA step took
+    # 1.3-1.6 s with one thread and 4-8 s with torch's default of two; one quiet core runs the demo in ~4 min.
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; 0 = torch's choice)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
@@ -54,6 +56,8 @@ def run(args) -> int:
     _quiet_libraries()
     if getattr(args, "verbose", 0) < 1:
         logging.getLogger("loraclr.pipeline").setLevel(logging.WARNING)
+    if args.threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {args.threads}")
     if args.threads:
         import torch
 
