@@ -36,7 +36,6 @@ from torch import Tensor
 
 from loraclr.features.collect import (
     ConceptFeaturesInput,
-    SamplingSettings,
     collect_cross_attention,
     collect_spatial,
     collect_text_encoder,
@@ -304,11 +303,7 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
     concepts, table = prepare_concepts(recipe, pipe, loras)
     timings["load"] = time.perf_counter() - t
 
-    f = recipe.features
-    settings = SamplingSettings(steps=f.steps, resolution=f.resolution, seed=f.seed, precision=f.precision,
-                                max_rows=f.max_rows, gram=f.gram, spatial_prompts=f.spatial_prompts,
-                                cross_attention_rows=f.cross_attention_rows,
-                                text_encoder_rows=f.text_encoder_rows)
+    settings = recipe.features
     reports: dict[str, dict] = {}
     update, close_bars = _progress_fn(progress)
     all_keys = sorted({k for c in concepts for k in c.layers})
@@ -347,9 +342,8 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
                 del feats
             if set(unet_keys) - set(unet_offsets):
                 with spill_directory(out_dir.parent) as spill:
-                    settings = dataclasses.replace(settings, spill_dir=str(spill))
                     t = time.perf_counter()
-                    feats = collect_spatial(pipe, concepts, table, settings, update)
+                    feats = collect_spatial(pipe, concepts, table, settings, update, spill_dir=spill)
                     timings["features"] += time.perf_counter() - t
                     t = time.perf_counter()
                     unet_offsets.update(_solve(feats.problems(), spec, config, "spatial", progress, reports,

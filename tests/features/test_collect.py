@@ -11,7 +11,6 @@ from lora_factory import random_loraset, random_token
 
 from loraclr.features import (
     ConceptFeaturesInput,
-    SamplingSettings,
     TokenTable,
     add_tokens,
     apply_layers,
@@ -26,6 +25,7 @@ from loraclr.features import (
 )
 from loraclr.features.hooks import cross_attention_modules
 from loraclr.models import build_pipeline, find_module
+from loraclr.recipe import FeatureSettings
 
 TRIGGERS = ["sks man", "zwx dog", "qrt cat"]
 
@@ -63,7 +63,7 @@ def test_text_encoder_rows_give_the_concepts_own_outputs(family, tiny_sd1, tiny_
     pipe = tiny_sd1 if family == "sd1" else tiny_sdxl
     concepts = _concepts(pipe)
     table = TokenTable(n_layers=len(cross_attention_modules(pipe.unet)))
-    feats = collect_text_encoder(pipe, concepts, table, SamplingSettings(max_rows=0, text_encoder_rows="prompt"))
+    feats = collect_text_encoder(pipe, concepts, table, FeatureSettings(max_rows=0, text_encoder_rows="prompt"))
     components = {k.split(".")[0] for k in feats.keys}
     assert components == ({"text_encoder"} if family == "sd1" else {"text_encoder", "text_encoder_2"})
     key = next(k for k in feats.keys if k.endswith("layers.1.mlp.fc2"))
@@ -84,7 +84,7 @@ def test_text_encoder_rows_give_the_concepts_own_outputs(family, tiny_sd1, tiny_
     torch.testing.assert_close(problem.deltas[1], 0.8 * c.layers[key].delta())  # strength is part of dW_i
     _check_closed_form(problem.X[1], problem.W0, problem.deltas[1], module, outs)
     # default: padding positions too (the UNet attends to all of them): 77 rows per prompt
-    padded = collect_text_encoder(pipe, concepts[:1], table, SamplingSettings(max_rows=0))
+    padded = collect_text_encoder(pipe, concepts[:1], table, FeatureSettings(max_rows=0))
     assert next(padded.problems()).X[0].shape[0] == 2 * pipe.tokenizer.model_max_length
 
 
@@ -92,7 +92,7 @@ def test_cross_attention_rows_are_trigger_positions_plus_eot(tiny_sdxl):
     pipe = tiny_sdxl
     concepts = _concepts(pipe)
     table = TokenTable(n_layers=len(cross_attention_modules(pipe.unet)))
-    feats = collect_cross_attention(pipe, concepts, table, SamplingSettings(cross_attention_rows="trigger"))
+    feats = collect_cross_attention(pipe, concepts, table, FeatureSettings(cross_attention_rows="trigger"))
     assert feats.keys and all(k.endswith(("attn2.to_k", "attn2.to_v")) for k in feats.keys)
     problem = next(feats.problems())
     c = concepts[2]
@@ -106,7 +106,7 @@ def test_cross_attention_rows_are_trigger_positions_plus_eot(tiny_sdxl):
     assert trigger_positions(pipe.tokenizer, c.prompts[1], c.trigger) == [1, 2, 3, 4]
     assert problem.X[2].shape[1] == pipe.unet.config.cross_attention_dim == 64
     torch.testing.assert_close(problem.X[2], torch.cat(rows))
-    padded = collect_cross_attention(pipe, concepts, table, SamplingSettings())  # default: all 77 positions
+    padded = collect_cross_attention(pipe, concepts, table, FeatureSettings())  # default: all 77 positions
     X = next(padded.problems()).X[2]
     torch.testing.assert_close(X[:77], encode(pipe, [c.prompts[0]], pad=True)[0][0])
     assert X.shape[0] == 2 * 77
@@ -121,7 +121,7 @@ def test_spatial_rows_reproduce_outputs_and_are_deterministic(tiny_sd1):
     pipe = tiny_sd1
     concepts = _concepts(pipe)
     table = TokenTable(n_layers=len(cross_attention_modules(pipe.unet)))
-    settings = SamplingSettings(steps=2, max_rows=0)
+    settings = FeatureSettings(steps=2, max_rows=0)
     key = "unet.down_blocks.0.attentions.0.proj_in"  # a 1x1 conv in the tiny SD1 UNet
     module = find_module(pipe, key)
     feats = collect_spatial(pipe, concepts[:2], table, settings)
@@ -141,22 +141,22 @@ def test_spatial_rows_reproduce_outputs_and_are_deterministic(tiny_sd1):
     _check_closed_form(problem.X[1], problem.W0, problem.deltas[1], module, outs)
     only_key = [dict(c.__dict__, layers={key: c.layers[key]}) for c in concepts[:2]]
     small = [ConceptFeaturesInput(**d) for d in only_key]  # one layer: the capped runs stay cheap
-    capped = collect_spatial(pipe, small, table, SamplingSettings(steps=2, max_rows=40))
-    again = collect_spatial(pipe, small, table, SamplingSettings(steps=2, max_rows=40))
+    capped = collect_spatial(pipe, small, table, FeatureSettings(steps=2, max_rows=40))
+    again = collect_spatial(pipe, small, table, FeatureSettings(steps=2, max_rows=40))
     p1 = next(p for p in capped.problems() if p.key == key)
     p2 = next(p for p in again.problems() if p.key == key)
     assert p1.X[0].shape == (40, module.in_channels) and p1.n_rows == [128, 128]
     assert torch.equal(p1.X[0], p2.X[0]) and torch.equal(p1.X[1], p2.X[1])
     # the kept rows are rows of the full recording (of the same one-layer concepts)
-    full = next(collect_spatial(pipe, small, table, SamplingSettings(steps=2, max_rows=0)).problems()).X[0]
+    full = next(collect_spatial(pipe, small, table, FeatureSettings(steps=2, max_rows=0)).problems()).X[0]
     assert all(((full - r).abs().sum(1) < 1e-5).any() for r in p1.X[0])
 
 
 def test_spill_to_disk_matches_memory(tiny_sd1, tmp_path):
     concepts = _concepts(tiny_sd1, n=2)
     table = TokenTable(n_layers=7)
-    mem = collect_spatial(tiny_sd1, concepts, table, SamplingSettings(steps=2, max_rows=32))
-    disk = collect_spatial(tiny_sd1, concepts, table, SamplingSettings(steps=2, max_rows=32, spill_dir=str(tmp_path)))
+    mem = collect_spatial(tiny_sd1, concepts, table, FeatureSettings(steps=2, max_rows=32))
+    disk = collect_spatial(tiny_sd1, concepts, table, FeatureSettings(steps=2, max_rows=32), spill_dir=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["concept0.safetensors", "concept1.safetensors"]
     for a, b in zip(mem.problems(), disk.problems(), strict=True):
         assert a.key == b.key and all(torch.equal(x, y) for x, y in zip(a.X, b.X, strict=True))
@@ -169,8 +169,8 @@ def test_subsampling_tolerance_on_a_least_squares_merge(tiny_sd1):
 
     concepts = _concepts(tiny_sd1)
     table = TokenTable(n_layers=7)
-    full = collect_spatial(tiny_sd1, concepts, table, SamplingSettings(steps=3, max_rows=0))
-    capped = collect_spatial(tiny_sd1, concepts, table, SamplingSettings(steps=3, max_rows=64))
+    full = collect_spatial(tiny_sd1, concepts, table, FeatureSettings(steps=3, max_rows=0))
+    capped = collect_spatial(tiny_sd1, concepts, table, FeatureSettings(steps=3, max_rows=64))
     spec, cfg = get_method("lstsq"), make_config("lstsq")
     errs = []
     for pf, pc in zip(full.problems(), capped.problems(), strict=True):
@@ -224,7 +224,7 @@ def test_layerwise_cross_attention_features(tiny_sd1):
     add_tokens(pipe, table)
     lora = random_loraset(pipe, 0, only=lambda k: k.endswith(("attn2.to_k", "attn2.to_v")))
     c = ConceptFeaturesInput("carol", lora.layers, {"unet": 1.0}, ["photo of <carol-elsa1>"], "<carol-elsa1>")
-    feats = collect_cross_attention(pipe, [c], table, SamplingSettings(cross_attention_rows="trigger"))
+    feats = collect_cross_attention(pipe, [c], table, FeatureSettings(cross_attention_rows="trigger"))
     names = [f"unet.{n}" for n, _ in cross_attention_modules(pipe.unet)]
     by_key = {p.key: p.X[0] for p in feats.problems()}
     for layer in (0, 4):

@@ -7,7 +7,6 @@ Hooks live here and nowhere else; everything they produce is plain tensors hande
 from loraclr.features.collect import (
     ConceptFeaturesInput,
     FeatureStore,
-    SamplingSettings,
     StageFeatures,
     collect_cross_attention,
     collect_spatial,
@@ -23,7 +22,7 @@ from loraclr.features.hooks import InputCapture, RowRecorder, apply_layers, laye
 from loraclr.features.text import AddedToken, TokenTable, add_tokens, encode, plan_tokens, trigger_positions
 
 __all__ = [
-    "AddedToken", "ConceptFeaturesInput", "FeatureStore", "InputCapture", "RowRecorder", "SamplingSettings",
+    "AddedToken", "ConceptFeaturesInput", "FeatureStore", "InputCapture", "RowRecorder",
     "StageFeatures", "TokenTable", "add_tokens", "apply_layers", "collect_cross_attention", "collect_spatial",
     "collect_text_encoder", "conditioning", "cross_attention_keys", "encode", "layerwise_states", "module_rows",
     "native_resolution", "plan_tokens", "sample_latents", "spatial_keys", "spill_directory", "trigger_positions",

@@ -35,6 +35,7 @@ from loraclr.features.text import TokenTable, encode, is_sdxl, text_components, 
 from loraclr.lora import Layer, split_key
 from loraclr.merge.api import LayerProblem
 from loraclr.models import find_module
+from loraclr.recipe import FeatureSettings
 
 log = logging.getLogger(__name__)
 
@@ -63,20 +64,6 @@ class ConceptFeaturesInput:
             return torch.zeros(shape[0], math.prod(shape[1:]))
         strength = float(self.strengths.get(split_key(key)[0], 1.0))
         return (layer.delta(torch.float32) * strength).reshape(shape[0], -1)
-
-
-@dataclass
-class SamplingSettings:
-    steps: int = 10
-    resolution: int | None = None
-    seed: int = 0
-    precision: str = "float32"
-    max_rows: int = 2048
-    gram: bool = False
-    spatial_prompts: int = 1
-    cross_attention_rows: str = "padded"  # "trigger" (paper: trigger tokens + EOT), "prompt", "padded"
-    text_encoder_rows: str = "padded"  # "prompt" (paper: every unpadded token) or "padded" (all positions)
-    spill_dir: str | None = None  # spill spatial rows to disk (one safetensors file per concept)
 
 
 class FeatureStore:
@@ -169,7 +156,7 @@ def _store_capture(store: FeatureStore, i: int, cap: InputCapture, keys: list[st
 
 @torch.no_grad()
 def collect_text_encoder(
-    pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: SamplingSettings,
+    pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: FeatureSettings,
     progress: Progress | None = None,
 ) -> StageFeatures:
     """X_i of every text-encoder layer any LoRA touches, from concept i's prompts with its LoRA applied.
@@ -207,7 +194,7 @@ def cross_attention_keys(pipe, keys) -> list[str]:
 
 @torch.no_grad()
 def collect_cross_attention(
-    pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: SamplingSettings,
+    pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: FeatureSettings,
     progress: Progress | None = None,
 ) -> StageFeatures:
     """X_i for cross-attention to_k / to_v: the (already merged) text encoder's states over the concept's
@@ -321,8 +308,8 @@ def spatial_keys(pipe, concepts: list[ConceptFeaturesInput]) -> list[str]:
 
 @torch.no_grad()
 def collect_spatial(
-    pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: SamplingSettings,
-    progress: Progress | None = None,
+    pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: FeatureSettings,
+    progress: Progress | None = None, spill_dir: str | Path | None = None,
 ) -> StageFeatures:
     """X_i of every other UNet layer with a LoRA, from a short sampling run per concept with its UNet LoRA.
 
@@ -330,7 +317,7 @@ def collect_spatial(
     """
     keys = spatial_keys(pipe, concepts)
     weights, shapes = _snapshot_weights(pipe, keys)
-    store = FeatureStore(len(concepts), settings.spill_dir)
+    store = FeatureStore(len(concepts), spill_dir)
     modules: dict[str, nn.Module] = {k: find_module(pipe, k) for k in keys}
     side = settings.resolution or native_resolution(pipe)
     for i, c in enumerate(concepts):
@@ -364,7 +351,7 @@ def layer_shapes(model, keys) -> dict[str, tuple[int, ...]]:
 
 
 __all__ = [
-    "ConceptFeaturesInput", "FeatureStore", "SamplingSettings", "StageFeatures", "collect_text_encoder",
+    "ConceptFeaturesInput", "FeatureStore", "StageFeatures", "collect_text_encoder",
     "collect_cross_attention", "collect_spatial", "conditioning", "sample_latents", "spill_directory",
     "cross_attention_keys", "spatial_keys", "native_resolution", "token_ids",
 ]
