@@ -180,7 +180,8 @@ def run_method(label: str, base: Path, concepts: list[dict], features: dict, thr
     wall = time.perf_counter() - t
     shutil.rmtree(spec["out_dir"], ignore_errors=True)  # a 4 GB pipeline per method: do not keep it
     if proc.returncode != 0:
-        return {"label": label, "error": log_path.read_text()[-3000:], "process_wall_s": wall}
+        return {"label": label, "error": log_path.read_text()[-3000:], "returncode": proc.returncode,
+                "process_wall_s": wall}
     res = json.loads(Path(spec["result"]).read_text())
     return {"label": label, "method": method, "settings": settings, "features": spec["features"],
             "process_wall_s": wall, **res}
@@ -199,7 +200,8 @@ def table(results: list[dict]) -> list[str]:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['label']} | failed: {r['error'].splitlines()[-1][:200]} |" + " |" * (len(head) - 2))
+            last = (r["error"].strip().splitlines() or [f"no output (exit status {r.get('returncode')})"])[-1]
+            lines.append(f"| {r['label']} | failed: {last[:200]} |" + " |" * (len(head) - 2))
             continue
         t = r["timings_s"]
         fid = r.get("fidelity_mean")
