@@ -44,7 +44,7 @@ from loraclr.features.collect import (
 )
 from loraclr.features.hooks import cross_attention_modules
 from loraclr.features.text import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
-from loraclr.lora import LoraSet, split_key
+from loraclr.lora import LoraLayer, LoraSet, split_key
 from loraclr.merge.api import LayerProblem
 from loraclr.models import find_module
 from loraclr.recipe import Recipe, dump_recipe
@@ -396,7 +396,7 @@ def _fidelity_summary(reports: dict[str, dict], names: list[str]) -> dict[str, d
 
 def _export(tmp: Path, recipe: Recipe, pipe, family: str, offsets: dict[str, Tensor], table: TokenTable,
             concepts: list[ConceptFeaturesInput], inputs: list[str], summary: MergeSummary) -> list[str]:
-    from loraclr.io import save_embeddings, save_lora
+    from loraclr.io import factorize, save_embeddings, save_lora
 
     files: list[str] = []
     out = recipe.output
@@ -412,18 +412,26 @@ def _export(tmp: Path, recipe: Recipe, pipe, family: str, offsets: dict[str, Ten
         save_single_file(pipe, tmp / "merged.safetensors")
         manifest["single_file"] = "merged.safetensors"
         files.append("merged.safetensors")
-    shaped = {k: v.reshape(find_module(pipe, k).weight.shape) for k, v in offsets.items()}
+    # Factorise once: the truncated SVDs dominate export time, and every LoRA format stores the same factors.
+    factors: dict[str, LoraLayer] = {}
+    errs: list[float] = []
+    if out.lora_formats:
+        for k, v in offsets.items():
+            try:
+                factors[k], err = factorize(v.reshape(find_module(pipe, k).weight.shape), rank=out.rank,
+                                            energy=out.energy)
+            except ValueError as e:
+                raise ValueError(f"exporting the merged LoRA, layer {k}: {e}") from None
+            errs.append(err)
     manifest["loras"] = {}
     for fmt in out.lora_formats:
-        if not shaped:
+        if not factors:
             break
         name = f"merged_lora_{fmt}.safetensors"
-        rep = save_lora(shaped, tmp / name, format=fmt, family=family, rank=out.rank, energy=out.energy,
-                        merged_from=[c.lora for c in recipe.concepts],
-                        metadata={"loraclr.method": recipe.method.name}, unet_config=dict(pipe.unet.config))
-        errs = [r["rel_error"] for r in rep.values()]
+        save_lora(factors, tmp / name, format=fmt, family=family, merged_from=[c.lora for c in recipe.concepts],
+                  metadata={"loraclr.method": recipe.method.name}, unet_config=dict(pipe.unet.config))
         summary.lora_errors[fmt] = {"max_rel_error": max(errs), "mean_rel_error": sum(errs) / len(errs),
-                                    "max_rank": max(r["rank"] for r in rep.values())}
+                                    "max_rank": max(f.rank for f in factors.values())}
         manifest["loras"][fmt] = name
         files.append(name)
     if table.tokens:
