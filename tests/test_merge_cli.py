@@ -33,7 +33,8 @@ def _setup(tmp: Path, pipe, family: str, method: str = "loraclr") -> tuple[Path,
         loras.append(lora)
     recipe = {
         "base": "base",
-        "method": method,
+        # converged: the exact solve of the LoRACLR objective (the default paper mode stops after 50 small steps)
+        "method": {"name": "loraclr", "mode": "converged"} if method == "loraclr" else method,
         "concepts": [{"name": f"c{i}", "lora": f"c{i}.safetensors", "trigger": TRIGGERS[i]} for i in range(3)],
         "features": {"steps": 2, "max_rows": 256},
         "output": {"rank": 256},  # >= every tiny layer's width: the exported LoRA is exact

@@ -30,7 +30,7 @@ def test_registry_lists_every_method():
 def test_make_config_defaults_and_overrides():
     cfg = make_config("loraclr")
     assert (cfg.mode, cfg.margin, cfg.lambda_con, cfg.lambda_mse, cfg.lambda_reg) == (
-        "converged",
+        "paper",
         0.5,
         1,
         0.1,
@@ -81,9 +81,9 @@ def test_feature_store_style_problems_with_missing_rows():
     deltas = [torch.randn(4, 3, generator=g) for _ in range(2)]
     full = LayerProblem("unet.l", W0, deltas, X=xs)
     stats = LayerProblem("unet.l", W0, deltas, X=[None, None], gram=[x.T @ x for x in xs], n_rows=[8, 8])
-    for method in ("lstsq", "loraclr"):
-        a = merge_offsets([full], method, progress=False)["unet.l"].offset
-        b = merge_offsets([stats], method, progress=False)["unet.l"].offset
+    for method, cfg in (("lstsq", None), ("loraclr", {"mode": "converged"})):
+        a = merge_offsets([full], method, cfg, progress=False)["unet.l"].offset
+        b = merge_offsets([stats], method, cfg, progress=False)["unet.l"].offset
         assert torch.allclose(a, b, atol=1e-5), method
     with pytest.raises(ValueError, match="unet.l.*raw feature rows"):
         merge_offsets([stats], "loraclr", {"mode": "paper"}, progress=False)
