@@ -320,36 +320,26 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
             timings["solve"] += time.perf_counter() - t
             _fuse(pipe, offsets)
         else:
-            if te_keys:
+            def stage(collect, name: str, **kw) -> dict[str, Tensor]:
+                """Collect one stage's features, then solve its layers; features are dropped right after."""
                 t = time.perf_counter()
-                feats = collect_text_encoder(pipe, concepts, table, settings, update)
+                feats = collect(pipe, concepts, table, settings, update, **kw)
                 timings["features"] += time.perf_counter() - t
                 t = time.perf_counter()
-                te_off = _solve(feats.problems(), spec, config, "text_encoder", progress, reports, len(feats.keys))
+                solved = _solve(feats.problems(), spec, config, name, progress, reports, len(feats.keys))
                 timings["solve"] += time.perf_counter() - t
-                del feats
+                return solved
+
+            if te_keys:
+                te_off = stage(collect_text_encoder, "text_encoder")
                 _fuse(pipe, te_off)  # the next stage reads the merged text encoder
                 offsets.update(te_off)
             unet_keys = [k for k in all_keys if k.startswith("unet.")]
             if cross_attention_keys(pipe, unet_keys):
-                t = time.perf_counter()
-                feats = collect_cross_attention(pipe, concepts, table, settings, update)
-                timings["features"] += time.perf_counter() - t
-                t = time.perf_counter()
-                unet_offsets.update(_solve(feats.problems(), spec, config, "cross_attention", progress, reports,
-                                           len(feats.keys)))
-                timings["solve"] += time.perf_counter() - t
-                del feats
+                unet_offsets.update(stage(collect_cross_attention, "cross_attention"))
             if set(unet_keys) - set(unet_offsets):
                 with spill_directory(out_dir.parent) as spill:
-                    t = time.perf_counter()
-                    feats = collect_spatial(pipe, concepts, table, settings, update, spill_dir=spill)
-                    timings["features"] += time.perf_counter() - t
-                    t = time.perf_counter()
-                    unet_offsets.update(_solve(feats.problems(), spec, config, "spatial", progress, reports,
-                                               len(feats.keys)))
-                    timings["solve"] += time.perf_counter() - t
-                    del feats
+                    unet_offsets.update(stage(collect_spatial, "spatial", spill_dir=spill))
             _fuse(pipe, unet_offsets)  # only now: every UNet feature run used the base UNet + one LoRA
             offsets.update(unet_offsets)
     finally:

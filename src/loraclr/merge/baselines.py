@@ -105,6 +105,14 @@ def merge_svd(problem: LayerProblem, config: SvdConfig, callback: Callback | Non
     return _result(problem, offset, rank=rank, rel_error=rel)
 
 
+def _check_density_and_sign(density: float, majority_sign_method: str) -> None:
+    """Settings shared by TIES and DARE."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    if majority_sign_method not in ("total", "frequency"):
+        raise ValueError(f"majority_sign_method must be 'total' or 'frequency', got {majority_sign_method!r}")
+
+
 @dataclass(frozen=True)
 class TiesConfig(DeltaConfig):
     """density: fraction of each delta's entries kept by magnitude (TIES paper's k = 20 %).
@@ -115,12 +123,7 @@ class TiesConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
-        if self.majority_sign_method not in ("total", "frequency"):
-            raise ValueError(
-                f"majority_sign_method must be 'total' or 'frequency', got {self.majority_sign_method!r}"
-            )
+        _check_density_and_sign(self.density, self.majority_sign_method)
 
 
 def _magnitude_prune(t: Tensor, density: float) -> Tensor:
@@ -169,12 +172,7 @@ class DareConfig(DeltaConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density!r}")
-        if self.majority_sign_method not in ("total", "frequency"):
-            raise ValueError(
-                f"majority_sign_method must be 'total' or 'frequency', got {self.majority_sign_method!r}"
-            )
+        _check_density_and_sign(self.density, self.majority_sign_method)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
 
