@@ -264,22 +264,39 @@ def prepare_concepts(recipe: Recipe, pipe, loras: list[LoraSet]) -> tuple[list[C
     return concepts, table
 
 
-def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False) -> MergeSummary:
-    """Merge the recipe's concept LoRAs into its base model and write everything to ``out_dir``.
+@dataclass
+class MergedModel:
+    """The result of :func:`merge_model`, in memory: the pipeline with merged weights and added tokens, the
+    offsets D (out, in) per layer, the token table, each concept's resolved trigger, per-layer reports and
+    timings per phase (load, features, solve)."""
 
-    Nothing is written unless the whole merge succeeds. Returns a :class:`MergeSummary` (timings per phase,
-    per-concept fidelity, files written), which benchmarks and the demo use.
-    """
+    pipe: Any
+    family: str
+    config: Any
+    offsets: dict[str, Tensor]
+    table: TokenTable
+    concepts: list[ConceptFeaturesInput]
+    reports: dict[str, dict]
+    timings: dict[str, float]
+
+    def model(self):
+        """A :class:`loraclr.pipeline.Model` (for ``generate`` and the evaluators); triggers are the renamed ones."""
+        from loraclr.pipeline import Model
+
+        return Model(self.pipe, self.table, {c.name: c.trigger for c in self.concepts})
+
+
+def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Path | None = None) -> MergedModel:
+    """Load the base and the recipe's LoRAs, collect features and solve stage by stage (module docstring);
+    nothing is written (spilled features go to a temporary folder under ``spill_parent``, then are removed).
+    :func:`merge` writes the result; benchmarks use this directly."""
     from loraclr.io import load_embeddings, load_lora
-    from loraclr.io.safe import atomic_write
     from loraclr.merge.methods import get_method, make_config
     from loraclr.pipeline import family_of, load_base
 
-    out_dir = Path(out_dir)
     recipe.validate()
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    inputs = _check_inputs(recipe, out_dir, overwrite)
     spec = get_method(recipe.method.name)
     try:
         config = make_config(recipe.method.name, **recipe.method.settings)
@@ -310,7 +327,6 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
     te_keys = [k for k in all_keys if split_key(k)[0] != "unet"]
     unet_offsets: dict[str, Tensor] = {}
     offsets: dict[str, Tensor] = {}
-    method = recipe.method.name
     timings.update(features=0.0, solve=0.0)
     try:
         if not spec.needs_features:
@@ -338,29 +354,46 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
             if cross_attention_keys(pipe, unet_keys):
                 unet_offsets.update(stage(collect_cross_attention, "cross_attention"))
             if set(unet_keys) - set(unet_offsets):
-                with spill_directory(out_dir.parent) as spill:
+                with spill_directory(spill_parent) as spill:
                     unet_offsets.update(stage(collect_spatial, "spatial", spill_dir=spill))
             _fuse(pipe, unet_offsets)  # only now: every UNet feature run used the base UNet + one LoRA
             offsets.update(unet_offsets)
     finally:
         close_bars()
+    return MergedModel(pipe, family, config, offsets, table, concepts, reports, timings)
+
+
+def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False) -> MergeSummary:
+    """Merge the recipe's concept LoRAs into its base model and write everything to ``out_dir``.
+
+    Nothing is written unless the whole merge succeeds. Returns a :class:`MergeSummary` (timings per phase,
+    per-concept fidelity, files written), which benchmarks and the demo use.
+    """
+    from loraclr.io.safe import atomic_write
+
+    out_dir = Path(out_dir)
+    recipe.validate()
+    inputs = _check_inputs(recipe, out_dir, overwrite)
+    m = merge_model(recipe, progress=progress, spill_parent=out_dir.parent)
+    timings, config, concepts = m.timings, m.config, m.concepts
+    method = recipe.method.name
 
     t = time.perf_counter()
-    summary = MergeSummary(out_dir=out_dir, method=method, family=family, n_concepts=len(concepts),
-                           n_layers=len(offsets))
-    summary.fidelity = _fidelity_summary(reports, [c.name for c in concepts])
+    summary = MergeSummary(out_dir=out_dir, method=method, family=m.family, n_concepts=len(concepts),
+                           n_layers=len(m.offsets))
+    summary.fidelity = _fidelity_summary(m.reports, [c.name for c in concepts])
     with atomic_write(out_dir) as tmp:
         tmp.mkdir()
-        files = _export(tmp, recipe, pipe, family, offsets, table, concepts, inputs, summary)
+        files = _export(tmp, recipe, m.pipe, m.family, m.offsets, m.table, concepts, inputs, summary)
         report = {
             "method": method,
             "config": _jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else str(config),
-            "family": family,
+            "family": m.family,
             "concepts": [c.name for c in concepts],
             "fidelity": summary.fidelity,
             "lora_export": summary.lora_errors,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "layers": reports,
+            "layers": m.reports,
         }
         timings["export"] = time.perf_counter() - t
         report["timings_s"]["export"] = round(timings["export"], 3)
@@ -368,7 +401,7 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
         files.append("report.json")
     summary.timings = timings
     summary.files = files
-    log.info("merged %d concepts (%d layers) with %s into %s in %.1f s", len(concepts), len(offsets), method,
+    log.info("merged %d concepts (%d layers) with %s into %s in %.1f s", len(concepts), len(m.offsets), method,
              out_dir, sum(timings.values()))
     return summary
 

@@ -308,3 +308,51 @@ def test_grams_with_rows_for_negatives():
     sub = LayerProblem(p.key, p.W0, p.deltas, X=[x[:3] for x in p.X], gram=both.gram, n_rows=[6, 6, 6])
     r = _merge(sub, mode="converged")
     assert r.report["converged"] is True and len(r.report["neg_dist"]) == 3
+
+
+def _near_duplicate_inputs(eps=1e-2, seed=3):
+    """Two concepts whose inputs are almost the same low-rank rows (like the padded positions after
+    end-of-text, shared by every prompt) but whose LoRAs want different outputs there: only the tiny
+    differences between the rows tell the concepts apart, so fitting both needs huge weights."""
+    g = torch.Generator().manual_seed(seed)
+    inn, out, n = 6, 4, 12
+    base = torch.randn(n, 2, generator=g) @ torch.randn(2, inn, generator=g)  # shared rows span 2 of 6 dims
+    xs = [base + eps * torch.randn(n, inn, generator=g) for _ in range(2)]
+    W0 = torch.randn(out, inn, generator=g)
+    deltas = [0.1 * torch.randn(out, inn, generator=g) for _ in range(2)]
+    return LayerProblem("text_encoder.text_model.encoder.layers.0.mlp.fc1", W0, deltas, X=xs,
+                        concept_names=["a", "b"])
+
+
+def test_ridge_bounds_the_offset_on_near_duplicate_inputs():
+    p = _near_duplicate_inputs()
+    largest = max(float(d.norm()) for d in p.deltas)
+    plain = _merge(p, mode="converged")  # the official objective
+    ridged = _merge(p, mode="converged", ridge=1e-2)
+    # the unregularised optimum separates the near-identical rows with an offset >10x any LoRA delta ...
+    assert float(plain.offset.norm()) > 10 * largest
+    # ... the relative ridge keeps it at the scale of the deltas, and costs little fit on the rows
+    assert float(ridged.offset.norm()) < 1.5 * largest
+    assert ridged.report["ridge_term"] > 0 and "ridge_term" not in plain.report
+    fit = [float((x @ (ridged.offset - d).T).norm() / (x @ d.T).norm()) for x, d in zip(p.X, p.deltas, strict=True)]
+    assert max(fit) < 1.0
+
+
+def test_ridge_closed_form_matches_independent_solution():
+    """With lambda_con = 0 and lambda_reg = 0, ridge r solves (sum_i a X_i^T X_i + r e I) exactly."""
+    p = _synthetic((7, 9, 8), inn=5, scale=1.0, seed=11)
+    lm, r = 0.1, 0.05
+    res = _merge(p, mode="converged", lambda_con=0.0, lambda_mse=lm, lambda_reg=0.0, ridge=r)
+    xs = [x.to(F64) for x in p.X]
+    Xs = torch.cat(xs)
+    a = lm / (p.W0.shape[0] * Xs.shape[0])  # MSE weight per squared residual
+    G = a * Xs.T @ Xs
+    B = a * torch.cat([x @ d.to(F64).T for x, d in zip(xs, p.deltas, strict=True)]).T @ Xs
+    e = float(torch.trace(G)) / G.shape[0]
+    golden = torch.linalg.solve(G + r * e * torch.eye(G.shape[0], dtype=F64), B.T).T
+    assert torch.allclose(res.offset.double(), golden, atol=1e-6)
+
+
+def test_ridge_is_refused_in_paper_mode():
+    with pytest.raises(ValueError, match="ridge"):
+        make_config("loraclr", mode="paper", ridge=0.1)

@@ -99,7 +99,12 @@ class LoraclrConfig:
     0.001). distance, normalize: see the module docstring. lr, weight_decay, steps: the paper-mode
     optimiser (AdamW 1e-4, 1e-4, 50). tol, max_iter: converged-mode stopping rule (relative decrease of the
     objective) and cap on majorise-minimise iterations. rcond: eigen-directions of the quadratic part below
-    rcond * its largest eigenvalue count as unexcited (D = 0 there). device, dtype: where and in which
+    rcond * its largest eigenvalue count as unexcited (D = 0 there). ridge (converged only, default 0 = the
+    official objective): adds ridge * e * ||D||_F^2, e = the mean eigenvalue of the quadratic part (the
+    layer's feature energy per input direction), so the weight is scale-free across layers. It damps the
+    directions that few rows excite, where fitting several concepts' different targets on nearly identical
+    inputs asks for offsets far larger than any LoRA delta (what the unregularised solve did on the miniature
+    world; ``bench/quality.py`` compares values). device, dtype: where and in which
     precision features are multiplied (fp32 default); solve_dtype: precision of the (in, in) eigen-solves.
     """
 
@@ -116,6 +121,7 @@ class LoraclrConfig:
     tol: float = 1e-7
     max_iter: int = 200
     rcond: float = 1e-6
+    ridge: float = 0.0
     device: str = "cpu"
     dtype: str = "float32"
     solve_dtype: str = "float64"
@@ -141,6 +147,10 @@ class LoraclrConfig:
             raise ValueError(f"tol must be in (0, 1), got {self.tol!r}")
         if not 0 <= self.rcond < 1:
             raise ValueError(f"rcond must be in [0, 1), got {self.rcond!r}")
+        if not isinstance(self.ridge, int | float) or not math.isfinite(self.ridge) or self.ridge < 0:
+            raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
+        if self.ridge and self.mode == "paper":
+            raise ValueError("ridge is a converged-mode option (paper mode reproduces the official recipe)")
         resolve_dtype(self.dtype)
         resolve_dtype(self.solve_dtype, "solve_dtype")
         check_device(self.device)
@@ -405,6 +415,11 @@ class _Converged:
         self.grams_from_rows = problem.gram is None
         a = (self.w.a_pos + self.w.a_mse).to(device=cfg.device, dtype=sd)  # (N,)
         self.A0 = _sym(torch.einsum("n,nij->ij", a, self.G.to(sd)))
+        # relative ridge: ridge * (mean feature energy per input direction) * ||D||_F^2, folded into A0 so the
+        # closed forms, the majoriser and the line search all see it (trace is basis-independent)
+        self.ridge_abs = cfg.ridge * float(torch.diagonal(self.A0).sum()) / problem.W0.shape[1]
+        if self.ridge_abs > 0:
+            self.A0 = self.A0 + self.ridge_abs * torch.eye(self.A0.shape[0], dtype=sd, device=cfg.device)
         if self.Q is not None:  # B0 = sum_i a_i (X_i dW_i^T)^T (X_i Q): deltas never change basis
             self.B0 = torch.zeros(self.out_dim, self.in_dim, dtype=sd, device=cfg.device)
             self.c0 = 0.0
@@ -696,6 +711,8 @@ def _solve_converged(
         "rel_change": rel,
         "note": note,
     }
+    if S.ridge_abs > 0:  # the extra term the solve minimised on top of the official objective ("loss")
+        report["ridge_term"] = S.ridge_abs * float(D.norm()) ** 2
     if bound:
         report["neg_dist_is_lower_bound"] = True
     if S.Q is not None:
