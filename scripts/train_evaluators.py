@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--identity-steps", type=int, default=1200)
     p.add_argument("--clip-steps", type=int, default=800)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--p-camera", type=float, default=0.5,
+                   help="share of training images seen through the world's VAE (0 = renders only)")
+    p.add_argument("--camera", default="mini",
+                   help="base model whose VAE is the camera ('none' = no round trips, threshold on renders)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -54,38 +58,54 @@ def main(argv: list[str] | None = None) -> int:
     def progress(i):
         log.info("rendered %d", i)
 
+    camera = None
+    if args.camera != "none":
+        from loraclr.pipeline import load_base
+
+        camera = load_base(args.camera).vae.float().eval()
+
+    def with_camera(data):
+        if camera is not None and args.p_camera > 0:
+            t0 = time.time()
+            data.images_camera = T.camera_roundtrip(data.images, camera)
+            log.info("camera round trips of %d renders in %.0fs", len(data.images), time.time() - t0)
+        return data
+
     if args.stage in ("all", "identity"):
         # its own renders: a quarter of the characters are one-trait variants of the concepts (hard negatives)
         t0 = time.time()
         near = T.near_misses(list(T.S.CONCEPTS.values()))
-        data = T.render_data(args.scenes, args.seed + 1, pool, progress, near=near, p_near=args.p_near)
+        data = with_camera(T.render_data(args.scenes, args.seed + 1, pool, progress, near=near, p_near=args.p_near))
         timings["identity_render_s"] = time.time() - t0
         log.info("identity data: %d renders, %d crops, %d classes (%d near misses)", len(data.captions),
                  len(data.crop_image), len(data.classes), len(near))
         t0 = time.time()
-        ident = T.train_identity(data, args.identity_steps, seed=args.seed, callback=report("identity"))
+        ident = T.train_identity(data, args.identity_steps, seed=args.seed, p_camera=args.p_camera,
+                                 callback=report("identity"))
         timings["identity_train_s"] = time.time() - t0
         save_net(ident, out / "identity.safetensors", {"steps": args.identity_steps, "seed": args.seed,
                                                        "scenes": args.scenes, "pool": args.pool,
-                                                       "p_near": args.p_near})
+                                                       "p_near": args.p_near, "p_camera": args.p_camera,
+                                                       "camera": args.camera})
         del data
     if args.stage in ("all", "text-image"):
         from loraclr.world.tokenizer import load_tokenizer
 
         t0 = time.time()
-        data = T.render_data(args.scenes, args.seed, pool, progress)
+        data = with_camera(T.render_data(args.scenes, args.seed, pool, progress))
         timings["text_image_render_s"] = time.time() - t0
         t0 = time.time()
         clip = T.train_text_image(data, load_tokenizer(), args.clip_steps, seed=args.seed,
-                                  callback=report("text-image"))
+                                  p_camera=args.p_camera, callback=report("text-image"))
         timings["text_image_train_s"] = time.time() - t0
         save_net(clip, out / "text_image.safetensors", {"steps": args.clip_steps, "seed": args.seed,
-                                                        "scenes": args.scenes})
+                                                        "scenes": args.scenes, "p_camera": args.p_camera,
+                                                        "camera": args.camera})
         del data
     if args.stage in ("all", "calibrate"):
         t0 = time.time()
         ev = load_world_evaluator(out, calibrated=False)
-        cal = calibrate(ev, seed=args.seed)
+        cal = calibrate(ev, seed=args.seed, camera=camera)
         ret = evaluate_retrieval(ev, seed=args.seed)
         timings["calibrate_s"] = time.time() - t0
         info = {"identity": cal, "text_image": ret, "timings_s": timings,

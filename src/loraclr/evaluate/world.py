@@ -96,9 +96,10 @@ def identity_references(identity: WorldIdentity, idents: list[S.Identity], n: in
 
 
 def _sample_embeddings(identity: WorldIdentity, idents: list[S.Identity], n: int, seed: int,
-                       n_chars_p=(0.5, 0.35, 0.15)) -> tuple[Tensor, Tensor, Tensor]:
+                       n_chars_p=(0.5, 0.35, 0.15), camera=None) -> tuple[Tensor, Tensor, Tensor]:
     """Embeddings of ``n`` held-out renders per identity (in varied layouts with base-pool neighbours, each
-    scored in its slot region); (B, D), identity index (B,), number of characters (B,)."""
+    scored in its slot region); (B, D), identity index (B,), number of characters (B,). ``camera``: a VAE
+    the renders are first round-tripped through (:func:`loraclr.evaluate.train.camera_roundtrip`)."""
     imgs, boxes, who, nch = [], [], [], []
     for k, ident in enumerate(idents):
         for r, i in S.identity_samples(ident, n, seed=seed, n_chars_p=n_chars_p):
@@ -107,13 +108,23 @@ def _sample_embeddings(identity: WorldIdentity, idents: list[S.Identity], n: int
             boxes.append(regions.region(len(chars), chars[i].slot))
             who.append(k)
             nch.append(len(chars))
-    emb = identity.embed_regions(to_tensor(imgs), torch.tensor(boxes))
+    images = to_tensor(imgs)
+    if camera is not None:
+        from loraclr.evaluate.train import camera_roundtrip
+
+        u8 = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+        images = to_tensor(camera_roundtrip(u8, camera).permute(0, 3, 1, 2).float() / 255)
+    emb = identity.embed_regions(images, torch.tensor(boxes))
     return emb, torch.tensor(who), torch.tensor(nch)
 
 
 def calibrate(ev: Evaluators, seed: int = 0, n_per_concept: int = 40, n_base: int = 400,
-              near_far: float = NEAR_FAR) -> dict:
-    """Set the identity threshold on held-out set A and measure on held-out set B (see module doc)."""
+              near_far: float = NEAR_FAR, camera=None) -> dict:
+    """Set the identity threshold on held-out set A and measure on held-out set B (see module doc).
+
+    ``camera``: the world's VAE. Then the threshold is set on set A seen through it (generated images can
+    at best look like that) and set B is measured both clean (``accuracy`` etc.) and through it (``camera``).
+    """
     from loraclr.evaluate.train import near_misses
 
     ident = ev.identity
@@ -125,15 +136,15 @@ def calibrate(ev: Evaluators, seed: int = 0, n_per_concept: int = 40, n_base: in
     near = near_misses(concepts)
     near_owner = torch.tensor([next(k for k, c in enumerate(concepts) if _n_diff(c, x) == 1) for x in near])
 
-    def split(offset: int, base_ids: list[S.Identity]):
-        emb, who, nch = _sample_embeddings(ident, concepts, n_per_concept, seed=seed + offset)
-        b_emb, _, _ = _sample_embeddings(ident, base_ids, 1, seed=seed + offset)
-        n_emb, _, _ = _sample_embeddings(ident, near, 1, seed=seed + offset)
+    def split(offset: int, base_ids: list[S.Identity], cam=None):
+        emb, who, nch = _sample_embeddings(ident, concepts, n_per_concept, seed=seed + offset, camera=cam)
+        b_emb, _, _ = _sample_embeddings(ident, base_ids, 1, seed=seed + offset, camera=cam)
+        n_emb, _, _ = _sample_embeddings(ident, near, 1, seed=seed + offset, camera=cam)
         d = metrics.distances(emb, refs)
         nd = metrics.distances(n_emb, refs)
         return d, who, nch, metrics.distances(b_emb, refs), nd[torch.arange(len(nd)), near_owner]
 
-    d, who, _, bd, nd = split(1000, base[:n_base])
+    d, who, _, bd, nd = split(1000, base[:n_base], camera)
     own = torch.zeros_like(d, dtype=torch.bool)
     own[torch.arange(len(d)), who] = True
     genuine = d[own]
@@ -141,11 +152,28 @@ def calibrate(ev: Evaluators, seed: int = 0, n_per_concept: int = 40, n_base: in
     eer_t, eer = metrics.equal_error_threshold(genuine, nd)
     ident.threshold = threshold
 
+    cam_report = None
+    if camera is not None:
+        d, who, nch, bd, nd = split(3000, base[n_base:], camera)
+        ok = metrics.recognised(d, who, threshold)
+        own = torch.zeros_like(d, dtype=torch.bool)
+        own[torch.arange(len(d)), who] = True
+        cam_report = {
+            "accuracy": float(ok.float().mean()),
+            "nearest_only_accuracy": float((d.argmin(1) == who).float().mean()),
+            "near_miss_false_accept": float((nd < threshold).float().mean()),
+            "other_concept_false_accept": float((d[~own] < threshold).float().mean()),
+            "base_false_accept": float((bd.min(1).values < threshold).float().mean()),
+            "per_concept_accuracy": {names[k]: float(ok[who == k].float().mean()) for k in range(len(names))},
+            "what": "held-out set B round-tripped through the world's VAE (the best a generated image can be)",
+        }
     d, who, nch, bd, nd = split(3000, base[n_base:])
     ok = metrics.recognised(d, who, threshold)
     own = torch.zeros_like(d, dtype=torch.bool)
     own[torch.arange(len(d)), who] = True
     return {
+        "threshold_domain": "renders round-tripped through the world's VAE" if camera is not None else "renders",
+        "camera": cam_report,
         "threshold": threshold,
         "distance": f"1 - cosine to the mean embedding of {N_REFERENCES} reference renders",
         "rule": "recognised = distance to the intended identity < threshold and it is the nearest concept",
