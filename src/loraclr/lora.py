@@ -78,7 +78,8 @@ class LoraLayer:
         """The dense offset dW, weight-shaped, computed in ``dtype``."""
         up = self.up.to(dtype).reshape(self.up.shape[0], self.rank)
         down = self.down.to(dtype).reshape(self.rank, -1)
-        return (self.scale * (up @ down)).reshape(self.weight_shape)
+        # scaled in place: the same values as scale * (up @ down) without a second (out, in) allocation
+        return (up @ down).mul_(self.scale).reshape(self.weight_shape)
 
 
 @dataclass(frozen=True)

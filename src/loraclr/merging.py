@@ -45,7 +45,8 @@ from loraclr.features.collect import (
 from loraclr.features.hooks import cross_attention_modules
 from loraclr.features.text import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
 from loraclr.lora import LoraLayer, LoraSet, split_key
-from loraclr.merge.api import LayerProblem
+from loraclr.merge._common import all_finite
+from loraclr.merge.api import LayerProblem, LowRankDeltas
 from loraclr.models import find_module
 from loraclr.recipe import Recipe, dump_recipe
 
@@ -175,7 +176,7 @@ def _solve(problems, spec, config, stage: str, progress: bool, reports: dict[str
         res = spec.fn(p, config, None)
         dt = time.perf_counter() - t0
         off = res.offset.detach().float().reshape(p.W0.shape)
-        if not bool(torch.isfinite(off).all()):
+        if not all_finite(off):
             raise ValueError(f"layer {p.key}: the {spec.name} solve produced NaN/inf; try another method or settings")
         offsets[p.key] = off
         rep = dict(_jsonable(res.report))
@@ -188,11 +189,18 @@ def _solve(problems, spec, config, stage: str, progress: bool, reports: dict[str
 
 
 def _plain_problems(pipe, concepts: list[ConceptFeaturesInput], keys: list[str]):
+    """Feature-free problems. Deltas stay LoRA factors (LowRankDeltas) where every concept has them, so a
+    sum of twelve rank-16 deltas is one rank-192 product, not twelve dense deltas."""
     for key in keys:
         w = find_module(pipe, key).weight.detach()
         shape = tuple(w.shape)
-        yield LayerProblem(key=key, W0=w.float().reshape(shape[0], -1).clone(),
-                           deltas=[c.delta(key, shape) for c in concepts],
+        factors = [c.factors(key, shape) for c in concepts]
+        if all(f is not None for f in factors):
+            deltas = LowRankDeltas(*(list(x) for x in zip(*factors, strict=True))) if factors else []
+        else:
+            deltas = [c.delta(key, shape) for c in concepts]
+        # no copy of W0: methods are pure, and the weights are fused only after every layer is solved
+        yield LayerProblem(key=key, W0=w.float().reshape(shape[0], -1), deltas=deltas,
                            concept_names=[c.name for c in concepts])
 
 

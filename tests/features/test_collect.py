@@ -82,6 +82,8 @@ def test_text_encoder_rows_give_the_concepts_own_outputs(family, tiny_sd1, tiny_
     n_tokens = sum(len(pipe.tokenizer(t).input_ids) for t in c.prompts)
     assert problem.X[1].shape == (n_tokens, module.in_features) and problem.n_rows[1] == n_tokens
     torch.testing.assert_close(problem.deltas[1], 0.8 * c.layers[key].delta())  # strength is part of dW_i
+    up, down, scale = c.factors(key, tuple(module.weight.shape))  # the feature-free merge's factored form
+    torch.testing.assert_close(scale * up @ down, problem.deltas[1])
     _check_closed_form(problem.X[1], problem.W0, problem.deltas[1], module, outs)
     # default: padding positions too (the UNet attends to all of them): 77 rows per prompt
     padded = collect_text_encoder(pipe, concepts[:1], table, FeatureSettings(max_rows=0))

@@ -32,7 +32,7 @@ from loraclr.features.hooks import (
     layerwise_states,
 )
 from loraclr.features.text import TokenTable, encode, is_sdxl, text_components, token_ids, trigger_positions
-from loraclr.lora import Layer, split_key
+from loraclr.lora import DenseDelta, Layer, LoraLayer, split_key
 from loraclr.merge.api import LayerProblem
 from loraclr.models import find_module
 from loraclr.recipe import FeatureSettings
@@ -63,7 +63,24 @@ class ConceptFeaturesInput:
         if layer is None:
             return torch.zeros(shape[0], math.prod(shape[1:]))
         strength = float(self.strengths.get(split_key(key)[0], 1.0))
-        return (layer.delta(torch.float32) * strength).reshape(shape[0], -1)
+        d = layer.delta(torch.float32)
+        if strength != 1.0:  # x * 1.0 == x exactly, so skipping the pass changes no value
+            # in place on the fresh LoRA product; a DenseDelta's delta may be the stored tensor itself
+            d = d * strength if isinstance(layer, DenseDelta) else d.mul_(strength)
+        return d.reshape(shape[0], -1)
+
+
+    def factors(self, key: str, shape: tuple[int, ...]) -> tuple[Tensor, Tensor, float] | None:
+        """(up (out, r), down (r, in), scale) with :meth:`delta` = scale * up @ down, flattened like the
+        weight; rank 0 when the concept has no LoRA there; None for a dense layer (no factors)."""
+        layer = self.layers.get(key)
+        if layer is None:
+            return torch.zeros(shape[0], 0), torch.zeros(0, math.prod(shape[1:])), 1.0
+        if not isinstance(layer, LoraLayer):
+            return None
+        strength = float(self.strengths.get(split_key(key)[0], 1.0))
+        return (layer.up.float().reshape(layer.up.shape[0], layer.rank), layer.down.float().reshape(layer.rank, -1),
+                layer.scale * strength)
 
 
 class FeatureStore:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from loraclr.merge.api import LayerProblem
+from loraclr.merge.api import LayerProblem, LowRankDeltas
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -35,8 +35,10 @@ def check_device(name: str) -> None:
 
 def all_finite(t: Tensor) -> bool:
     """No NaN/inf in t. One reduction pass: NaN/inf propagate into the sum; only if the sum is not finite
-    (bad values, or finite values overflowing) is the elementwise check run."""
-    if bool(torch.isfinite(t.sum(dtype=torch.float64))):
+    (bad values, or finite values overflowing) is the elementwise check run. The sum runs in t's own dtype:
+    an fp64 accumulator made it ~28x slower on fp32 deltas (a converting pass), and an overflow only sends
+    it to the exact check."""
+    if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
 
@@ -55,7 +57,9 @@ def check_problem(problem: LayerProblem) -> tuple[int, int, int]:
             f"first, got shape {tuple(problem.W0.shape)}"
         )
     out_dim, in_dim = problem.W0.shape
-    for i, d in enumerate(problem.deltas):
+    if isinstance(problem.deltas, LowRankDeltas):
+        _check_factors(problem, out_dim, in_dim)
+    for i, d in enumerate(() if isinstance(problem.deltas, LowRankDeltas) else problem.deltas):
         if tuple(d.shape) != (out_dim, in_dim):
             raise ValueError(
                 f"layer {key}: delta of concept {_name(problem, i)} has shape {tuple(d.shape)}, "
@@ -70,6 +74,19 @@ def check_problem(problem: LayerProblem) -> tuple[int, int, int]:
     return len(problem.deltas), out_dim, in_dim
 
 
+def _check_factors(problem: LayerProblem, out_dim: int, in_dim: int) -> None:
+    """check_problem for LowRankDeltas, on the factors (no dense delta built). Finite factors can still
+    overflow in the product: the methods check their result as well."""
+    for i, (u, d) in enumerate(zip(problem.deltas.ups, problem.deltas.downs, strict=True)):
+        if u.dim() != 2 or d.dim() != 2 or u.shape[0] != out_dim or d.shape[1] != in_dim or u.shape[1] != d.shape[0]:
+            raise ValueError(
+                f"layer {problem.key}: factors of concept {_name(problem, i)} have shapes {tuple(u.shape)} and "
+                f"{tuple(d.shape)}, expected (out, r) and (r, in) for the base weight's {(out_dim, in_dim)}"
+            )
+        if not (all_finite(u) and all_finite(d) and math.isfinite(problem.deltas.scales[i])):
+            raise ValueError(f"layer {problem.key}: delta of concept {_name(problem, i)} has NaN/inf values")
+
+
 def _name(problem: LayerProblem, i: int) -> str:
     return repr(problem.concept_names[i]) if problem.concept_names else f"#{i}"
 
@@ -79,6 +96,20 @@ def stacked_deltas(problem: LayerProblem, dtype: torch.dtype, device: torch.devi
     if not problem.deltas:
         return problem.W0.new_zeros((0, *problem.W0.shape), dtype=dtype, device=device)
     return torch.stack([d.to(device=device, dtype=dtype) for d in problem.deltas])
+
+
+def summed_deltas(problem: LayerProblem, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """sum_i dW_i (out, in) in the compute dtype: one product of the factors for LowRankDeltas, else
+    accumulated in place, with no (N, out, in) stack (for 12 SD 1.5 ff deltas, 630 MB allocated and copied
+    only to be reduced); zeros for no concepts."""
+    if not problem.deltas:
+        return problem.W0.new_zeros(problem.W0.shape, dtype=dtype, device=device)
+    if isinstance(problem.deltas, LowRankDeltas):
+        return problem.deltas.sum(dtype, device)
+    total = problem.deltas[0].to(device=device, dtype=dtype, copy=True)
+    for d in problem.deltas[1:]:
+        total += d.to(device=device, dtype=dtype)
+    return total
 
 
 def rows(problem: LayerProblem, method: str, dtype: torch.dtype, device) -> list[Tensor]:

@@ -14,11 +14,44 @@ Shapes (convolutions are flattened: in = in_channels * kh * kw, and their inputs
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
+
+
+class LowRankDeltas(Sequence):
+    """N deltas kept as LoRA factors: ``self[i] = scales[i] * ups[i] @ downs[i]`` (out, in), built on access
+    and not cached. A drop-in for ``LayerProblem.deltas`` where every concept's delta is low-rank (or zero:
+    rank 0), so methods that only need their sum get it as one product of the concatenated factors
+    (:meth:`sum`) instead of N dense (out, in) deltas: for 12 rank-16 SD 1.5 ff deltas, 0.16 s instead of
+    ~1 s, and no 630 MB of dense deltas at once. Still a sum of deltas (STYLE.md): each up is scaled by its own
+    concept's factor, never averaged with another concept's.
+
+    ups[i] (out, r_i), downs[i] (r_i, in), scales[i] a number (alpha / rank x strength).
+    """
+
+    def __init__(self, ups: list[Tensor], downs: list[Tensor], scales: list[float]):
+        if not (len(ups) == len(downs) == len(scales)):
+            raise ValueError(f"{len(ups)} ups, {len(downs)} downs and {len(scales)} scales: one each per concept")
+        self.ups, self.downs, self.scales = list(ups), list(downs), [float(s) for s in scales]
+
+    def __len__(self) -> int:
+        return len(self.ups)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        # scaled in place after the product: the same values as LoraLayer.delta() at strength 1
+        return (self.ups[i] @ self.downs[i]).mul_(self.scales[i])
+
+    def sum(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Tensor:
+        """sum_i dW_i (out, in) as one product [s_1 up_1, ..., s_N up_N] @ [down_1; ...; down_N]."""
+        up = torch.cat([u.to(device=device, dtype=dtype) * s for u, s in zip(self.ups, self.scales, strict=True)], 1)
+        down = torch.cat([d.to(device=device, dtype=dtype) for d in self.downs], 0)
+        return up @ down
 
 
 @dataclass
@@ -27,7 +60,7 @@ class LayerProblem:
 
     key: str  # canonical layer key, for reports and error messages
     W0: Tensor  # (out, in)
-    deltas: list[Tensor]  # N x (out, in)
+    deltas: list[Tensor] | LowRankDeltas  # N x (out, in)
     X: list[Tensor] | None = None  # N x (n_i, in); raw rows (possibly subsampled), when kept
     gram: list[Tensor] | None = None  # N x (in, in); X_i^T X_i, when only statistics were kept
     n_rows: list[int] | None = None  # N; rows behind each gram (for means / MSE normalisation)

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from loraclr.merge._common import check_device, check_problem, resolve_dtype, stacked_deltas
+from loraclr.merge._common import (
+    all_finite,
+    check_device,
+    check_problem,
+    resolve_dtype,
+    stacked_deltas,
+    summed_deltas,
+)
 from loraclr.merge.api import Callback, LayerProblem, LayerResult, MergeMethod, register
 
 logger = logging.getLogger(__name__)
@@ -34,7 +41,7 @@ class DeltaConfig:
 
 
 def _result(problem: LayerProblem, offset: Tensor, **report) -> LayerResult:
-    if not torch.isfinite(offset).all():
+    if not all_finite(offset):
         raise ValueError(f"layer {problem.key}: the merged offset has NaN/inf values")
     offset = offset.to(device=problem.W0.device, dtype=torch.float32)
     return LayerResult(offset, {"loss": None, "converged": None, **report})
@@ -43,10 +50,7 @@ def _result(problem: LayerProblem, offset: Tensor, **report) -> LayerResult:
 def merge_sum(problem: LayerProblem, config: DeltaConfig, callback: Callback | None = None) -> LayerResult:
     """Exact sum of deltas: D = sum_i dW_i (naive LoRA stacking). Needs no features."""
     check_problem(problem)
-    deltas = stacked_deltas(problem, resolve_dtype(config.dtype), config.device)
-    return _result(
-        problem, deltas.sum(0) if len(deltas) else torch.zeros_like(problem.W0, dtype=torch.float32)
-    )
+    return _result(problem, summed_deltas(problem, resolve_dtype(config.dtype), config.device))
 
 
 def merge_average(
@@ -54,10 +58,8 @@ def merge_average(
 ) -> LayerResult:
     """FedAvg: D = (1/N) sum_i dW_i (Mix-of-Show's "weight fusion" baseline). Needs no features."""
     check_problem(problem)
-    deltas = stacked_deltas(problem, resolve_dtype(config.dtype), config.device)
-    return _result(
-        problem, deltas.mean(0) if len(deltas) else torch.zeros_like(problem.W0, dtype=torch.float32)
-    )
+    total = summed_deltas(problem, resolve_dtype(config.dtype), config.device)
+    return _result(problem, total / len(problem.deltas) if problem.deltas else total)
 
 
 @dataclass(frozen=True)
