@@ -1,0 +1,161 @@
+"""bench/quality.py end to end on a tiny world (tiny base, two 2-step LoRAs, the world's evaluators): the files,
+a row per method and N, numbers in range, and the algebra it relies on: merging one LoRA by the sum IS that
+LoRA, so its images score exactly as the own-LoRA reference's; the layer ablation's text-encoder-only merge
+has the naive sum's UNet."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+CONCEPTS = ("rubo", "tavi")
+
+
+def _bench_module():
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _bench_module()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> tuple[Path, Path]:
+    """(tiny base folder, manifest of two kohya LoRAs trained for 2 steps with non-zero up factors)."""
+    from loraclr.pipeline import family_of, load_base
+    from loraclr.training import TrainConfig, save_trained, train_lora
+    from loraclr.training import data as D
+    from loraclr.world.model import build_text_and_unet, build_vae, save_pipeline_folder
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("quality-world")
+    base = root / "tiny-sd"
+    te, unet = build_text_and_unet("tiny", seed=0)
+    save_pipeline_folder(build_vae("tiny", seed=0), te, unet, base, state={"step": 3, "total_steps": 10})
+    pipe = load_base(str(base))
+    avoid = D.caption_vocabulary_ids(pipe.tokenizer)
+    entries = []
+    for name in CONCEPTS:
+        trigger = D.pick_trigger(pipe.tokenizer, name, avoid)
+        data = D.world_identity_data(name, f"a {trigger} creature", n=4, seed=0)
+        with torch.random.fork_rng():
+            result = train_lora(pipe, data, TrainConfig(steps=2, batch=2, prior_batch=0, rank=2, alpha=2.0,
+                                                        lr=1e-2, text_lr=1e-2), log_every=0)
+        assert all(float(layer.up.abs().max()) > 0 for layer in result.layers.values())
+        save_trained(result, root / f"{name}.safetensors", format="kohya", family=family_of(pipe), trigger=trigger)
+        entries.append({"name": name, "kind": "identity", "identity": name, "style": None, "trigger": trigger,
+                        "phrase": "a {trigger} creature", "file": f"{name}.safetensors", "format": "kohya",
+                        "steps": 2})
+    manifest = root / "manifest.json"
+    manifest.write_text(json.dumps({"base": str(base), "base_step": 3, "concepts": entries}))
+    return base, manifest
+
+
+def _check_stat(s: dict, low: float, high: float) -> None:
+    for k in ("mean", "low", "high"):
+        assert math.isfinite(s[k]) and low <= s[k] <= high, s
+    assert s["low"] <= s["mean"] <= s["high"] and s["n"] >= 1
+
+
+def test_quick_run(bench, world, tmp_path):
+    base, manifest = world
+    out = tmp_path / "res" / "quality"
+    methods = ["sum", "loraclr-conv", "average"]
+    rc = bench.main(["--quick", "--manifest", str(manifest), "--base", str(base), "--methods", *methods,
+                     "--steps", "2", "--ablations", "--ablation-mode", "converged", "--ablation-n", "2",
+                     "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    md = out.with_suffix(".md").read_text()
+    assert not out.with_name("quality.partial.json").exists()
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert any("plots skipped" in n for n in doc["meta"]["notes"])
+    else:
+        for metric in ("identity", "text", "image"):
+            assert (out.parent / f"quality_{metric}.png").stat().st_size > 0
+
+    meta = doc["meta"]
+    assert meta["manifest_base_step"] == meta["base_step"] == 3 and meta["sizes"]["steps"] == 2
+    assert meta["git_commit"] and meta["base"] == str(base)  # merged on a private copy, reported by its source
+    assert set(doc["aggregate"]) == {"1", "2"} and "## N = 1" in md and "## N = 2" in md
+    for n, by_label in doc["aggregate"].items():
+        assert list(by_label) == methods, n
+        for label, a in by_label.items():
+            assert f"| {label} |" in md
+            _check_stat(a["single"]["identity"], 0, 1)
+            _check_stat(a["own"]["identity"], 0, 1)
+            for metric in ("text", "image"):
+                _check_stat(a["single"][metric], -1, 1)
+                _check_stat(a["own"][metric], -1, 1)
+            assert a["merge_s"] > 0 and a["eval_s"] > 0
+            if n == "2":
+                _check_stat(a["multi"]["identity"], 0, 1)
+                _check_stat(a["multi"]["all_identities"], 0, 1)
+            else:
+                assert a["multi"] is None
+    # one LoRA summed is that LoRA: every image scores exactly as the own-LoRA reference's
+    (unit,) = [u for u in doc["units"] if u["label"] == "sum" and u["n"] == 1]
+    (name,) = unit["subset"]
+    merged = unit["single"]["images"]
+    own = doc["references"][name]["single"]["images"]
+    assert len(merged) == len(own) == 2
+    for a, b in zip(merged, own, strict=True):
+        assert (a["scored_text"], a["seed"], a["text"], a["image"], a["identity"]) == \
+            (b["scored_text"], b["seed"], b["text"], b["image"], b["identity"])
+    s1 = doc["aggregate"]["1"]["sum"]
+    assert s1["single"] == s1["own"]
+
+    ab = doc["ablations"]
+    assert ab["subset"] == list(CONCEPTS) and ab["mode"] == "converged"
+    rows = {(r["group"], r["value"]): r for r in ab["rows"]}
+    assert set(rows) == {("margin", 0.0), ("margin", 0.5), ("layers", "text_encoder"), ("layers", "all")}
+    for r in rows.values():
+        assert "error" not in r
+        _check_stat(r["single"]["identity"], 0, 1)
+        assert all(v is None or 0 <= v <= 1 for v in r["hinge"].values())
+    # the default margin and "all layers" are one merge, evaluated once
+    assert rows[("margin", 0.5)]["single"] == rows[("layers", "all")]["single"]
+    te_only = rows[("layers", "text_encoder")]["hinge"]
+    assert te_only["text_encoder"] is not None and te_only["cross_attention"] is None and te_only["spatial"] is None
+    assert "## Ablations" in md
+
+
+def test_layer_ablation_takes_the_naive_sum_outside_the_set(bench, world):
+    from loraclr.evaluate import Evaluators, load_manifest
+
+    base, manifest = world
+    specs = load_manifest(manifest)
+
+    class _NoClip:  # the Scorer embeds reference images; nothing is scored here
+        name = "none"
+
+        def embed_images(self, images):
+            return torch.ones(len(images), 2)
+
+        def embed_texts(self, texts):
+            return torch.ones(len(texts), 2)
+
+    b = bench.Bench(base, specs, Evaluators(_NoClip()), bench.QUICK_SIZES)
+    settings = {"mode": "converged"}
+    te_only = b.merge(CONCEPTS, "loraclr", settings, "text_encoder")
+    full = b.merge(CONCEPTS, "loraclr", settings)
+    naive = b.merge(CONCEPTS, "sum", {})
+    for name, p in te_only.pipe.unet.named_parameters():
+        assert torch.equal(p, dict(naive.pipe.unet.named_parameters())[name]), name
+    te = dict(te_only.pipe.text_encoder.named_parameters())
+    assert all(torch.equal(p, te[n]) for n, p in full.pipe.text_encoder.named_parameters())
+    assert any(not torch.equal(p, dict(naive.pipe.text_encoder.named_parameters())[n]) for n, p in te.items())
