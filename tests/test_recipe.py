@@ -37,6 +37,7 @@ concepts:
     assert r.concepts[1].prompt_templates == ("a portrait of {trigger}",)
     assert r.method.name == "loraclr" and r.method.settings == {}
     assert r.features.steps == 10 and r.features.max_rows == 2048 and r.features.precision == "float32"
+    assert r.features.resolution is None and r.features.max_resolution == 256
     assert r.output.lora_formats == ("kohya", "diffusers")
 
 
@@ -84,6 +85,7 @@ def test_official_concept_json(tmp_path):
         ("base: b\nconcepts: [{lora: a, name: x}, {lora: b, name: x}]\n", "duplicate names"),
         ("base: b\nconcepts: [{lora: a}]\nfeatures: {steps: 0}\n", "features.steps must be >= 1"),
         ("base: b\nconcepts: [{lora: a}]\nfeatures: {precision: fp8}\n", "features.precision must be one of"),
+        ("base: b\nconcepts: [{lora: a}]\nfeatures: {max_resolution: 0}\n", "features.max_resolution must be"),
         ("base: b\nconcepts: [{lora: a}]\noutput: {lora_formats: [ckpt]}\n", "output.lora_formats: unknown"),
         ("base: b\nconcepts: [{lora: a, trigger: sks, prompts: ['a dog']}]\n", "contains neither"),
         ("base: b\nconcepts: [{lora: a}]\nmethod: {mode: paper}\n", "method: field 'name' is missing"),

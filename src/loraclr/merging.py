@@ -45,7 +45,7 @@ from loraclr.features.collect import (
 from loraclr.features.hooks import cross_attention_modules
 from loraclr.features.text import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
 from loraclr.lora import LoraLayer, LoraSet, split_key
-from loraclr.merge._common import all_finite
+from loraclr.merge._common import all_finite, summed_deltas
 from loraclr.merge.api import LayerProblem, LowRankDeltas
 from loraclr.models import find_module
 from loraclr.recipe import Recipe, dump_recipe
@@ -132,15 +132,27 @@ def _check_lora_fits(pipe, lora: LoraSet, family: str, where: str) -> None:
 # --- solving ---------------------------------------------------------------------------------------------
 
 
-def fidelity(problem: LayerProblem, offset: Tensor) -> dict[str, list[float]] | None:
+FIDELITY_ROWS = 256  # rows per concept behind the fidelity numbers (see fidelity)
+
+
+def fidelity(problem: LayerProblem, offset: Tensor, max_rows: int | None = FIDELITY_ROWS) -> dict[str, list[float]] | None:
     """Per concept i, on its own rows X_i: ||X_i (D - dW_i)^T|| / ||X_i (W0 + dW_i)^T|| for the merged offset
-    D and for the naive sum of deltas (the 'before merging' stacking). None without rows."""
+    D and for the naive sum of deltas (the 'before merging' stacking). None without rows.
+
+    A diagnostic, so it uses at most ``max_rows`` rows per concept, evenly spaced over the block (None: all):
+    three (rows x in x out) products per concept and layer cost more than the converged solve itself at the
+    default 2048 rows (12 SD 1.5 concepts: ~35 TFLOP, minutes on a CPU). Measured on the miniature world's
+    spatial layers (3 random LoRAs, converged, 2048 rows): per layer the numbers moved by 0.5 % (median, at
+    most 17 %), the per-concept means over layers that the summary reports by at most 0.3 %. Runs with
+    max_rows <= 256 are unchanged."""
     if not problem.X or any(x is None for x in problem.X):
         return None
     D = offset.reshape(offset.shape[0], -1).float()
-    total = torch.stack([d.float() for d in problem.deltas]).sum(0)
+    total = summed_deltas(problem, torch.float32, D.device)
     merged, summed = [], []
     for X, dW in zip(problem.X, problem.deltas, strict=True):
+        if max_rows and X.shape[0] > max_rows:
+            X = X[torch.linspace(0, X.shape[0] - 1, max_rows).round().long()]
         X = X.float()
         target = (X @ (problem.W0.float() + dW.float()).T).norm().clamp_min(1e-12)
         merged.append(float((X @ (D - dW).T).norm() / target))

@@ -13,7 +13,7 @@ Two input forms are accepted:
           prompts: ["photo of a {trigger}", "{trigger}"]     # the default
           unet_strength: 1.0
           text_encoder_strength: 1.0
-      features: {steps: 10, resolution: null, seed: 0, precision: float32, max_rows: 2048}
+      features: {steps: 10, resolution: null, max_resolution: 256, seed: 0, precision: float32, max_rows: 2048}
       output: {pipeline: true, lora_formats: [kohya, diffusers], rank: 64}
 
 * the official LoRACLR concept JSON list ``[{lora_path, unet_alpha, text_encoder_alpha, concept_name}]``;
@@ -85,9 +85,22 @@ class FeatureSettings:
         every step is recorded). 10 by default: rows beyond ``max_rows`` are subsampled anyway, so more steps
         mostly cost time.
     resolution: image side in pixels for that run; None = the model's native size (unet sample_size x VAE
-        scale factor, 512 for SD 1.5, as the official code).
+        scale factor: 512 for SD 1.5, as the official code) capped at ``max_resolution``.
+    max_resolution: cap on that native size (None: no cap, the official setting). 256 by default, and why:
+        the spatial run costs concepts x steps UNet forwards, and one SD 1.5 forward at 512 px takes 16-19 s
+        on one CPU thread (256 px: 3.8 s, 128 px: 1.8 s; bench/merge_micro.py unet), so 12 concepts x 10
+        steps at 512 px alone are ~35 min, at 256 px ~8 min. The trade-off: features below the native
+        resolution are a proxy. Every layer still sees the concept's prompt through its own LoRA, but on a
+        4x smaller latent (SD 1.5: 32x32 instead of 64x64, 16 instead of 64 positions in the deepest blocks),
+        where self-attention mixes fewer positions and the model is off its training distribution, so the
+        input statistics X_i differ from those of a 512 px generation by an amount nobody has measured on
+        real SD 1.5 weights (none are available here). Set ``max_resolution: null`` (or ``resolution``) for
+        the native size where time allows, e.g. on a GPU. A no-op below the cap (the miniature world: 64 px).
     seed: seed of the sampling run's initial noise (the official code is unseeded).
     precision: dtype of the sampling run ("bfloat16" autocasts on CPU; rows are stored in fp32 either way).
+        float32 by default: bf16 autocast measured 1.2-1.9x faster for an SD 1.5 forward at 128-512 px on a
+        CPU with AVX512-BF16, but slower on the miniature world's 64 px model, and without bf16 instructions
+        it falls back to slow emulation; for SD-sized models on such a CPU, "bfloat16" is the faster choice.
     max_rows: cap on the rows kept per layer per concept (deterministic subsample, same positions for every
         concept so blocks stay aligned); 0 = keep all.
     gram: also accumulate the exact fp32 statistics X^T X over *all* rows (memory: d_in^2 per layer and
@@ -107,6 +120,7 @@ class FeatureSettings:
 
     steps: int = 10
     resolution: int | None = None
+    max_resolution: int | None = 256
     seed: int = 0
     precision: str = "float32"
     max_rows: int = 2048
@@ -201,6 +215,9 @@ class Recipe:
             raise ValueError(f"{where}: features.steps must be >= 1, got {f.steps}")
         if f.resolution is not None and f.resolution < 8:
             raise ValueError(f"{where}: features.resolution must be >= 8 pixels, got {f.resolution}")
+        if f.max_resolution is not None and f.max_resolution < 8:
+            raise ValueError(f"{where}: features.max_resolution must be >= 8 pixels or null (no cap), "
+                             f"got {f.max_resolution}")
         if f.precision not in PRECISIONS:
             raise ValueError(f"{where}: features.precision must be one of {PRECISIONS}, got {f.precision!r}")
         if f.max_rows < 0:

@@ -233,3 +233,16 @@ def test_layerwise_cross_attention_features(tiny_sd1):
         states, _ = encode(pipe, [f"photo of <carol-elsa1-l{layer}>"], pad=False)
         torch.testing.assert_close(by_key[names[layer] + ".to_k"], states[0, [3, 4]])  # token + EOT
     assert not torch.allclose(by_key[names[0] + ".to_k"], by_key[names[4] + ".to_k"])
+
+
+def test_spatial_resolution_caps_the_native_size(tiny_sd1):
+    """None = native size capped at max_resolution (rounded to what the UNet takes); explicit wins."""
+    from loraclr.features.collect import native_resolution, spatial_resolution
+
+    native = native_resolution(tiny_sd1)  # tiny SD1: 8 x 8 latents x VAE factor
+    assert spatial_resolution(tiny_sd1, FeatureSettings()) == native  # below the default cap: unchanged
+    assert spatial_resolution(tiny_sd1, FeatureSettings(max_resolution=None)) == native
+    step = tiny_sd1.vae_scale_factor * 2 ** (len(tiny_sd1.unet.config.block_out_channels) - 1)
+    assert spatial_resolution(tiny_sd1, FeatureSettings(max_resolution=native - 1)) == native - step
+    assert spatial_resolution(tiny_sd1, FeatureSettings(max_resolution=1)) == step
+    assert spatial_resolution(tiny_sd1, FeatureSettings(resolution=3 * native, max_resolution=8)) == 3 * native

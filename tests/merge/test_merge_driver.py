@@ -87,3 +87,26 @@ def test_feature_store_style_problems_with_missing_rows():
         assert torch.allclose(a, b, atol=1e-5), method
     with pytest.raises(ValueError, match="unet.l.*raw feature rows"):
         merge_offsets([stats], "loraclr", {"mode": "paper"}, progress=False)
+
+
+def test_fidelity_on_evenly_spaced_rows_against_a_direct_computation():
+    from loraclr.merging import fidelity
+
+    g = torch.Generator().manual_seed(3)
+    W0 = torch.randn(6, 4, generator=g)
+    deltas = [torch.randn(6, 4, generator=g) for _ in range(2)]
+    xs = [torch.randn(9, 4, generator=g), torch.randn(3, 4, generator=g)]
+    p = LayerProblem("unet.layer", W0, deltas, X=xs, concept_names=["a", "b"])
+    D = torch.randn(6, 4, generator=g)
+
+    def direct(X, dW):  # float64, independent of the implementation
+        X, dW, Dd, tot = X.double(), dW.double(), D.double(), sum(d.double() for d in deltas)
+        target = (X @ (W0.double() + dW).T).norm()
+        return float((X @ (Dd - dW).T).norm() / target), float((X @ (tot - dW).T).norm() / target)
+
+    full = fidelity(p, D, None)
+    for i in range(2):
+        assert (full["merged"][i], full["sum"][i]) == pytest.approx(direct(xs[i], deltas[i]), rel=1e-5)
+    cut = fidelity(p, D, 3)  # concept a: rows 0, 4, 8 of 9; concept b (3 rows) whole
+    assert (cut["merged"][0], cut["sum"][0]) == pytest.approx(direct(xs[0][[0, 4, 8]], deltas[0]), rel=1e-5)
+    assert (cut["merged"][1], cut["sum"][1]) == pytest.approx((full["merged"][1], full["sum"][1]), rel=1e-6)

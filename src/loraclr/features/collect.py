@@ -267,6 +267,19 @@ def native_resolution(pipe) -> int:
     return int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
 
 
+def spatial_resolution(pipe, settings: FeatureSettings) -> int:
+    """Image side of the spatial feature run: ``resolution`` if given, else the native size capped at
+    ``max_resolution``, rounded down to what the UNet can take (a multiple of the VAE factor x its
+    downsampling, so the cap works for any model)."""
+    if settings.resolution:
+        return settings.resolution
+    side = native_resolution(pipe)
+    if settings.max_resolution is None or side <= settings.max_resolution:
+        return side
+    step = int(getattr(pipe, "vae_scale_factor", 8)) * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    return max(step, settings.max_resolution // step * step)
+
+
 @contextlib.contextmanager
 def _autocast(precision: str, device: torch.device):
     if precision == "float32":
@@ -336,7 +349,7 @@ def collect_spatial(
     weights, shapes = _snapshot_weights(pipe, keys)
     store = FeatureStore(len(concepts), spill_dir)
     modules: dict[str, nn.Module] = {k: find_module(pipe, k) for k in keys}
-    side = settings.resolution or native_resolution(pipe)
+    side = spatial_resolution(pipe, settings)
     for i, c in enumerate(concepts):
         prompts = c.prompts[: settings.spatial_prompts]
         states, per_layer, added = conditioning(pipe, table, prompts, side, side)
@@ -370,5 +383,5 @@ def layer_shapes(model, keys) -> dict[str, tuple[int, ...]]:
 __all__ = [
     "ConceptFeaturesInput", "FeatureStore", "StageFeatures", "collect_text_encoder",
     "collect_cross_attention", "collect_spatial", "conditioning", "sample_latents", "spill_directory",
-    "cross_attention_keys", "spatial_keys", "native_resolution", "token_ids",
+    "cross_attention_keys", "spatial_keys", "native_resolution", "spatial_resolution", "token_ids",
 ]
