@@ -673,12 +673,12 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"{manifest}: LoRA files missing: {missing} (train them first)")
     names = [s.name for s in specs]
     raw_ns = args.ns or ([1, 2] if args.quick else [1, 2, 5, 8, 12])
-    ns = sorted({min(n, len(names)) for n in raw_ns if n >= 1})
+    ns = [] if args.ablations_only else sorted({min(n, len(names)) for n in raw_ns if n >= 1})
     notes = list(args.notes)
-    if any(n > len(names) for n in raw_ns):
+    if ns and any(n > len(names) for n in raw_ns):
         notes.append(f"N capped at the {len(names)} identity concepts of the manifest (asked for {raw_ns})")
-    subsets = {} if args.ablations_only else draw_subsets(names, ns, args.subsets or (1 if args.quick else 3),
-                                                             args.singles or (1 if args.quick else 4), args.seed)
+    subsets = draw_subsets(names, ns, args.subsets or (1 if args.quick else 3), args.singles or (1 if args.quick else 4),
+                           args.seed)
     setup = Setup("python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv), sizes, labels,
                   manifest, specs, ns, subsets, resolve_base(args.base), Path(args.out), notes)
     setup.out.parent.mkdir(parents=True, exist_ok=True)
