@@ -198,15 +198,15 @@ class Bench:
         self.scorer = Scorer(evaluators, specs)
 
     def recipe(self, names, method: str, settings: dict):
-        """As ``loraclr demo`` builds it (loraclr.demo.run_demo)."""
-        from loraclr.demo import _phrase_template
+        """As ``loraclr demo`` builds it (loraclr.demo.run_demo): feature prompts are the concept's prompt words
+        and the bare trigger."""
         from loraclr.recipe import recipe_from_dict
 
         specs = [self.specs[n] for n in names]
         return recipe_from_dict({
             "base": str(self.base_dir), "method": {"name": method, **settings}, "allow_pickle": self.allow_pickle,
             "concepts": [{"name": s.name, "lora": str(s.file), "trigger": s.trigger,
-                          "prompts": [_phrase_template(s), "{trigger}"]} for s in specs],
+                          "prompts": [s.prompt_phrase("{trigger}"), "{trigger}"]} for s in specs],
             "features": {"steps": self.sizes.feature_steps, "seed": self.sizes.seed},
         }, source=f"bench recipe ({method})")
 
