@@ -82,3 +82,33 @@ def test_cli_evaluate_user_errors(tiny_model, manifest, capsys):
     assert main(["evaluate", str(tiny_model), "--manifest", str(manifest), "--concepts", "nobody"]) == 2
     assert "unknown concepts ['nobody']" in capsys.readouterr().err
     assert main(["evaluate", str(tiny_model), "--manifest", str(manifest), "--seeds", "0"]) == 2
+
+
+def test_cli_evaluate_own_edlora_needs_allow_pickle(tiny_model, tiny_clip, tmp_path, capsys):
+    """ED-LoRA concepts are .pth files: refused (naming the file) without --allow-pickle, scored with it."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    from loraclr.features.hooks import cross_attention_modules
+    from loraclr.lora import LearnedToken, LoraLayer
+    from loraclr.training.save import save_edlora
+
+    h = CLIPTextModel.from_pretrained(str(tiny_model / "text_encoder")).config.hidden_size
+    n_layers = len(cross_attention_modules(UNet2DConditionModel.from_pretrained(str(tiny_model / "unet"))))
+    g = torch.Generator().manual_seed(0)
+    key = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    pth = tmp_path / "ed.pth"
+    save_edlora({key: LoraLayer(torch.randn(2, h, generator=g), torch.randn(h, 2, generator=g), 2.0)},
+                [LearnedToken("<ed1>", {"text_encoder": torch.randn(n_layers, h, generator=g)}, layerwise=True)], pth)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"base": "mini", "concepts": [
+        {"name": "rubo", "kind": "identity", "identity": "rubo", "style": None, "trigger": "<ed1>",
+         "file": str(pth), "format": "edlora"}]}))
+    args = ["-q", "evaluate", str(tiny_model), "--own-loras", "--manifest", str(manifest), "--suite", "single",
+            "--prompts", "1", "--seeds", "1", "--steps", "2", "--clip", str(tiny_clip)]
+    assert main(args) == 2
+    assert "ed.pth" in capsys.readouterr().err
+    out = tmp_path / "res.json"
+    assert main(args + ["--allow-pickle", "--json", str(out)]) == 0
+    (res,) = json.loads(out.read_text())["results"]
+    assert res["overall"]["text"]["n"] == 1

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--face", action="store_true",
                    help="identity alignment with dlib's face descriptor (pip install 'loraclr[face]'); "
                         "concepts need 'references' folders in the manifest")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow .pt/.pth LoRA files (ED-LoRA; loaded weights-only)")
     p.add_argument("--evaluators", metavar="DIR", help="folder of world evaluator weights (default: built-in)")
     p.add_argument("--json", metavar="OUT", help="write the results (every image's scores too) as JSON")
     p.add_argument("--md", metavar="OUT", help="write the markdown table here too")
@@ -72,11 +74,12 @@ def run(args) -> int:
     if args.own_loras:
         if args.suite == "multi":
             raise ValueError("--own-loras has only the single suite (one LoRA per image)")
-        results = [evaluate_own_loras(args.model, specs, evaluators, **kw)]
+        results = [evaluate_own_loras(args.model, specs, evaluators, allow_pickle=args.allow_pickle, **kw)]
     else:
         suites = ("single", "multi") if args.suite == "all" else (args.suite,)
         results = evaluate_model(args.model, specs, evaluators, suites,
-                                 loras=[parse_lora_arg(x) for x in args.lora], **kw)
+                                 loras=[parse_lora_arg(x) for x in args.lora], allow_pickle=args.allow_pickle,
+                                 **kw)
     table = to_markdown(results)
     print(table)
     if args.md:

@@ -64,12 +64,12 @@ def load_evaluators(clip: str | Path | None = None, face: bool = False, folder: 
 
 def evaluate_model(model, specs: list[ConceptSpec], evaluators: Evaluators, suites=("single", "multi"), *,
                    loras: list[tuple[str, float]] | None = None, name: str | None = None, steps: int = 25,
-                   guidance: float = 7.5, **kw) -> list[dict]:
+                   guidance: float = 7.5, allow_pickle: bool = False, **kw) -> list[dict]:
     """Run ``suites`` on one model: a merged output folder, a base model (``mini``, folder, checkpoint) with
     ``loras`` stacked naively, or a loaded :class:`loraclr.pipeline.Model`."""
     from loraclr.pipeline import Model, load_model
 
-    m = model if isinstance(model, Model) else load_model(model, loras or [])
+    m = model if isinstance(model, Model) else load_model(model, loras or [], allow_pickle=allow_pickle)
     label = name or (str(model) if not isinstance(model, Model) else "model")
     if loras:
         label += " + " + " + ".join(Path(f).stem for f, _ in loras)
@@ -79,7 +79,7 @@ def evaluate_model(model, specs: list[ConceptSpec], evaluators: Evaluators, suit
 
 
 def evaluate_own_loras(base: str | Path, specs: list[ConceptSpec], evaluators: Evaluators, *, steps: int = 25,
-                       guidance: float = 7.5, **kw) -> dict:
+                       guidance: float = 7.5, allow_pickle: bool = False, **kw) -> dict:
     """The single-concept suite where each concept is drawn by the base model with only its own LoRA (the
     reference that merging is compared against); one results dict over all concepts."""
     from loraclr.evaluate.suites import summarise
@@ -90,7 +90,7 @@ def evaluate_own_loras(base: str | Path, specs: list[ConceptSpec], evaluators: E
     for spec in specs:
         if spec.file is None:
             raise ValueError(f"concept {spec.name!r} has no LoRA 'file' in the manifest")
-        m = load_with_loras(str(base), [(str(spec.file), 1.0)])
+        m = load_with_loras(str(base), [(str(spec.file), 1.0)], allow_pickle=allow_pickle)
         source = PipelineSource(m, f"{base} + {spec.file.name}", steps=steps, guidance=guidance)
         image_dir = kw.pop("image_dir", None)
         res = run_suite(source, [spec], evaluators, "single", scorer=scorer,
