@@ -73,6 +73,7 @@ class QuickLoras:
     alpha: float = 4.0
     lr: float = 1e-3
     text_lr: float = 5e-4
+    targets: str = "kohya"  # the default kohya modules: attention-only LoRAs learned nothing of a concept here
     seed: int = 0
 
 
@@ -214,7 +215,7 @@ def _train_quick(config: DemoConfig, base_dir: Path, state: dict | None, cache: 
         phrase = "a {trigger} creature"
         data = D.world_identity_data(name, phrase.format(trigger=trigger), n=q.n_images, seed=q.seed)
         cfg = TrainConfig(rank=q.rank, alpha=q.alpha, steps=q.steps, batch=q.batch, prior_batch=0, lr=q.lr,
-                          text_lr=q.text_lr, seed=q.seed)
+                          text_lr=q.text_lr, targets=q.targets, seed=q.seed)
         bar = _bar(q.steps, f"quick LoRA {name}", progress, "step")
         with torch.random.fork_rng():  # the trainer seeds torch globally; leave the caller's state alone
             result = train_lora(pipe, data, cfg, callback=lambda s, loss, b=bar: b.update(1), log_every=0)
