@@ -28,7 +28,9 @@ def test_roundtrip_keeps_shape_and_is_deterministic(tiny_vae):
     a = T.camera_roundtrip(x, tiny_vae, batch=2)  # batches split unevenly on purpose
     b = T.camera_roundtrip(x, tiny_vae, batch=8)
     assert a.shape == x.shape and a.dtype == torch.uint8
-    assert torch.equal(a, b)  # the latent mean, not a sample: no randomness, batch size does not matter
+    assert torch.equal(a, T.camera_roundtrip(x, tiny_vae, batch=2))  # the latent mean, not a sample
+    # the batch size only changes float round-off (kernels block differently), at most one grey level
+    assert int((a.int() - b.int()).abs().max()) <= 1
     assert not torch.equal(a, x)  # a random VAE changes the images
 
 
