@@ -52,8 +52,10 @@ RUNS = ROOT / "runs" / "concepts"
 # on attention only, 400 steps (base step 3000): nothing of rubo learned (image alignment 0.35, identity 0);
 # rank 16 on the kohya modules, 600 steps: rubo drawn with hat, stripes and eyes (image 0.64-0.67, identity
 # 0.06); rank 4 on the kohya modules, 1000 steps (step 6455): the same look (image 0.68, identity 0), body
-# pink instead of red (the white stripes bleed into it). Ranks stay at 4 (two at 8) so the shipped world fits
-# its 40 MB (0.32 MB per rank-4 file here; the base is 31 MB).
+# pink instead of red (the white stripes bleed into it); on the final step-8000 base, 1000 steps: tavi identity
+# 0.44, rubo 0.00 (pink again). Use --steps 1000 or more (~10 min per concept per core): the default 45-minute
+# budget gives ~300. Ranks stay at 4 (two at 8) so the shipped world fits its 40 MB (0.32 MB per rank-4 file
+# here; the base is 31 MB).
 PLAN = [
     ("rubo", "identity", "kohya", 4, 4.0),
     ("rika", "identity", "kohya", 4, 4.0),
