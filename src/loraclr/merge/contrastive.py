@@ -133,7 +133,7 @@ class LoraclrConfig:
             raise ValueError(f"distance must be 'block' or 'token', got {self.distance!r}")
         if not isinstance(self.normalize, bool):
             raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
-        for name in ("margin", "lambda_con", "lambda_mse", "lambda_reg", "weight_decay"):
+        for name in ("margin", "lambda_con", "lambda_mse", "lambda_reg", "weight_decay", "ridge"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
@@ -147,8 +147,6 @@ class LoraclrConfig:
             raise ValueError(f"tol must be in (0, 1), got {self.tol!r}")
         if not 0 <= self.rcond < 1:
             raise ValueError(f"rcond must be in [0, 1), got {self.rcond!r}")
-        if not isinstance(self.ridge, int | float) or not math.isfinite(self.ridge) or self.ridge < 0:
-            raise ValueError(f"ridge must be a finite number >= 0, got {self.ridge!r}")
         if self.ridge and self.mode == "paper":
             raise ValueError("ridge is a converged-mode option (paper mode reproduces the official recipe)")
         resolve_dtype(self.dtype)
