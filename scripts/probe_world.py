@@ -83,12 +83,9 @@ def main(argv: list[str] | None = None) -> int:
             if kind == "generated":
                 target = torch.full((len(ims),), keys.index(name))
                 recognised += metrics.recognised(metrics.distances(emb, all_refs), target, ident.threshold).tolist()
-    try:
-        state = read_training_state(resolve_base(args.model))
-    except (OSError, ValueError):
-        state = None
+    step = (read_training_state(resolve_base(args.model)) or {}).get("step")  # None: not a trained folder
     table = {f: {k: float(np.mean(right[k][f])) for k in right} for f in FIELDS}
-    print(f"model {args.model} (training step {(state or {}).get('step', '?')}), {len(names)} concepts, "
+    print(f"model {args.model} (training step {step if step is not None else '?'}), {len(names)} concepts, "
           f"{2 * args.seeds} images each")
     print("| trait | generated from the description | VAE round trip | clean render |")
     print("|---|---|---|---|")
@@ -97,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"identity alignment of the generated images: {np.mean(recognised):.3f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"model": args.model, "step": (state or {}).get("step"), "traits": table,
+            json.dump({"model": args.model, "step": step, "traits": table,
                        "identity_alignment": float(np.mean(recognised)), "concepts": names}, fh, indent=1)
     return 0
 
