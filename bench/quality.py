@@ -31,7 +31,7 @@ with 25 steps and guidance, scored: 1.24 CPU s (2.3 s wall). Merge wall seconds 
 svd, ties, dare 0.3-1.7; lstsq 1.9 / 2.3 / 4.8; converged (any ridge) 2-4 / 2-3 / 4-5; converged with
 normalize 3 / 16 / 46; converged with token distances 4 / 102 / 129 (majorise-minimise steps once hinges fire);
 paper 9 / 17 / 35 (50 AdamW steps per layer). Images per (subset, method): N x prompts x seeds single +
-(pairs + triples) x seeds multi. The default run (12 identities, 14 subsets, 13 methods, ~7250 images) is
+(pairs + triples) x seeds multi. The default run (12 identities, 14 subsets, 16 methods, ~8900 images) is
 about 3 h of images on a quiet core plus ~1-2 h of merges (token and paper modes at N = 8, 12 dominate);
 ``--resume`` spreads it over sessions.
 
@@ -68,6 +68,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "loraclr-conv-ridge1e-3": ("loraclr", {**CONV, "ridge": 1e-3}),
     "loraclr-conv-ridge1e-2": ("loraclr", {**CONV, "ridge": 1e-2}),
     "loraclr-conv-ridge1e-1": ("loraclr", {**CONV, "ridge": 1e-1}),
+    # anchored at the naive sum: lambda_reg / ridge pull towards stacking, unexcited directions keep the sum
+    "loraclr-conv-sum": ("loraclr", {**CONV, "anchor": "sum"}),
+    "loraclr-conv-sum-ridge1e-2": ("loraclr", {**CONV, "anchor": "sum", "ridge": 1e-2}),
+    "loraclr-conv-sum-ridge1e-1": ("loraclr", {**CONV, "anchor": "sum", "ridge": 1e-1}),
     "loraclr-conv-token": ("loraclr", {**CONV, "distance": "token"}),
     "loraclr-conv-norm": ("loraclr", {**CONV, "normalize": True}),
     "lstsq": ("lstsq", {}),

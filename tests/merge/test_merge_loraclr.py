@@ -356,3 +356,34 @@ def test_ridge_closed_form_matches_independent_solution():
 def test_ridge_is_refused_in_paper_mode():
     with pytest.raises(ValueError, match="ridge"):
         make_config("loraclr", mode="paper", ridge=0.1)
+
+
+def test_anchor_sum_keeps_the_naive_sum_where_no_concept_looks():
+    """Inputs span only 3 of 6 input directions: anchor 'base' leaves the base weight on the other 3 (D = 0
+    there), anchor 'sum' leaves the naive sum of deltas there; both fit the rows the same."""
+    g = torch.Generator().manual_seed(5)
+    W0 = torch.randn(4, 6, generator=g)
+    deltas = [torch.randn(4, 6, generator=g) for _ in range(3)]
+    xs = [torch.cat([torch.randn(8, 3, generator=g), torch.zeros(8, 3)], 1) for _ in range(3)]
+    p = LayerProblem("unet.attn1.to_q", W0, deltas, X=xs, concept_names=["a", "b", "c"])
+    base = _merge(p, mode="converged", lambda_con=0.0, lambda_reg=0.0)
+    anch = _merge(p, mode="converged", lambda_con=0.0, lambda_reg=0.0, anchor="sum")
+    total = sum(deltas)
+    assert torch.allclose(base.offset[:, 3:], torch.zeros(4, 3), atol=1e-5)
+    assert torch.allclose(anch.offset[:, 3:], total[:, 3:], atol=1e-5)
+    assert torch.allclose(anch.offset[:, :3], base.offset[:, :3], atol=1e-4)  # the excited block: same fit
+    assert anch.report["anchor"] == "sum" and "anchor" not in base.report
+
+
+def test_anchor_sum_with_a_large_ridge_is_naive_stacking():
+    p = _synthetic((6, 6, 6), inn=5, scale=1.0, seed=3)
+    res = _merge(p, mode="converged", ridge=1e4, anchor="sum")
+    total = sum(p.deltas)
+    assert float((res.offset - total).norm() / total.norm()) < 1e-3
+    far = _merge(p, mode="converged", ridge=1e4)  # anchored at the base: pulled to no change at all
+    assert float(far.offset.norm() / total.norm()) < 1e-3
+
+
+def test_anchor_is_checked():
+    with pytest.raises(ValueError, match="anchor"):
+        make_config("loraclr", anchor="average")

@@ -60,6 +60,7 @@ adds ``best_step`` and ``best_is_last`` (whether the best iterate was the last o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -81,6 +82,7 @@ from loraclr.merge._common import (
     solve_quadratic_fro,
     sq_errors,
     stacked_deltas,
+    summed_deltas,
 )
 from loraclr.merge.api import Callback, LayerProblem, LayerResult, MergeMethod, register
 
@@ -104,7 +106,13 @@ class LoraclrConfig:
     layer's feature energy per input direction), so the weight is scale-free across layers. It damps the
     directions that few rows excite, where fitting several concepts' different targets on nearly identical
     inputs asks for offsets far larger than any LoRA delta (what the unregularised solve did on the miniature
-    world; ``bench/quality.py`` compares values). device, dtype: where and in which
+    world; ``bench/quality.py`` compares values). anchor: what the offset is measured from. "base" (default,
+    the official objective): D is the offset from the base weight, lambda_reg and ridge pull the merged layer
+    towards the base, and input directions no concept excites keep the base weight. "sum": the solve runs
+    on E = D - sum_i dW_i (the naive sum of deltas, i.e. naive LoRA stacking), so lambda_reg and ridge pull
+    towards the sum and unexcited directions keep the sum; the positive, MSE and hinge terms are unchanged
+    (they only see W0 + D). A large ridge then gives naive stacking, a small one the exact fit where the
+    features pin the weight down. device, dtype: where and in which
     precision features are multiplied (fp32 default); solve_dtype: precision of the (in, in) eigen-solves.
     """
 
@@ -122,6 +130,7 @@ class LoraclrConfig:
     max_iter: int = 200
     rcond: float = 1e-6
     ridge: float = 0.0
+    anchor: str = "base"
     device: str = "cpu"
     dtype: str = "float32"
     solve_dtype: str = "float64"
@@ -129,6 +138,8 @@ class LoraclrConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("paper", "converged"):
             raise ValueError(f"mode must be 'paper' or 'converged', got {self.mode!r}")
+        if self.anchor not in ("base", "sum"):
+            raise ValueError(f"anchor must be 'base' or 'sum', got {self.anchor!r}")
         if self.distance not in ("block", "token"):
             raise ValueError(f"distance must be 'block' or 'token', got {self.distance!r}")
         if not isinstance(self.normalize, bool):
@@ -210,10 +221,18 @@ def merge_loraclr(
                 "steps": 0,
             },
         )
+    anchor = None
+    if config.anchor == "sum":  # solve for E = D - sum_i dW_i: the same outputs, measured from the sum
+        anchor = summed_deltas(problem, torch.float32, problem.W0.device)
+        problem = dataclasses.replace(problem, W0=problem.W0.float() + anchor,
+                                      deltas=[d.float() - anchor for d in problem.deltas])
     if config.mode == "paper":
         D, report = _solve_paper(problem, config, callback)
     else:
         D, report = _solve_converged(problem, config, callback)
+    if anchor is not None:
+        D = D.to(device=anchor.device, dtype=torch.float32) + anchor
+        report["anchor"] = "sum"
     if not torch.isfinite(D).all():
         raise ValueError(
             f"layer {problem.key}: loraclr ({config.mode}) produced NaN/inf; check this layer's features "
