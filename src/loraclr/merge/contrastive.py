@@ -70,8 +70,10 @@ from torch import Tensor
 
 from loraclr.merge._common import (
     GramStats,
+    QuadSolver,
     check_device,
     check_problem,
+    check_solver,
     common_row_index,
     gram_stats,
     has_rows,
@@ -79,7 +81,6 @@ from loraclr.merge._common import (
     rhs_and_const,
     row_basis,
     rows,
-    solve_quadratic_fro,
     sq_errors,
     stacked_deltas,
     summed_deltas,
@@ -113,7 +114,10 @@ class LoraclrConfig:
     towards the sum and unexcited directions keep the sum; the positive, MSE and hinge terms are unchanged
     (they only see W0 + D). A large ridge then gives naive stacking, a small one the exact fit where the
     features pin the weight down. device, dtype: where and in which
-    precision features are multiplied (fp32 default); solve_dtype: precision of the (in, in) eigen-solves.
+    precision features are multiplied (fp32 default); solve_dtype: precision of the (in, in) solves.
+    solver: "auto" (default) solves with Cholesky factorisations when a shifted factorisation proves that no
+    eigen-direction falls below the rcond cut-off, else eigen-solves; "eigh" always eigen-solves (the
+    reference; :class:`loraclr.merge._common.QuadSolver`). Both give the same minimiser up to rounding.
     """
 
     mode: str = "paper"
@@ -134,6 +138,7 @@ class LoraclrConfig:
     device: str = "cpu"
     dtype: str = "float32"
     solve_dtype: str = "float64"
+    solver: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in ("paper", "converged"):
@@ -162,6 +167,7 @@ class LoraclrConfig:
             raise ValueError("ridge is a converged-mode option (paper mode reproduces the official recipe)")
         resolve_dtype(self.dtype)
         resolve_dtype(self.solve_dtype, "solve_dtype")
+        check_solver(self.solver)
         check_device(self.device)
 
 
@@ -452,6 +458,8 @@ class _Converged:
         self._RW0: Tensor | None = None
         self.rows_are_gram_rows = False  # True: R holds every row behind the Grams, in order
         self._Gc: dict[int, Tensor] = {}
+        self._solver_key: bytes | None = None  # active-hinge pattern behind self._solver's A
+        self._solver: QuadSolver | None = None
         if self.X is not None:
             x_rows = [x.shape[0] for x in self.X]
             idx = common_row_index(x_rows, device=cfg.device)
@@ -517,11 +525,15 @@ class _Converged:
         lb.fill_diagonal_(math.inf)
         return lb.min(dim=1)
 
-    def surrogate(self, P: Tensor, neg: Tensor, jstar: Tensor) -> tuple[Tensor, Tensor]:
-        """(A, B) of the convex majoriser tr(D A D^T) - 2 <D, B> (+ lambda_reg ||D||_F) at predictions P."""
-        A, B = self.A0.clone(), self.B0.clone()
+    def surrogate(self, P: Tensor, neg: Tensor, jstar: Tensor) -> tuple[QuadSolver, Tensor]:
+        """(solver for A, B) of the convex majoriser tr(D A D^T) - 2 <D, B> (+ lambda_reg ||D||_F) at
+        predictions P. A depends only on which hinge terms are active: its factorisation is reused while
+        that set stays the same (the usual case once the iterations settle)."""
         w, sd = self.w, self.sdtype
         active = neg < w.mu
+        key = active.cpu().numpy().tobytes()
+        A = None if key == self._solver_key else self.A0.clone()
+        B = self.B0.clone()
         for i in range(self.N):
             if self.cfg.distance == "block":
                 if not bool(active[i]):
@@ -530,7 +542,8 @@ class _Converged:
                 diff = P[i] - Tj
                 d = float(neg[i])
                 U = diff / d if d > 1e-30 else _fallback_dir(self.Tc[i] - Tj, diff)
-                A += w.w_hinge * self.Gc(i)
+                if A is not None:
+                    A += w.w_hinge * self.Gc(i)
             else:
                 sel = active[i]  # (m,)
                 if not bool(sel.any()):
@@ -539,10 +552,13 @@ class _Converged:
                 Tj = self.Tc[jstar[i][sel], torch.nonzero(sel).squeeze(1)]  # (k, out)
                 diff = P[i][sel] - Tj
                 U = diff / neg[i][sel].clamp(min=1e-30).unsqueeze(1).to(diff.dtype)
-                A += w.w_hinge * (R.T @ R).to(sd)
+                if A is not None:
+                    A += w.w_hinge * (R.T @ R).to(sd)
             Zp = Tj + w.mu * U - RW0  # majoriser's target minus the base output  (rows, out)
             B += w.w_hinge * (Zp.T @ R).to(sd)
-        return _sym(A), B
+        if A is not None:
+            self._solver_key, self._solver = key, QuadSolver(_sym(A), self.cfg.rcond, self.cfg.solver)
+        return self._solver, B
 
     def per_concept_sq(self, D: Tensor) -> Tensor:
         """||X_i (D - dW_i)^T||^2 per concept (float64), for the report."""
@@ -627,7 +643,7 @@ def _solve_converged(
 ) -> tuple[Tensor, dict]:
     S = _Converged(problem, cfg)
     w, lam = S.w, cfg.lambda_reg
-    sol = solve_quadratic_fro(S.A0, S.B0, lam, cfg.rcond)  # minimiser of the convex part
+    sol = QuadSolver(S.A0, cfg.rcond, cfg.solver).solve(S.B0, lam)  # minimiser of the convex part
     D, q = sol.offset, sol.quad + S.c0
     neg = jstar = P = None
     hinge_sum, bound = 0.0, False
@@ -651,8 +667,8 @@ def _solve_converged(
     else:
         DA0 = D @ S.A0
         for it in range(cfg.max_iter):
-            A, B = S.surrogate(P, neg, jstar)
-            delta = solve_quadratic_fro(A, B, lam, cfg.rcond).offset - D
+            solver, B = S.surrogate(P, neg, jstar)
+            delta = solver.solve(B, lam).offset - D
             if float(delta.norm()) <= 1e-12 * max(float(D.norm()), 1e-30):
                 converged, note, rel = True, "surrogate fixed point", 0.0
                 break

@@ -20,6 +20,7 @@ from loraclr.merge._common import (
     GramStats,
     check_device,
     check_problem,
+    check_solver,
     gram_stats,
     has_rows,
     resolve_dtype,
@@ -40,13 +41,17 @@ class LstsqConfig:
     """rcond: eigen-directions of sum_i G_i below rcond * its largest eigenvalue count as unexcited (see
     :func:`merge_lstsq`). ridge: optional Tikhonov term ridge * mean eigenvalue * ||D||_F^2 added to the
     objective (0 = the exact minimum-norm least-squares solution). device / dtype: where and in which
-    precision the Grams are formed; solve_dtype: precision of the (in, in) eigen-solve."""
+    precision the Grams are formed; solve_dtype: precision of the (in, in) solve. solver: "auto" (default)
+    solves by Cholesky when a shifted factorisation proves that no eigen-direction falls below the rcond
+    cut-off, else by eigendecomposition; "eigh" always by eigendecomposition (the reference, see
+    :class:`loraclr.merge._common.QuadSolver`)."""
 
     rcond: float = 1e-6
     ridge: float = 0.0
     device: str = "cpu"
     dtype: str = "float32"
     solve_dtype: str = "float64"
+    solver: str = "auto"
 
     def __post_init__(self) -> None:
         if not 0 <= self.rcond < 1:
@@ -55,6 +60,7 @@ class LstsqConfig:
             raise ValueError(f"ridge must be >= 0, got {self.ridge!r}")
         resolve_dtype(self.dtype)
         resolve_dtype(self.solve_dtype, "solve_dtype")
+        check_solver(self.solver)
         check_device(self.device)
 
 
@@ -100,7 +106,7 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
     if config.ridge > 0:
         eye = torch.eye(in_dim, dtype=sdtype, device=A.device)
         A = A + config.ridge * float(torch.diagonal(A).mean()) * eye
-    sol = solve_quadratic_fro(A, B, 0.0, config.rcond)
+    sol = solve_quadratic_fro(A, B, 0.0, config.rcond, config.solver)
     D = sol.offset
     if not torch.isfinite(D).all():
         raise ValueError(f"layer {problem.key}: lstsq produced NaN/inf; check the features for this layer")
