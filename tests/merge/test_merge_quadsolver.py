@@ -168,3 +168,12 @@ def test_solver_is_checked():
         make_config("lstsq", solver="lu")
     with pytest.raises(ValueError, match="solver"):
         make_config("loraclr", mode="converged", solver="cholesky")
+
+
+def test_blocked_gram_equals_the_plain_product():
+    from loraclr.merge._common import gram_matrix
+
+    x = torch.randn(50, 1300, generator=torch.Generator().manual_seed(8))  # wide enough for 2+ blocks
+    G = gram_matrix(x)
+    assert torch.allclose(G, x.T @ x, rtol=1e-5, atol=1e-4)
+    assert torch.equal(G, G.T)

@@ -137,6 +137,24 @@ def rows(problem: LayerProblem, method: str, dtype: torch.dtype, device) -> list
     return out
 
 
+def gram_matrix(x: Tensor) -> Tensor:
+    """x^T x (in, in) for rows x (n, in), computing only the column blocks on and above the diagonal and
+    mirroring the rest: (k + 1) / 2k of the multiply-adds for k blocks. torch has no symmetric rank-k
+    update; at SD 1.5's widest layers (in 5120, 2048 rows, one thread) this takes 3.1 s instead of 5.1 s,
+    bit-identical to ``x.T @ x`` there (each block is the same dot products)."""
+    n = x.shape[1]
+    block = max(640, -(-n // 8))  # smaller blocks lose more to gemm overheads than they save
+    if n < 2 * block:
+        return x.T @ x
+    out = x.new_empty(n, n)
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        S = x[:, a:b].T @ x[:, a:]  # (b - a, n - a): the row stripe from the diagonal on
+        out[a:b, a:] = S
+        out[b:, a:b] = S[:, b - a :].T
+    return out
+
+
 @dataclass
 class GramStats:
     """Per-concept second moments: gram (N, in, in) = X_i^T X_i, n_rows (N,)."""
@@ -183,7 +201,7 @@ def gram_stats(
         )
     xs = rows(problem, method, dtype, device) if xs is None else xs
     gram = (
-        torch.stack([x.T @ x for x in xs])
+        torch.stack([gram_matrix(x) for x in xs])
         if xs
         else torch.zeros(0, in_dim, in_dim, dtype=dtype, device=device)
     )
@@ -319,7 +337,9 @@ class QuadSolver:
     def _shifted(self, t: float) -> Tensor:
         if t == 0:
             return self.A
-        return self.A + t * torch.eye(self.n, dtype=self.A.dtype, device=self.A.device)
+        S = self.A.clone()
+        S.diagonal().add_(t)
+        return S
 
     def _factor(self, t: float) -> Tensor:
         """Cholesky factor of A + t I; only the latest is kept (each is as large as A)."""
@@ -403,26 +423,33 @@ class QuadSolver:
         # Newton on phi(t) = 1 / ||D(t)|| - t / half (zero at t*, positive left of it), safeguarded by the
         # bracket [lo, hi]. phi' = tr(D (A + tI)^{-1} D^T) / ||D||^3 - 1 / half, the trace from one more
         # triangular solve. Start at the latest factor: the certificate's shift0 < 0 (phi > 0 there), or the
-        # root for the previous right-hand side (usually close). Accepted when the next step is below
-        # 1e-10 (t - shift0): D moves by at most |dt| / (l_min + t) < |dt| / (t - shift0) relative, since
-        # l_min > -shift0.
+        # root for the previous right-hand side (usually close). D(t) is accepted once it is within 1e-10
+        # (relative) of D(t*). With l_min > s = -shift0 (the certificate), D moves by at most
+        # |dt| / (l_min + t) < |dt| / (t + s) relative, so either of two tests suffices:
+        # - the next Newton step |dt| <= 1e-10 (t + s);
+        # - before paying for phi': d ln(t ||D(t)||) / d ln t = 1 - t tr(D (A+tI)^{-1} D^T) / ||D||^2 lies in
+        #   [s / (s + t), 1], so |ln t - ln t*| <= |ln(t ||D|| / half)| (s + t) / s, and D is within
+        #   |ln(t ||D|| / half)| t / s of D(t*).
+        s = -self.shift0
         lo, hi = self.shift0, math.inf
         t = self._chol[0] if self._chol is not None else self.shift0
         for _ in range(100):
             L = self._factor(t)
             X = self._at(B, t)
             nx2 = float((X * X).sum(dtype=torch.float64))
-            W = torch.linalg.solve_triangular(L, X, upper=False)
-            m1 = float((W * W).sum(dtype=torch.float64))
             nx = math.sqrt(nx2)
+            if t > 0 and abs(math.log(t * nx / half)) * t <= 1e-10 * s:
+                break
             phi = 1.0 / nx - t / half
-            dphi = m1 / (nx2 * nx) - 1.0 / half
             if phi > 0:
                 lo = max(lo, t)
             else:
                 hi = min(hi, t)
+            W = torch.linalg.solve_triangular(L, X, upper=False)
+            m1 = float((W * W).sum(dtype=torch.float64))
+            dphi = m1 / (nx2 * nx) - 1.0 / half
             step = -phi / dphi if dphi < 0 else math.inf
-            if t >= 0 and abs(step) <= 1e-10 * (t - self.shift0):
+            if t >= 0 and abs(step) <= 1e-10 * (t + s):
                 break
             nxt = t + step
             if not (lo < nxt < hi):  # Newton left the bracket: bisect (or expand while no upper end)

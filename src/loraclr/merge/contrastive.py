@@ -75,6 +75,7 @@ from loraclr.merge._common import (
     check_problem,
     check_solver,
     common_row_index,
+    gram_matrix,
     gram_stats,
     has_rows,
     resolve_dtype,
@@ -424,7 +425,7 @@ class _Converged:
         self.Q = row_basis(xs) if problem.gram is None else None  # (in, K) or None
         xr = [x @ self.Q for x in xs] if self.Q is not None else xs  # rows in solve coordinates
         if self.Q is not None:
-            stats = GramStats(torch.stack([x.T @ x for x in xr]), [x.shape[0] for x in xr])
+            stats = GramStats(torch.stack([gram_matrix(x) for x in xr]), [x.shape[0] for x in xr])
         else:
             stats = gram_stats(problem, "loraclr (mode='converged')", dtype, cfg.device, xs=xs)
         self.n_rows, self.N = stats.n_rows, len(stats.n_rows)
@@ -437,7 +438,10 @@ class _Converged:
         self.X, self.Xr = xs, xr
         self.grams_from_rows = problem.gram is None
         a = (self.w.a_pos + self.w.a_mse).to(device=cfg.device, dtype=sd)  # (N,)
-        self.A0 = _sym(torch.einsum("n,nij->ij", a, self.G.to(sd)))
+        self.A0 = torch.zeros(self.in_dim, self.in_dim, dtype=sd, device=cfg.device)
+        for i in range(self.N):  # one Gram at a time in the solve dtype, not a float64 copy of all N
+            self.A0.add_(self.G[i].to(sd), alpha=float(a[i]))
+        self.A0 = _sym(self.A0)
         # relative ridge: ridge * (mean feature energy per input direction) * ||D||_F^2, folded into A0 so the
         # closed forms, the majoriser and the line search all see it (trace is basis-independent)
         self.ridge_abs = cfg.ridge * float(torch.diagonal(self.A0).sum()) / problem.W0.shape[1]
@@ -489,7 +493,7 @@ class _Converged:
     def Gc(self, i: int) -> Tensor:
         """R_i^T R_i over the common rows (solve dtype), cached."""
         if i not in self._Gc:
-            g = self.G[i] if self.rows_are_gram_rows else self.Rr[i].T @ self.Rr[i]
+            g = self.G[i] if self.rows_are_gram_rows else gram_matrix(self.Rr[i])
             self._Gc[i] = g.to(self.sdtype)
         return self._Gc[i]
 

@@ -21,6 +21,7 @@ from loraclr.merge._common import (
     check_device,
     check_problem,
     check_solver,
+    gram_matrix,
     gram_stats,
     has_rows,
     resolve_dtype,
@@ -92,7 +93,7 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
     Q = row_basis(xs) if problem.gram is None else None  # (in, K): solve in the rows' span, exactly
     if Q is not None:
         xr = [x @ Q for x in xs]  # (n_i, K)
-        stats = GramStats(torch.stack([x.T @ x for x in xr]), [x.shape[0] for x in xr])
+        stats = GramStats(torch.stack([gram_matrix(x) for x in xr]), [x.shape[0] for x in xr])
         targets = [x @ d.T for x, d in zip(xs, deltas, strict=True)]  # X_i dW_i^T  (n_i, out)
         B = sum((t.T @ x).to(sdtype) for t, x in zip(targets, xr, strict=True))  # (out, K)
     else:
@@ -101,7 +102,9 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
         ones = torch.ones(n, dtype=torch.float64)
         B, _ = rhs_and_const(deltas, stats.gram, Xg, ones, sdtype)  # sum_i dW_i G_i  (out, in)
     in_dim = stats.gram.shape[-1]
-    A = stats.gram.to(sdtype).sum(0)  # sum_i G_i  (in, in)
+    A = torch.zeros(in_dim, in_dim, dtype=sdtype, device=stats.gram.device)
+    for g in stats.gram:  # sum_i G_i  (in, in), one Gram at a time in the solve dtype
+        A += g.to(sdtype)
     A = (A + A.T) / 2  # exact symmetry for eigh; float32 accumulation can break it in the last bit
     if config.ridge > 0:
         eye = torch.eye(in_dim, dtype=sdtype, device=A.device)
