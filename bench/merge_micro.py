@@ -9,6 +9,8 @@ without a full run:
     python bench/merge_micro.py check          # the load phase's per-concept module checks
     python bench/merge_micro.py factorize      # export: factorising merged deltas to rank 64
     python bench/merge_micro.py unet           # one UNet forward per resolution and precision
+    python bench/merge_micro.py solve          # one layer's converged / lstsq solve, solver eigh vs auto
+    PYTHONPATH=<old checkout>/src python bench/merge_micro.py solve --solvers default   # the same, older code
 
 ``--layers sample`` (default) takes one layer of each distinct SD 1.5 shape (text encoder and UNet);
 ``--layers all`` every default kohya module (264). Times are the best of ``--repeat`` runs: the cores are
@@ -162,15 +164,65 @@ def bench_unet(args) -> dict:
     return out
 
 
+def _solve_speed():
+    spec = importlib.util.spec_from_file_location("solve_speed", HERE / "solve_speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def bench_solve(args) -> dict:
+    """One random layer problem of ``bench/solve_speed.py`` (``--layer``: index into its list; default
+    ff.net.2, 5120 -> 1280, at ``--rows`` rows per concept), solved by converged and lstsq with each
+    ``--solvers`` entry; offsets compared with the first solver's (the reference when it is eigh)."""
+    from loraclr.merge.methods import merge_offsets
+
+    ss = _solve_speed()
+    name, d_in, d_out, rows, _ = ss.LAYERS[args.layer]
+    n_rows = args.rows or rows
+    p = ss.make_problem(name, d_in, d_out, n_rows, args.n, 16, seed=args.layer)
+    out = {"layer": name, "in": d_in, "out": d_out, "rows_per_concept": n_rows, "runs": {}}
+    for method, base in (("loraclr", {"mode": "converged"}), ("lstsq", {})):
+        if method not in args.methods:
+            continue
+        ref = None
+        for solver in args.solvers:
+            cfg = base if solver == "default" else {**base, "solver": solver}  # default: also older code
+            dt, r = best_of(lambda cfg=cfg, method=method: merge_offsets([p], method, cfg, progress=False)[p.key],
+                            args.repeat)
+            D = r.offset.double()
+            ref = D if ref is None else ref
+            rel = float((D - ref).norm() / ref.norm().clamp(min=1e-300))
+            label = f"{'converged' if method == 'loraclr' else method} {solver}"
+            out["runs"][label] = {"s": dt, "loss": r.report.get("loss"), "steps": r.report.get("steps"),
+                                  "hinge_active": r.report.get("hinge_active"),
+                                  "rel_diff_vs_first_solver": rel}
+            print(f"{label}: {dt:.2f} s  loss {r.report.get('loss')}  rel diff {rel:.2e}", flush=True)
+            if args.profile:
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.enable()
+                merge_offsets([p], method, cfg, progress=False)
+                prof.disable()
+                pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["sum", "check", "factorize", "unet"])
+    ap.add_argument("what", choices=["sum", "check", "factorize", "unet", "solve"])
     ap.add_argument("--n", type=int, default=12, help="concepts")
     ap.add_argument("--layers", default="sample", choices=["sample", "all"])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--rank", type=int, default=64, help="factorize: export rank")
     ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 256, 128])
     ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"])
+    ap.add_argument("--layer", type=int, default=5, help="solve: index into bench/solve_speed.py's LAYERS")
+    ap.add_argument("--rows", type=int, default=0, help="solve: rows per concept (0: solve_speed's official)")
+    ap.add_argument("--methods", nargs="+", default=["loraclr", "lstsq"], help="solve: loraclr (converged), lstsq")
+    ap.add_argument("--solvers", nargs="+", default=["eigh", "auto"], help="solve: first one is the reference; 'default' sets none (runs against code without the option)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", help="also write the numbers here")
@@ -178,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                               / "loraclr-bench-cache")))
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fn = {"sum": bench_sum, "check": bench_check, "factorize": bench_factorize, "unet": bench_unet}[args.what]
+    fn = {"sum": bench_sum, "check": bench_check, "factorize": bench_factorize, "unet": bench_unet,
+          "solve": bench_solve}[args.what]
     res = {"what": args.what, "threads": args.threads, "load_average": list(os.getloadavg()), **fn(args)}
     text = json.dumps(res, indent=1)
     print(text)
