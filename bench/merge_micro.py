@@ -179,6 +179,9 @@ def bench_solve(args) -> dict:
 
     ss = _solve_speed()
     name, d_in, d_out, rows, _ = ss.LAYERS[args.layer]
+    if args.shape:
+        d_in, d_out = args.shape
+        name = f"{d_in}->{d_out}"
     n_rows = args.rows or rows
     p = ss.make_problem(name, d_in, d_out, n_rows, args.n, 16, seed=args.layer)
     out = {"layer": name, "in": d_in, "out": d_out, "rows_per_concept": n_rows, "runs": {}}
@@ -198,6 +201,9 @@ def bench_solve(args) -> dict:
                                   "hinge_active": r.report.get("hinge_active"),
                                   "rel_diff_vs_first_solver": rel}
             print(f"{label}: {dt:.2f} s  loss {r.report.get('loss')}  rel diff {rel:.2e}", flush=True)
+            if args.save:
+                Path(args.save).mkdir(parents=True, exist_ok=True)
+                torch.save(r.offset, Path(args.save) / f"{label.replace(' ', '_')}.pt")
             if args.profile:
                 import cProfile
                 import pstats
@@ -220,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolutions", type=int, nargs="+", default=[512, 256, 128])
     ap.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"])
     ap.add_argument("--layer", type=int, default=5, help="solve: index into bench/solve_speed.py's LAYERS")
+    ap.add_argument("--shape", type=int, nargs=2, metavar=("IN", "OUT"), help="solve: other layer width")
+    ap.add_argument("--save", help="solve: write each offset here (to compare runs of different code)")
     ap.add_argument("--rows", type=int, default=0, help="solve: rows per concept (0: solve_speed's official)")
     ap.add_argument("--methods", nargs="+", default=["loraclr", "lstsq"], help="solve: loraclr (converged), lstsq")
     ap.add_argument("--solvers", nargs="+", default=["eigh", "auto"], help="solve: first one is the reference; 'default' sets none (runs against code without the option)")

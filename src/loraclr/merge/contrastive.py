@@ -45,9 +45,11 @@ Modes:
      a fixed point is a stationary point of L (the hinge makes L non-convex, so not necessarily global).
   When all concepts together have fewer rows than the layer has inputs (text encoder, cross-attention
   k/v), the problem is solved exactly in the span of the rows (an (rows x rows) instead of (in x in)
-  eigen-solve). Cost with n rows per concept, N concepts: Grams N n in^2, one in^3 eigen-solve, two
-  products N n in out for the exact negative distances, plus one product and one eigen-solve per
-  majorise-minimise step; the official recipe costs about 100 products N n in out (50 x forward+backward).
+  solve). Cost with n rows per concept, N concepts: Grams N n in^2, one in^3 solve (a few Cholesky
+  factorisations when the rcond cut-off provably removes nothing, else an eigen-solve:
+  :class:`loraclr.merge._common.QuadSolver`), two products N n in out for the exact negative distances,
+  plus one product per majorise-minimise step and one in^3 solve each time the set of active hinges
+  changes; the official recipe costs about 100 products N n in out (50 x forward+backward).
   It needs the Grams (from ``gram`` or ``X``) and, for the negatives, the raw rows X. With Grams only and
   equal row counts, block distances are bounded below by | ||P_i|| - ||Y_j|| | (both norms come from the
   Grams); if that certifies every hinge inactive the closed form is the exact answer, else it raises.

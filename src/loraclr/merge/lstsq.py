@@ -6,7 +6,8 @@ this is min_D sum_i ||X_i (D - dW_i)^T||_F^2, whose normal equations are
 
     D (sum_i G_i) = sum_i dW_i G_i,        G_i = X_i^T X_i   (in, in)
 
-so only the Grams are needed (no raw rows), and the solve is one symmetric eigendecomposition.
+so only the Grams are needed (no raw rows), and the solve is one Cholesky factorisation (or, where the
+rcond cut-off removes directions, one symmetric eigendecomposition).
 """
 
 from __future__ import annotations
@@ -68,9 +69,9 @@ class LstsqConfig:
 def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback | None = None) -> LayerResult:
     """Exact least squares over all concepts' features (Mix-of-Show gradient fusion objective).
 
-    Needs features: ``X`` (raw rows) or ``gram`` + ``n_rows``. Solves D (sum G_i + r I) = sum dW_i G_i by
-    an eigendecomposition of G = sum G_i (r = ridge * mean eigenvalue of G, 0 by default):
-    D = sum_i dW_i G_i V diag(1 / (l + r)) V^T over the kept directions.
+    Needs features: ``X`` (raw rows) or ``gram`` + ``n_rows``. Solves D (sum G_i + r I) = sum dW_i G_i
+    (r = ridge * mean eigenvalue of G, 0 by default) as if by an eigendecomposition of G = sum G_i:
+    D = sum_i dW_i G_i V diag(1 / (l + r)) V^T over the kept directions (by Cholesky when none is cut).
 
     Directions that no concept's inputs span (eigenvalues of G at most rcond * max eigenvalue) get D = 0,
     i.e. the merged layer keeps W0 there: this is the minimum-norm solution, and also what Mix-of-Show's
