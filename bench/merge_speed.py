@@ -57,15 +57,15 @@ TARGETS = {"minutes": 10.0, "peak_rss_gb": 12.0, "converged_vs_paper_official_so
 # --- inputs (cached) ---------------------------------------------------------------------------------------
 
 
-def build_base(cache: Path, size: str, seed: int = 0) -> Path:
-    """The base model as a diffusers folder (built once; random weights, real config)."""
-    base = cache / f"base-sd1-{size}"
+def build_base(cache: Path, size: str, seed: int = 0, family: str = "sd1") -> Path:
+    """The base model as a diffusers folder (built once; random weights, real config of ``family``)."""
+    base = cache / f"base-{family}-{size}"
     if (base / "model_index.json").is_file():
         return base
     from loraclr.models import build_pipeline
 
-    pipe = build_pipeline("sd1", size, seed=seed)
-    tmp = cache / f".base-sd1-{size}.partial"
+    pipe = build_pipeline(family, size, seed=seed)
+    tmp = cache / f".base-{family}-{size}.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     tmp.rename(base)
@@ -94,13 +94,13 @@ def build_loras(cache: Path, base: Path, n: int, rank: int, scale: float) -> lis
         c["lora"] = str(p)
     if all(p.is_file() for p in paths):
         return concepts
-    from diffusers import StableDiffusionPipeline
-
     from loraclr.io import save_lora
     from loraclr.lora import LoraLayer
     from loraclr.models import default_lora_targets
+    from loraclr.pipeline import family_of, load_base
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(base))
+    pipe = load_base(str(base))
+    family = family_of(pipe)  # sd1 or sdxl (build_base's family), for the kohya key layout
     targets = default_lora_targets(pipe)
     for i, p in enumerate(paths):
         if p.is_file():
@@ -117,7 +117,8 @@ def build_loras(cache: Path, base: Path, n: int, rank: int, scale: float) -> lis
                                         alpha=float(rank))
             else:
                 layers[key] = LoraLayer(down=down * factor, up=up * factor, alpha=float(rank))
-        save_lora(layers, p, format="kohya", family="sd1", metadata={"ss_tag_frequency": json.dumps({"1_concept": {concepts[i]["trigger"]: 1}})})
+        save_lora(layers, p, format="kohya", family=family, unet_config=dict(pipe.unet.config),  # SDXL kohya names
+                  metadata={"ss_tag_frequency": json.dumps({"1_concept": {concepts[i]["trigger"]: 1}})})
     return concepts
 
 
