@@ -545,12 +545,17 @@ def solve_section(fam: str, part: dict, m: dict) -> list[str]:
           f"**{m['rows_per_concept']} rows per concept per layer** (the merge keeps up to 2048 by default). "
           f"Whole-model seconds = sum over shapes of (one layer's seconds x layers of that shape): an "
           f"extrapolation from one layer per shape. paper = {m['paper_steps_official']} x its median AdamW "
-          f"step ({m['paper_steps_run']} run); lbfgs = {m['lbfgs_steps_official']} x its time per iteration "
-          f"({m['lbfgs_steps_run']} run; line-search evaluations included); sum / lstsq / converged run to the "
-          f"end (median of {m['repeat']}). Peak = the largest per-layer solve peak RSS above the RSS before it "
+          f"step ({m['paper_steps_run']} run; setup excluded); lbfgs = setup + time per loss evaluation x the "
+          f"evaluations of a {m['lbfgs_steps_official']}-iteration run, min({m['lbfgs_steps_official'] * 5 // 4} "
+          f"(torch's max_eval), {m['lbfgs_steps_official']} x evaluations per iteration of the "
+          f"{m['lbfgs_steps_run']} run); sum / lstsq / converged run to the end (median of {m['repeat']}). Peak = the largest per-layer solve peak RSS above the RSS before it "
           "(lbfgs: plus the (s, y) history pairs its short run did not store yet, 2 x 25 x the weight's size in "
           "a full run).",
           ""]
+    left = part.get("shapes_not_finished", []) + part.get("shapes_not_started", [])
+    if left:  # a stopped run: the estimate covers only the shapes above
+        md += [f"**Not a whole-model estimate**: only the {len(shapes)} shapes finished ({n_mod} modules); not "
+               f"finished: {', '.join(f'`{k}`' for k in left)}.", ""]
     head = ["N", *[f"{x} s" for x in methods], *[f"{b}/{f}" for b in BASELINES for f in FAST
                                                    if b in methods and f in methods],
             *[f"{x} peak MB" for x in methods]]
