@@ -35,7 +35,8 @@ concepts:
     assert r.concepts[1].name == "zwx-man"  # from the trigger when no name is given
     assert r.concepts[1].unet_strength == 1.5 and r.concepts[1].text_encoder_strength == 1.0
     assert r.concepts[1].prompt_templates == ("a portrait of {trigger}",)
-    assert r.method.name == "loraclr" and r.method.settings == {}
+    # no method named: loraclr with the preset the quality benchmark found best
+    assert r.method.name == "loraclr" and r.method.settings == {"mode": "converged", "anchor": "sum", "ridge": 0.1}
     assert r.features.steps == 10 and r.features.max_rows == 2048 and r.features.precision == "float32"
     assert r.features.resolution is None and r.features.max_resolution == 256
     assert r.output.lora_formats == ("kohya", "diffusers")
@@ -117,3 +118,29 @@ def test_replace_overrides_and_round_trip(tmp_path):
     # the resolved recipe written beside outputs reads back to the same recipe
     again = recipe_from_dict(__import__("yaml").safe_load(dump_recipe(r2)), source="x", root=tmp_path)
     assert again.to_dict() == r2.to_dict()
+
+
+def test_recommended_preset_only_when_no_mode_is_named(tmp_path):
+    from loraclr.recipe import RECOMMENDED
+
+    p = _write(tmp_path, "base: b\nconcepts: [{lora: a, trigger: sks}]\nmethod: {name: loraclr, margin: 0.25}\n")
+    assert load_recipe(p).method.settings == {**RECOMMENDED["loraclr"], "margin": 0.25}
+    p = _write(tmp_path, "base: b\nconcepts: [{lora: a, trigger: sks}]\nmethod: {name: loraclr, mode: converged}\n")
+    assert load_recipe(p).method.settings == {"mode": "converged"}  # an explicit mode: the official objective
+    p = _write(tmp_path, "base: b\nconcepts: [{lora: a, trigger: sks}]\nmethod: lstsq\n")
+    assert load_recipe(p).method.settings == {}
+
+
+def test_cli_mode_replaces_the_preset(tmp_path):
+    import argparse
+
+    from loraclr.commands.merge import build_recipe
+    from loraclr.merge.methods import make_config
+
+    p = _write(tmp_path, "base: b\nconcepts: [{lora: a, trigger: sks}]\n")
+    args = argparse.Namespace(recipe=str(p), base=None, base_config=None, set=[], mode="paper", method=None,
+                              rank=None, steps=None, resolution=None, seed=None, precision=None, max_rows=None,
+                              allow_pickle=None)
+    r = build_recipe(args)
+    assert r.method.settings == {"mode": "paper"}
+    assert make_config("loraclr", **r.method.settings).ridge == 0.0  # paper mode accepts it: no preset ridge left

@@ -5,7 +5,7 @@ Two input forms are accepted:
 * a YAML (or JSON) mapping::
 
       base: path/to/diffusers-folder | path/to/model.safetensors | mini
-      method: loraclr                  # or {name: loraclr, mode: converged, ...method settings}
+      method: loraclr                  # = RECOMMENDED["loraclr"]; or {name: loraclr, mode: paper, ...settings}
       concepts:
         - name: alice
           lora: loras/alice.safetensors
@@ -130,6 +130,21 @@ class FeatureSettings:
     text_encoder_rows: str = "padded"
 
 
+# What ``loraclr`` means in a recipe that names no mode: the settings bench/quality.py found best in the
+# miniature world (session 3, bench/results/quality.md: best single-concept text / image alignment at N = 5 and
+# 12, level with naive stacking at N = 2, ~10x faster than paper mode). Any explicit ``mode`` starts from the
+# method's own defaults instead, i.e. the official objective (``mode: paper`` = the official recipe).
+RECOMMENDED = {"loraclr": {"mode": "converged", "anchor": "sum", "ridge": 0.1}}
+
+
+def with_recommended(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` completed with the recommended preset of ``name`` when they name no mode."""
+    preset = RECOMMENDED.get(name)
+    if preset is None or "mode" in settings:
+        return dict(settings)
+    return {**preset, **settings}
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """The merge method by registry name and its settings (fields of the method's config dataclass)."""
@@ -174,11 +189,11 @@ class Recipe:
                 top[name] = value
         for group, subs in nested.items():
             current = top.get(group, getattr(self, group))
-            if group == "method" and "settings" not in subs:
+            if group == "method":  # method settings by name, on top of new settings if those are given too
                 known = {f.name for f in dataclasses.fields(MethodSpec)}
-                settings = dict(current.settings)
+                settings = dict(subs["settings"] if "settings" in subs else current.settings)
                 settings.update({k: v for k, v in subs.items() if k not in known})
-                subs = {k: v for k, v in subs.items() if k in known} | {"settings": settings}
+                subs = {k: v for k, v in subs.items() if k in known and k != "settings"} | {"settings": settings}
             top[group] = dataclasses.replace(current, **subs)
         out = dataclasses.replace(self, **top)
         out.validate()
@@ -353,12 +368,13 @@ def recipe_from_dict(data: Any, *, source: str = "recipe", root: str | Path = ".
 
     method = data.get("method", "loraclr")
     if isinstance(method, str):
-        method_spec = MethodSpec(name=method)
+        method_spec = MethodSpec(name=method, settings=with_recommended(method, {}))
     elif isinstance(method, dict):
         if "name" not in method:
             raise ValueError(f"{source}: method: field 'name' is missing; e.g. {{name: loraclr, mode: paper}}")
         settings = {k: v for k, v in method.items() if k != "name"}
-        method_spec = MethodSpec(name=_typed(method["name"], str, f"{source}: method", "name"), settings=settings)
+        name = _typed(method["name"], str, f"{source}: method", "name")
+        method_spec = MethodSpec(name=name, settings=with_recommended(name, settings))
     else:
         raise ValueError(f"{source}: field 'method' must be a name or a mapping, got {method!r}")
 

@@ -13,7 +13,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", help="base model: diffusers folder, checkpoint file or 'mini' (overrides the recipe)")
     p.add_argument("--base-config", help="diffusers folder with the configs of a single-file base checkpoint")
     p.add_argument("--method", help="merge method (loraclr, lstsq, sum, average, svd, ties, dare)")
-    p.add_argument("--mode", help="loraclr mode: paper or converged")
+    p.add_argument("--mode", help="loraclr mode: paper (official recipe) or converged (official objective, exact); "
+                   "default: the recipe's, else the recommended preset (converged, anchor sum, ridge 0.1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a method setting, e.g. --set margin=0.25 (repeatable; values parsed as YAML)")
     p.add_argument("--rank", type=int, help="rank of the exported merged LoRA")
@@ -65,8 +66,14 @@ def build_recipe(args):
         "features.resolution": args.resolution, "features.seed": args.seed, "features.precision": args.precision,
         "features.max_rows": args.max_rows, "allow_pickle": args.allow_pickle,
     }
+    from loraclr.recipe import RECOMMENDED, with_recommended
+
+    name = args.method or recipe.method.name
     if args.method and args.method != recipe.method.name:
-        # settings belong to a method: a new method starts from its own defaults
+        # settings belong to a method: a new method starts from its own defaults (or recommended preset)
+        changes["method.settings"] = with_recommended(name, {})
+    elif args.mode and recipe.method.settings == RECOMMENDED.get(name):
+        # a mode given on the command line replaces the preset the recipe got for naming no mode
         changes["method.settings"] = {}
     changes.update({f"method.{k}": v for k, v in method_changes.items()})
     return recipe.replace(**changes)

@@ -97,11 +97,12 @@ logger = logging.getLogger(__name__)
 class LoraclrConfig:
     """Settings of the ``loraclr`` method; defaults are the official recipe (objective and 50 AdamW steps).
 
-    mode: "paper" (default: the official 50 AdamW steps) or "converged" (the same objective solved exactly /
-    to ``tol``). Why paper is the default for now: on the demo's quick LoRAs of the miniature world the
-    converged solve gave offsets 10-50x the sum of the LoRA deltas (median 11x over 72 layers), fitting weakly
-    excited input directions, and the merged model drew broken images; paper mode's small steps stayed at
-    0.35x (median). The benchmarks (issue 5) decide. margin, lambda_con, lambda_mse, lambda_reg: the objective (official 0.5, 1, 0.1,
+    mode: "paper" (the official 50 AdamW steps) or "converged" (the same objective solved exactly / to ``tol``).
+    The field defaults here are the official objective and recipe; ``loraclr merge`` recipes that name no mode
+    use the preset ``loraclr.recipe.RECOMMENDED`` (converged, anchor "sum", ridge 0.1), the best setting of
+    ``bench/quality.py`` (bench/results/quality.md). Unregularised, the converged solve over-fits on the
+    miniature world (offsets 4-50x the sum of the LoRA deltas, broken images); paper mode's small steps under-move
+    (0.07-0.33x) and no hinge fires with its raw distances. margin, lambda_con, lambda_mse, lambda_reg: the objective (official 0.5, 1, 0.1,
     0.001). distance, normalize: see the module docstring. lr, weight_decay, steps: the paper-mode
     optimiser (AdamW 1e-4, 1e-4, 50). tol, max_iter: converged-mode stopping rule (relative decrease of the
     objective) and cap on majorise-minimise iterations. rcond: eigen-directions of the quadratic part below
