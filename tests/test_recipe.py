@@ -36,7 +36,8 @@ concepts:
     assert r.concepts[1].unet_strength == 1.5 and r.concepts[1].text_encoder_strength == 1.0
     assert r.concepts[1].prompt_templates == ("a portrait of {trigger}",)
     # no method named: loraclr with the preset the quality benchmark found best
-    assert r.method.name == "loraclr" and r.method.settings == {"mode": "converged", "anchor": "sum", "ridge": 0.1}
+    assert r.method.name == "loraclr" and r.method.settings == {}
+    assert r.method.resolved == {"mode": "converged", "anchor": "sum", "ridge": 0.1}
     assert r.features.steps == 10 and r.features.max_rows == 2048 and r.features.precision == "float32"
     assert r.features.resolution is None and r.features.max_resolution == 256
     assert r.output.lora_formats == ("kohya", "diffusers")
@@ -124,11 +125,11 @@ def test_recommended_preset_only_when_no_mode_is_named(tmp_path):
     from loraclr.recipe import RECOMMENDED
 
     p = _write(tmp_path, "base: b\nconcepts: [{lora: a, trigger: sks}]\nmethod: {name: loraclr, margin: 0.25}\n")
-    assert load_recipe(p).method.settings == {**RECOMMENDED["loraclr"], "margin": 0.25}
+    assert load_recipe(p).method.resolved == {**RECOMMENDED["loraclr"], "margin": 0.25}
     p = _write(tmp_path, "base: b\nconcepts: [{lora: a, trigger: sks}]\nmethod: {name: loraclr, mode: converged}\n")
-    assert load_recipe(p).method.settings == {"mode": "converged"}  # an explicit mode: the official objective
+    assert load_recipe(p).method.resolved == {"mode": "converged"}  # an explicit mode: the official objective
     p = _write(tmp_path, "base: b\nconcepts: [{lora: a, trigger: sks}]\nmethod: lstsq\n")
-    assert load_recipe(p).method.settings == {}
+    assert load_recipe(p).method.resolved == {}
 
 
 def test_cli_mode_replaces_the_preset(tmp_path):
@@ -142,5 +143,5 @@ def test_cli_mode_replaces_the_preset(tmp_path):
                               rank=None, steps=None, resolution=None, seed=None, precision=None, max_rows=None,
                               allow_pickle=None)
     r = build_recipe(args)
-    assert r.method.settings == {"mode": "paper"}
-    assert make_config("loraclr", **r.method.settings).ridge == 0.0  # paper mode accepts it: no preset ridge left
+    assert r.method.resolved == {"mode": "paper"}
+    assert make_config("loraclr", **r.method.resolved).ridge == 0.0  # paper mode accepts it: no preset ridge left

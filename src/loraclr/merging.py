@@ -319,7 +319,7 @@ def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Pa
     t = time.perf_counter()
     spec = get_method(recipe.method.name)
     try:
-        config = make_config(recipe.method.name, **recipe.method.settings)
+        config = make_config(recipe.method.name, **recipe.method.resolved)
     except (TypeError, ValueError) as e:
         raise ValueError(f"{recipe.source or 'recipe'}: method settings: {e}") from None
 

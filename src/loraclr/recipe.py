@@ -147,10 +147,16 @@ def with_recommended(name: str, settings: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """The merge method by registry name and its settings (fields of the method's config dataclass)."""
+    """The merge method by registry name and its settings (fields of the method's config dataclass) as the
+    recipe or command line gave them; ``resolved`` adds the recommended preset where they name no mode."""
 
     name: str = "loraclr"
     settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resolved(self) -> dict[str, Any]:
+        """The settings the merge uses: :func:`with_recommended` of ``settings``."""
+        return with_recommended(self.name, self.settings)
 
 
 @dataclass(frozen=True)
@@ -262,7 +268,7 @@ class Recipe:
         for c in d["concepts"]:
             c["prompts"] = list(c["prompts"] or DEFAULT_PROMPTS)
         d["output"]["lora_formats"] = list(d["output"]["lora_formats"])
-        d["method"] = {"name": self.method.name, **self.method.settings}  # the YAML form
+        d["method"] = {"name": self.method.name, **self.method.resolved}  # the YAML form, preset spelled out
         d.pop("source")
         return d
 
@@ -368,13 +374,12 @@ def recipe_from_dict(data: Any, *, source: str = "recipe", root: str | Path = ".
 
     method = data.get("method", "loraclr")
     if isinstance(method, str):
-        method_spec = MethodSpec(name=method, settings=with_recommended(method, {}))
+        method_spec = MethodSpec(name=method)
     elif isinstance(method, dict):
         if "name" not in method:
             raise ValueError(f"{source}: method: field 'name' is missing; e.g. {{name: loraclr, mode: paper}}")
         settings = {k: v for k, v in method.items() if k != "name"}
-        name = _typed(method["name"], str, f"{source}: method", "name")
-        method_spec = MethodSpec(name=name, settings=with_recommended(name, settings))
+        method_spec = MethodSpec(name=_typed(method["name"], str, f"{source}: method", "name"), settings=settings)
     else:
         raise ValueError(f"{source}: field 'method' must be a name or a mapping, got {method!r}")
 

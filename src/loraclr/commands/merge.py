@@ -66,14 +66,8 @@ def build_recipe(args):
         "features.resolution": args.resolution, "features.seed": args.seed, "features.precision": args.precision,
         "features.max_rows": args.max_rows, "allow_pickle": args.allow_pickle,
     }
-    from loraclr.recipe import RECOMMENDED, with_recommended
-
-    name = args.method or recipe.method.name
     if args.method and args.method != recipe.method.name:
         # settings belong to a method: a new method starts from its own defaults (or recommended preset)
-        changes["method.settings"] = with_recommended(name, {})
-    elif args.mode and recipe.method.settings == RECOMMENDED.get(name):
-        # a mode given on the command line replaces the preset the recipe got for naming no mode
         changes["method.settings"] = {}
     changes.update({f"method.{k}": v for k, v in method_changes.items()})
     return recipe.replace(**changes)
