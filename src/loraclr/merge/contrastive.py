@@ -79,6 +79,7 @@ from loraclr.merge._common import (
     common_row_index,
     gram_matrix,
     gram_stats,
+    gram_sum,
     has_rows,
     resolve_dtype,
     rhs_and_const,
@@ -234,7 +235,7 @@ def merge_loraclr(
     anchor = None
     if config.anchor == "sum":  # solve for E = D - sum_i dW_i: the same outputs, measured from the sum
         anchor = summed_deltas(problem, torch.float32, problem.W0.device)
-        problem = dataclasses.replace(problem, W0=problem.W0.float() + anchor,
+        problem = dataclasses.replace(problem, W0=problem.W0.float() + anchor, ranks=None,  # dense now
                                       deltas=[d.float() - anchor for d in problem.deltas])
     if config.mode == "paper":
         D, report = _solve_paper(problem, config, callback)
@@ -441,10 +442,7 @@ class _Converged:
         self.X, self.Xr = xs, xr
         self.grams_from_rows = problem.gram is None
         a = (self.w.a_pos + self.w.a_mse).to(device=cfg.device, dtype=sd)  # (N,)
-        self.A0 = torch.zeros(self.in_dim, self.in_dim, dtype=sd, device=cfg.device)
-        for i in range(self.N):  # one Gram at a time in the solve dtype, not a float64 copy of all N
-            self.A0.add_(self.G[i].to(sd), alpha=float(a[i]))
-        self.A0 = _sym(self.A0)
+        self.A0 = gram_sum(self.G, a.tolist(), sd)
         # relative ridge: ridge * (mean feature energy per input direction) * ||D||_F^2, folded into A0 so the
         # closed forms, the majoriser and the line search all see it (trace is basis-independent)
         self.ridge_abs = cfg.ridge * float(torch.diagonal(self.A0).sum()) / problem.W0.shape[1]

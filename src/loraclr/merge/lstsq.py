@@ -24,6 +24,7 @@ from loraclr.merge._common import (
     check_solver,
     gram_matrix,
     gram_stats,
+    gram_sum,
     has_rows,
     resolve_dtype,
     rhs_and_const,
@@ -103,10 +104,7 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
         ones = torch.ones(n, dtype=torch.float64)
         B, _ = rhs_and_const(deltas, stats.gram, Xg, ones, sdtype)  # sum_i dW_i G_i  (out, in)
     in_dim = stats.gram.shape[-1]
-    A = torch.zeros(in_dim, in_dim, dtype=sdtype, device=stats.gram.device)
-    for g in stats.gram:  # sum_i G_i  (in, in), one Gram at a time in the solve dtype
-        A += g.to(sdtype)
-    A = (A + A.T) / 2  # exact symmetry for eigh; float32 accumulation can break it in the last bit
+    A = gram_sum(stats.gram, None, sdtype)  # sum_i G_i  (in, in)
     if config.ridge > 0:
         eye = torch.eye(in_dim, dtype=sdtype, device=A.device)
         A = A + config.ridge * float(torch.diagonal(A).mean()) * eye
