@@ -8,13 +8,14 @@ with the default outputs) runs once per method, each in a fresh Python process, 
 (``getrusage(RUSAGE_SELF).ru_maxrss`` of that process) belongs to that method alone. Phase times come from
 the merge's own :class:`~loraclr.merging.MergeSummary` timings.
 
-Methods (labels): ``paper`` (loraclr, mode paper: 50 AdamW steps), ``converged`` (loraclr, mode converged),
+Methods (labels): ``default`` (loraclr with no settings: what ``loraclr merge`` does by default, the recipe's
+``RECOMMENDED`` preset), ``paper`` (loraclr, mode paper: 50 AdamW steps), ``converged`` (loraclr, mode converged),
 ``lstsq``, ``sum``, and ``paper-official`` / ``converged-official``: the same two modes with the official
 feature settings (every row kept (max_rows 0), 20 sampling steps, cross-attention rows = trigger tokens +
 end-of-text, text-encoder rows = unpadded tokens), which give the issue's solve comparison on the same
 features; far too slow and large for SD 1.5 at 512 px on a CPU, so not in the default list.
 
-    python bench/merge_speed.py                          # N = 12, all four methods, default features
+    python bench/merge_speed.py                          # N = 12, the default merge and the four methods
     python bench/merge_speed.py --methods sum,converged --n 12
     python bench/merge_speed.py --quick                  # N = 2, 128 px, 2 steps: a smoke run
     python bench/merge_speed.py --quick --size tiny      # tiny model from the test config (seconds)
@@ -39,6 +40,7 @@ from pathlib import Path
 # cross-attention k/v, unpadded tokens for the text encoder (the resolution is the model's native one)
 OFFICIAL_FEATURES = {"max_rows": 0, "steps": 20, "cross_attention_rows": "trigger", "text_encoder_rows": "prompt"}
 METHODS = {
+    "default": ("loraclr", {}, {}),  # what `loraclr merge` does with a recipe naming no mode (RECOMMENDED)
     "paper": ("loraclr", {"mode": "paper"}, {}),
     "converged": ("loraclr", {"mode": "converged"}, {}),
     "lstsq": ("lstsq", {}, {}),
@@ -46,7 +48,7 @@ METHODS = {
     "paper-official": ("loraclr", {"mode": "paper", "steps": 50}, OFFICIAL_FEATURES),
     "converged-official": ("loraclr", {"mode": "converged"}, OFFICIAL_FEATURES),
 }
-DEFAULT_METHODS = "paper,converged,lstsq,sum"
+DEFAULT_METHODS = "default,paper,converged,lstsq,sum"
 # distinct nonsense words + a class word: trigger words as users train them (one BPE token or a few)
 WORDS = ["sks", "zwx", "qrt", "ohwx", "bjx", "pfk", "vlt", "kqz", "xjm", "wrd", "tgh", "ylp", "dqv", "fzn", "hmc",
          "nkr"]
@@ -125,6 +127,32 @@ def build_loras(cache: Path, base: Path, n: int, rank: int, scale: float) -> lis
 # --- one merge, in its own process --------------------------------------------------------------------------
 
 
+def layer_type(key: str) -> str:
+    """``unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2`` -> ``unet ff.net.2``: the component and
+    the module's name inside its block, so layers of one kind (and mostly one shape) are counted together."""
+    parts = key.split(".")
+    for anchor in ("transformer_blocks", "attentions", "layers"):
+        if anchor in parts:
+            i = len(parts) - 1 - parts[::-1].index(anchor)
+            return f"{parts[0]} {'.'.join(parts[i + 2:])}"
+    return key
+
+
+def solve_time_by_type(layers: dict) -> dict:
+    """Solve seconds (the per-layer ``time_s`` of the report), layer count and largest single-layer time per
+    layer type, slowest type first."""
+    out: dict[str, dict] = {}
+    for key, r in layers.items():
+        t = r.get("time_s")
+        if t is None:
+            continue
+        o = out.setdefault(layer_type(key), {"seconds": 0.0, "layers": 0, "max_s": 0.0})
+        o["seconds"] += t
+        o["layers"] += 1
+        o["max_s"] = max(o["max_s"], t)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["seconds"]))
+
+
 def worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import torch
@@ -158,6 +186,7 @@ def worker(spec_path: str) -> None:
         "hinge_active_mean": sum(hinge) / len(hinge) if hinge else None,
         "fidelity_mean": {k: sum(v[k] for v in s.fidelity.values()) / len(s.fidelity)
                           for k in ("merged", "sum")} if s.fidelity else None,
+        "solve_s_by_layer_type": solve_time_by_type(report["layers"]),
         "lora_export": s.lora_errors,
         "config": report["config"],
         "threads": torch.get_num_threads(),
@@ -362,8 +391,22 @@ def render(runs: list[dict], notes: str) -> str:
         md += ["", notes]
     for i, run in enumerate(runs, 1):
         md += ["", f"## Run {i}", "", describe(run["meta"]), "", *table(run["results"]), "",
-               "Verdicts: `" + json.dumps(run["verdicts"]) + "`"]
+               "Verdicts: `" + json.dumps(run["verdicts"]) + "`", *by_type_table(run["results"])]
     return "\n".join(md) + "\n"
+
+
+def by_type_table(results: list[dict], top: int = 6) -> list[str]:
+    """Where each method's solve time goes: its ``top`` slowest layer types (runs before this field: none)."""
+    rows = [r for r in results if r.get("solve_s_by_layer_type")]
+    if not rows:
+        return []
+    out = ["", f"Solve seconds by layer type (the {top} slowest; layers, largest single layer):", "",
+           "| method | " + " | ".join(f"#{k + 1}" for k in range(top)) + " |", "|---|" + "---|" * top]
+    for r in rows:
+        cells = [f"{k} {v['seconds']:.0f} s ({v['layers']}, {v['max_s']:.1f})"
+                 for k, v in list(r["solve_s_by_layer_type"].items())[:top]]
+        out.append(f"| {r['label']} | " + " | ".join(cells + ["-"] * (top - len(cells))) + " |")
+    return out
 
 
 

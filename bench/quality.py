@@ -14,17 +14,20 @@ reused for every subset that holds it. Per (N, method) the images of all subsets
 bootstrap 95 % intervals (:func:`loraclr.evaluate.metrics.mean_ci`), the own-LoRA reference on the very same
 concepts, prompts and seeds, and identity merged / own (ratio of means, paired bootstrap over images).
 
-Ablations (``--ablations``): on one fixed subset (N = 5 or the largest below), LoRACLR (``--ablation-mode``) with
-one setting varied at a time: margin, lambda_reg, solver steps (paper mode's AdamW steps, so those rows are
-paper mode whatever the mode), and which layers LoRACLR merges (text encoder / + cross-attention k, v / all;
-the other layers take the naive sum of deltas). Per row: the suites' alignments and the mean fraction of active
+Ablations (``--ablations``): on one fixed subset (N = 5 or the largest below), LoRACLR with one setting varied
+at a time. ``--ablation-mode paper``: around the official recipe, margin, lambda_reg, solver steps (AdamW) and
+which layers LoRACLR merges (text encoder / + cross-attention k, v / all; the other layers take the naive sum of
+deltas). ``--ablation-mode converged``: around the recommended preset of ``loraclr merge``
+(``loraclr.recipe.RECOMMENDED``: converged, anchored at the sum, ridge 0.1), margin, lambda_reg, ridge and layers
+(no steps: it runs to convergence). Per row: the suites' alignments and the mean fraction of active
 hinge terms per layer type (layers LoRACLR merged only).
 
 Outputs: ``<out>.json`` (every number and per-image score, settings, seeds, subsets, git commit, the manifest's
 base step, timings per merge and per evaluation), ``<out>.md`` (one table per N, the ablations, the cost) and
 ``<out>_{identity,text,image}.png`` (metric vs N per method, own-LoRA reference dashed; needs matplotlib, the
 ``plot`` extra, else skipped with a note). During the run ``<out>.partial.json`` holds every finished unit;
-``--resume`` continues from it (same manifest and sizes only).
+``--resume`` continues from it (same manifest and sizes only); ``--extend <old>.json`` reuses a finished run's
+units (e.g. to add N or methods to it).
 
 Cost (2026-11-25, the 2-core machine under a load average of ~4, one torch thread, mini SD at 64 px): an image
 with 25 steps and guidance, scored: 1.24 CPU s (2.3 s wall). Merge wall seconds at N = 1 / 2 / 3: sum, average,
@@ -88,6 +91,11 @@ ABLATIONS: dict[str, tuple] = {
     "lambda_reg": (0.0, 1e-3, 1e-2, 1e-1),
     "steps": (10, 50, 200),
     "layers": ("text_encoder", "cross_attention", "all"),
+}
+# converged mode runs to convergence (no steps); its preset's ridge is varied instead
+CONVERGED_ABLATIONS: dict[str, tuple] = {
+    "margin": ABLATIONS["margin"], "lambda_reg": ABLATIONS["lambda_reg"], "ridge": (0.0, 1e-2, 1e-1, 1.0),
+    "layers": ABLATIONS["layers"],
 }
 QUICK_ABLATIONS: dict[str, tuple] = {"margin": (0.0, 0.5), "layers": ("text_encoder", "all")}
 # the merge's stages that each "layers" row merges with LoRACLR (merge_model's report "stage" per layer)
@@ -317,7 +325,7 @@ def run_unit(bench: Bench, names, method: str, settings: dict, label: str, layer
 class Run:
     """The finished units and references of one run, kept in ``partial`` after each (``--resume`` reads it)."""
 
-    def __init__(self, bench: Bench, partial: Path, fingerprint: dict, resume: bool):
+    def __init__(self, bench: Bench, partial: Path, fingerprint: dict, resume: bool, extend: Path | None = None):
         self.bench, self.partial = bench, partial
         self.state: dict = {"fingerprint": fingerprint, "units": {}, "references": {}}
         if resume and partial.is_file():
@@ -326,6 +334,37 @@ class Run:
                 raise ValueError(f"{partial}: made with other settings ({old['fingerprint']}); run without --resume")
             self.state = old
             print(f"resuming: {len(old['units'])} units and {len(old['references'])} references done", flush=True)
+        if extend is not None:
+            self.extend(extend, fingerprint)
+
+    def extend(self, results: Path, fingerprint: dict) -> None:
+        """Take the units and references of a finished run (its ``<out>.json``) made with the same manifest, base
+        and sizes, so that this run only adds what it lacks (more N, more methods)."""
+        doc = json.loads(results.read_text(encoding="utf-8"))
+        m = doc["meta"]
+        old = {"manifest": str(Path(m["manifest"]).resolve()), "base": str(Path(m["base"]).resolve()),
+               "base_step": m["base_step"], "sizes": m["sizes"]}
+        if old != fingerprint:
+            raise ValueError(f"--extend {results}: made with other settings ({old}), this run has {fingerprint}")
+        units = doc["units"] + ((doc.get("ablations") or {}).get("units") or [])
+        added = 0
+        for u in units:
+            if "error" in u:
+                continue
+            key = self.key(u["subset"], u["method"], u["settings"], u["layers"])
+            if key not in self.state["units"]:
+                self.state["units"][key], added = u, added + 1
+        for name, r in doc["references"].items():
+            self.state["references"].setdefault(name, r)
+        print(f"extending {results}: {added} units and {len(doc['references'])} references taken", flush=True)
+
+    @staticmethod
+    def key(names, method: str, settings: dict, layers: str) -> str:
+        """A unit's identity: subset, method, the resolved config (a row that repeats a default is merged once)."""
+        from loraclr.merge.methods import make_config
+
+        config = dataclasses.asdict(make_config(method, **settings))
+        return json.dumps([list(names), method, config, layers], sort_keys=True)
 
     def references(self, names) -> None:
         for name in names:
@@ -336,11 +375,7 @@ class Run:
                       f"{r['eval_s']:.1f} s", flush=True)
 
     def unit(self, names, label: str, method: str, settings: dict, layers: str = "all") -> dict:
-        from loraclr.merge.methods import make_config
-
-        # keyed by the resolved config, so a row that repeats a default (margin 0.5, ...) is merged once
-        config = dataclasses.asdict(make_config(method, **settings))
-        key = json.dumps([list(names), method, config, layers], sort_keys=True)
+        key = self.key(names, method, settings, layers)
         units = self.state["units"]
         if key not in units:
             u = units[key] = run_unit(self.bench, names, method, settings, label, layers)
@@ -407,10 +442,14 @@ def ablation_row(unit: dict, group: str, value) -> dict:
 
 
 def ablation_units(mode: str, quick: bool) -> list[tuple[str, object, dict, str]]:
-    """(group, value, settings, layers) per row of the ablation grid."""
-    base = {"mode": mode}
+    """(group, value, settings, layers) per row of the ablation grid: around the official recipe (``paper``) or
+    the recommended preset (``converged``)."""
+    from loraclr.recipe import RECOMMENDED
+
+    base = {"mode": "paper"} if mode == "paper" else dict(RECOMMENDED["loraclr"])
+    grid = QUICK_ABLATIONS if quick else (ABLATIONS if mode == "paper" else CONVERGED_ABLATIONS)
     rows = []
-    for group, values in (QUICK_ABLATIONS if quick else ABLATIONS).items():
+    for group, values in grid.items():
         for v in values:
             if group == "layers":
                 rows.append((group, v, dict(base), v))
@@ -450,7 +489,9 @@ def render(doc: dict) -> str:
         f"{ev['identity_threshold']}). Commit {meta['git_commit']}"
         f"{' (dirty)' if meta['git_dirty'] else ''}; `{meta['command']}` ({meta['date_utc']} UTC, "
         f"{meta['threads']} torch thread(s), {meta['nproc']} cores, load average at the end "
-        f"{meta['load_average_at_end'][0]:.1f}); this process took {meta['total_s'] / 60:.1f} min.",
+        f"{meta['load_average_at_end'][0]:.1f}); this process took {meta['total_s'] / 60:.1f} min."
+        + (f" It extends `{meta['extends']['results']}` (`{meta['extends']['command']}`), whose finished units it "
+           "reused (same manifest, base and sizes)." if meta.get("extends") else ""),
         "",
         "Columns: single-concept suite means with bootstrap 95 % intervals over the pooled images of all subsets; "
         "*own* = the same concepts, prompts and seeds drawn with each concept's own LoRA alone (before merging); "
@@ -477,8 +518,10 @@ def render(doc: dict) -> str:
     if doc.get("ablations"):
         ab = doc["ablations"]
         md += ["", f"## Ablations (Fig. 8): subset {ab['subset']}, LoRACLR mode {ab['mode']}", "",
-               "One setting varied at a time around the defaults (margin 0.5, lambda_reg 1e-3, 50 steps, all layers); "
-               "steps rows are paper mode. Hinge = mean fraction of active hinge terms per layer of each type "
+               ("One setting varied at a time around the official recipe (margin 0.5, lambda_reg 1e-3, 50 steps, all "
+                "layers). " if ab["mode"] == "paper" else
+                "One setting varied at a time around the recommended preset (converged, anchor sum, ridge 0.1, margin "
+                "0.5, lambda_reg 1e-3, all layers). ") + "Margin 0 switches the contrastive term off. Hinge = mean fraction of active hinge terms per layer of each type "
                "(layers merged by LoRACLR only).", "",
                "| setting | value | identity | text | image | multi identity | all identities | hinge te | "
                "hinge k/v | hinge spatial | merge s | D / sum |",
@@ -613,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke sizes: N 1 2, one subset, methods {', '.join(QUICK_METHODS)}, {QUICK_SIZES}")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.partial.json")
+    ap.add_argument("--extend", default=None, help="a finished run's .json (same manifest, base, sizes): reuse its "
+                                                  "units, run only the new N / methods / ablations")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"),
                     help="results prefix (.json / .md / _*.png)")
     ap.add_argument("--notes", nargs="*", default=[], help="lines for the top of the .md")
@@ -709,7 +754,7 @@ def execute(args, setup: Setup, base_copy: Path, base_state: dict | None) -> int
     evaluators = load_evaluators(folder=args.evaluators)
     bench = Bench(base_copy, setup.specs, evaluators, sizes)
     setup_s = time.perf_counter() - t
-    run = Run(bench, partial, fingerprint, args.resume)
+    run = Run(bench, partial, fingerprint, args.resume, Path(args.extend) if args.extend else None)
     state = run.state
     plan = [(n, sub, lb) for n in ns for sub in subsets[n] for lb in labels]
     abl_n = min(args.ablation_n, len(names))
@@ -750,6 +795,8 @@ def execute(args, setup: Setup, base_copy: Path, base_state: dict | None) -> int
                "identity_threshold": None if evaluators.identity is None else evaluators.identity.threshold}
     meta = {
         "command": setup.command, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        "extends": None if not args.extend else {"results": args.extend,
+                                                 "command": json.loads(Path(args.extend).read_text())["meta"]["command"]},
         "git_commit": commit, "git_dirty": dirty, "manifest": str(setup.manifest),
         "manifest_base": mdoc.get("base"), "manifest_base_step": mdoc.get("base_step"),
         "manifest_budget": mdoc.get("budget"),

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import tempfile
@@ -45,12 +46,14 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from loraclr.recipe import RECOMMENDED
+
 HERE = Path(__file__).resolve().parent
 PAPER_STEPS = 50  # the official LoRACLR optimisation: 50 AdamW steps per layer
 LBFGS_STEPS = 500  # Mix-of-Show gradient fusion: optimize_textenc_iters (its UNet setting is 50)
-SOLVE_METHODS = ("sum", "lstsq", "converged", "paper", "lbfgs")
+SOLVE_METHODS = ("sum", "lstsq", "converged", "default", "paper", "lbfgs")
 BASELINES = ("paper", "lbfgs")
-FAST = ("lstsq", "converged")  # compared against each baseline
+FAST = ("lstsq", "converged", "default")  # compared against each baseline
 
 
 def _load(name: str):
@@ -196,6 +199,7 @@ SOLVERS: dict[str, Callable] = {
     "sum": _closed_form("sum", None),
     "lstsq": _closed_form("lstsq", None),
     "converged": _closed_form("loraclr", {"mode": "converged"}),
+    "default": _closed_form("loraclr", dict(RECOMMENDED["loraclr"])),  # what `loraclr merge` runs by default
     "paper": _paper,
     "lbfgs": _lbfgs,
 }
@@ -212,19 +216,48 @@ def lsq_mse(problem, D: Tensor) -> float:
 # --- solve part ----------------------------------------------------------------------------------------------
 
 
-def layer_shapes(family: str, size: str) -> list[dict]:
+OFFICIAL_TIMESTEPS = 20  # the official feature run: 20 DPM-Solver steps at the native resolution
+OFFICIAL_TE_ROWS = 176  # text encoder: (7 + 4) tokens x 16 layer-wise prompts (bench/solve_speed.py)
+OFFICIAL_KV_ROWS = 6  # cross-attention k / v: 3 positions (trigger tokens + end-of-text) x 2 prompts
+
+
+def official_rows(key: str, unet_config: dict, timesteps: int) -> int:
+    """Rows per concept that the official feature collection records at layer ``key``: the text encoder's and
+    cross-attention k/v's token rows, and for every other UNet layer its block's latent positions at the
+    native resolution (``sample_size``: 64 for SD 1.5, 128 for SDXL) x ``timesteps`` sampling steps."""
+    if not key.startswith("unet."):
+        return OFFICIAL_TE_ROWS
+    if ".attn2.to_k" in key or ".attn2.to_v" in key:
+        return OFFICIAL_KV_ROWS
+    levels = len(unet_config["down_block_types"])
+    m = re.match(r"unet\.(down|up)_blocks\.(\d+)\.", key)
+    if m:
+        depth = int(m[2]) if m[1] == "down" else levels - 1 - int(m[2])
+    elif key.startswith("unet.mid_block."):
+        depth = levels - 1
+    else:
+        raise ValueError(f"official_rows: no block resolution for layer {key!r}")
+    side = unet_config["sample_size"] // 2**depth
+    return side * side * timesteps
+
+
+def layer_shapes(family: str, size: str, timesteps: int | None = None) -> list[dict]:
     """One entry per distinct (component, flattened weight shape) of the default kohya modules, with its
-    first key and how many modules share it (from the config on the meta device: no weights)."""
+    first key and how many modules share it (from the config on the meta device: no weights). With
+    ``timesteps``, also per distinct official row count (:func:`official_rows`), kept as ``rows``."""
     from loraclr.models import build_components, default_lora_targets
 
     comps = build_components(family, size, device="meta", with_vae=False)
+    unet_config = dict(comps["unet"].config)
     groups: dict[tuple, dict] = {}
     for key, mod in default_lora_targets(comps).items():
         w = mod.weight  # Linear (out, in) or 1x1 Conv2d (out, in, 1, 1): flattened to (out, in)
-        sig = (key.split(".")[0], int(w.shape[0]), int(w[0].numel()))
-        g = groups.setdefault(sig, {"key": key, "component": sig[0], "out": sig[1], "in": sig[2], "count": 0})
+        rows = None if timesteps is None else official_rows(key, unet_config, timesteps)
+        sig = (key.split(".")[0], int(w.shape[0]), int(w[0].numel()), rows)
+        g = groups.setdefault(sig, {"key": key, "component": sig[0], "out": sig[1], "in": sig[2], "count": 0,
+                                    **({} if rows is None else {"rows": rows})})
         g["count"] += 1
-    return sorted(groups.values(), key=lambda g: (g["component"], g["in"] * g["out"]))
+    return sorted(groups.values(), key=lambda g: (g["component"], g["in"] * g["out"], g.get("rows", 0)))
 
 
 def _predict(history: list[tuple[int, float]], n: int) -> float | None:
@@ -241,17 +274,18 @@ def _predict(history: list[tuple[int, float]], n: int) -> float | None:
 
 
 def run_solve(family: str, args) -> dict:
-    shapes = layer_shapes(family, args.size)
+    shapes = layer_shapes(family, args.size, args.timesteps if args.rows == "official" else None)
     if args.shapes:  # a subset, e.g. to fill in cells a budgeted run left out (then not a whole-model estimate)
         shapes = [s for s in shapes if any(w in s["key"] for w in args.shapes.split(","))]
     print(f"{family}: {len(shapes)} layer shapes, {sum(s['count'] for s in shapes)} modules", flush=True)
     cells, history = [], {}
     for si, s in enumerate(shapes):
         for n in args.ns:
-            problem = SS.make_problem(s["key"], s["in"], s["out"], args.rows, n, args.rank, seed=1000 * si + n)
+            rows = s.get("rows", args.rows)
+            problem = SS.make_problem(s["key"], s["in"], s["out"], rows, n, args.rank, seed=1000 * si + n)
             inputs_mb = sum(t.numel() * t.element_size() for t in [problem.W0, *problem.deltas, *problem.X]) / 2**20
             for m in args.solve_methods:
-                cell = {"shape": s["key"], "N": n, "method": m, "inputs_mb": inputs_mb}
+                cell = {"shape": s["key"], "N": n, "method": m, "rows": rows, "inputs_mb": inputs_mb}
                 hist = history.setdefault((s["key"], m), [])
                 pred = _predict(hist, n)
                 if args.max_cell_s and pred is not None and pred > args.max_cell_s:
@@ -270,7 +304,7 @@ def run_solve(family: str, args) -> dict:
                             steps_run=r.steps_run, steps_official=r.steps_official, peak_rss_mb=mem.mb,
                             loss=r.loss, lsq_mse=lsq_mse(problem, r.offset), info=r.info)
                 cells.append(cell)
-                print(f"  {s['key']} ({s['out']}x{s['in']}, x{s['count']}) N={n} {m}: {r.seconds:.3g} s"
+                print(f"  {s['key']} ({s['out']}x{s['in']}, x{s['count']}, {rows} rows) N={n} {m}: {r.seconds:.3g} s"
                       f"{' (extrapolated)' if r.extrapolated else ''}, wall {r.measured_s:.3g} s, peak "
                       f"{mem.mb if mem.mb is None else round(mem.mb)} MB", flush=True)
             del problem
@@ -407,8 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (solve part: this process)")
     # solve part
     ap.add_argument("--solve-methods", default=",".join(SOLVE_METHODS))
-    ap.add_argument("--rows", type=int, default=None,
-                    help="rows per concept per layer (default: the merge's cap, FeatureSettings.max_rows)")
+    ap.add_argument("--rows", default=None,
+                    help="rows per concept per layer (default: the merge's cap, FeatureSettings.max_rows), or "
+                         "'official': the official feature collection's per layer (see --timesteps)")
+    ap.add_argument("--timesteps", type=int, default=2,
+                    help=f"--rows official: sampling steps of the spatial layers' rows (official: "
+                         f"{OFFICIAL_TIMESTEPS}; fewer keep paper's 50 AdamW steps affordable)")
     ap.add_argument("--paper-steps", type=int, default=3, help=f"AdamW steps run (time = {PAPER_STEPS} x median)")
     ap.add_argument("--lbfgs-steps", type=int, default=5, help=f"L-BFGS iterations run (time scaled to {LBFGS_STEPS})")
     ap.add_argument("--repeat", type=int, default=1, help="runs of each closed-form solve (median)")
@@ -434,7 +472,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     global SS
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     from loraclr.recipe import FeatureSettings
 
     SS = _load("solve_speed")
@@ -452,12 +491,17 @@ def main(argv: list[str] | None = None) -> int:
     args.methods = _names(args.methods, ms.METHODS, "whole-merge method")
     args.features = {}
     if args.quick:
-        args.size, args.rows, args.paper_steps, args.lbfgs_steps = "tiny", args.rows or 32, 2, 5
+        args.size, args.rows, args.paper_steps, args.lbfgs_steps = "tiny", args.rows or "32", 2, 5
         args.n, args.n_solve_extra = args.n or "2,3", args.n_solve_extra or ""
         args.features = {"resolution": 128, "steps": 2}
     for name in ("steps", "precision"):
         if getattr(args, name) is not None:
             args.features[name] = getattr(args, name)
+    if args.rows not in (None, "official"):
+        try:
+            args.rows = int(args.rows)
+        except ValueError:
+            ap.error(f"--rows: an integer or 'official', not {args.rows!r}")
     args.rows = args.rows or FeatureSettings().max_rows
     args.n, args.n_solve_extra = args.n or "2,6,12", "50" if args.n_solve_extra is None else args.n_solve_extra
     args.ns_whole = _ints(args.n)
@@ -469,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         "uptime_start": _uptime(), "nproc": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(), "git": _git(), "size": args.size,
-        "rank": args.rank, "rows_per_concept": args.rows, "paper_steps_run": args.paper_steps,
+        "rank": args.rank, "rows_per_concept": args.rows,
+        "official_timesteps": args.timesteps if args.rows == "official" else None, "paper_steps_run": args.paper_steps,
         "paper_steps_official": PAPER_STEPS, "lbfgs_steps_run": args.lbfgs_steps, "lbfgs_steps_official": LBFGS_STEPS,
         "repeat": args.repeat, "max_cell_s": args.max_cell_s, "n_solve": args.ns, "n_whole": args.ns_whole,
         "whole_features_overrides": args.features, "whole_baseline": args.baseline,
@@ -542,7 +587,13 @@ def solve_section(fam: str, part: dict, m: dict) -> list[str]:
     n_mod = sum(s["count"] for s in shapes)
     md = [f"## Solve phase, {fam} ({m['size']} config): {len(shapes)} layer shapes standing for {n_mod} modules", "",
           f"Random W0, rows (uneven channel scales, per-concept shifts) and rank-{m['rank']} deltas at each shape; "
-          f"**{m['rows_per_concept']} rows per concept per layer** (the merge keeps up to 2048 by default). "
+          + (f"**the official feature collection's rows per concept** (text encoder {OFFICIAL_TE_ROWS}, cross-attention "
+             f"k/v {OFFICIAL_KV_ROWS}, other UNet layers their latent positions at the native resolution x "
+             f"{m['official_timesteps']} of the official {OFFICIAL_TIMESTEPS} sampling steps; paper's time grows "
+             f"linearly with the rows, the closed-form solves' only partly, so at fewer steps the paper / converged "
+             f"ratios are lower bounds of the official ones). "
+             if m.get("official_timesteps") else
+             f"**{m['rows_per_concept']} rows per concept per layer** (the merge keeps up to 2048 by default). ") +
           f"Whole-model seconds = sum over shapes of (one layer's seconds x layers of that shape): an "
           f"extrapolation from one layer per shape. paper = {m['paper_steps_official']} x its median AdamW "
           f"step ({m['paper_steps_run']} run; setup excluded); lbfgs = setup + time per loss evaluation x the "
@@ -588,7 +639,8 @@ def solve_section(fam: str, part: dict, m: dict) -> list[str]:
     for s in shapes:
         for n in est:
             cs = [by.get((s["key"], int(n), x)) for x in methods]
-            md.append(f"| {s['key']} ({s['out']}x{s['in']}, x{s['count']}) | {n} | " + " | ".join(
+            rows = f", {s['rows']} rows" if "rows" in s else ""
+            md.append(f"| {s['key']} ({s['out']}x{s['in']}, x{s['count']}{rows}) | {n} | " + " | ".join(
                 "-" if c is None else f"{c['seconds']:.3g}{'*' if c['extrapolated'] and c['measured_s'] else ''}"
                 f"{'†' if c['measured_s'] is None else ''} / {_s(c['peak_rss_mb'])} / {_s(c.get('lsq_mse'))}"
                 for c in cs) + " |")

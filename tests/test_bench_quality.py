@@ -159,3 +159,38 @@ def test_layer_ablation_takes_the_naive_sum_outside_the_set(bench, world):
     te = dict(te_only.pipe.text_encoder.named_parameters())
     assert all(torch.equal(p, te[n]) for n, p in full.pipe.text_encoder.named_parameters())
     assert any(not torch.equal(p, dict(naive.pipe.text_encoder.named_parameters())[n]) for n, p in te.items())
+
+
+def test_ablation_grids(bench):
+    from loraclr.recipe import RECOMMENDED
+
+    paper = bench.ablation_units("paper", quick=False)
+    assert {g for g, *_ in paper} == {"margin", "lambda_reg", "steps", "layers"}
+    assert all(s["mode"] == "paper" for _, _, s, _ in paper)
+    conv = bench.ablation_units("converged", quick=False)
+    assert {g for g, *_ in conv} == {"margin", "lambda_reg", "ridge", "layers"}  # no steps: it converges
+    for group, value, settings, layers in conv:  # one setting varied around the recommended preset
+        want = {**RECOMMENDED["loraclr"], **({} if group == "layers" else {group: value})}
+        assert settings == want and layers == (value if group == "layers" else "all")
+
+
+def test_extend_reuses_a_finished_run(bench, world, tmp_path):
+    base, manifest = world
+    first, second = tmp_path / "a" / "quality", tmp_path / "b" / "quality"
+    common = ["--quick", "--manifest", str(manifest), "--base", str(base), "--steps", "2", "--ns", "1"]
+    assert bench.main([*common, "--methods", "sum", "--out", str(first)]) == 0
+    old = json.loads(first.with_suffix(".json").read_text())
+    assert bench.main([*common, "--methods", "sum", "average", "--extend", str(first.with_suffix(".json")),
+                       "--out", str(second)]) == 0
+    new = json.loads(second.with_suffix(".json").read_text())
+    (old_sum,) = [u for u in old["units"] if u["label"] == "sum"]
+    (new_sum,) = [u for u in new["units"] if u["label"] == "sum"]
+    assert new_sum == old_sum  # taken over, not merged and drawn again (timings would differ)
+    assert [u["label"] for u in new["units"]] == ["sum", "average"]
+    assert new["references"] == old["references"]
+    assert new["meta"]["extends"]["results"] == str(first.with_suffix(".json"))
+    assert "It extends" in second.with_suffix(".md").read_text()
+    # a run with other sizes cannot take them
+    with pytest.raises(ValueError, match="other settings"):
+        bench.main([*common, "--seeds", "3", "--methods", "sum", "--extend", str(first.with_suffix(".json")),
+                    "--out", str(tmp_path / "c" / "quality")])

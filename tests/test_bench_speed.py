@@ -109,3 +109,46 @@ def test_cells_predicted_over_budget_are_not_run_and_say_so(speed, tmp_path):
             assert math.isfinite(c["seconds"])
     assert part["summary"]["estimate"]["4"]["methods"]["lstsq"]["predicted_not_run"] == len(part["shapes"])
     assert "†" in out.with_suffix(".md").read_text()
+
+
+def test_official_rows_follow_the_block_resolution(speed):
+    from loraclr.models import build_components
+
+    for family, side in (("sd1", 64), ("sdxl", 128)):  # native latent side: 512 / 1024 px
+        cfg = dict(build_components(family, "real", device="meta", with_vae=False)["unet"].config)
+        assert cfg["sample_size"] == side
+
+        def rows(key, cfg=cfg):
+            return speed.official_rows(key, cfg, 20)
+
+        assert rows("text_encoder.text_model.encoder.layers.0.mlp.fc1") == speed.OFFICIAL_TE_ROWS
+        assert rows("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_v") == speed.OFFICIAL_KV_ROWS
+        levels = len(cfg["down_block_types"])
+        assert rows("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q") == (side // 2) ** 2 * 20
+        assert rows("unet.mid_block.attentions.0.proj_in") == (side // 2 ** (levels - 1)) ** 2 * 20
+        # the up path mirrors the down path: the last up block works at the first down block's resolution
+        assert rows(f"unet.up_blocks.{levels - 1}.attentions.0.proj_out") == side**2 * 20
+    with pytest.raises(ValueError, match="unet.conv_in"):
+        speed.official_rows("unet.conv_in", cfg, 20)
+
+
+def test_official_rows_run_gives_each_shape_its_rows(speed, tmp_path):
+    out = tmp_path / "speed"
+    speed.main(["--quick", "--part", "solve", "--families", "sd1", "--n", "2", "--rows", "official",
+                "--timesteps", "1", "--solve-methods", "sum,default,paper", "--out", str(out)])
+    res = json.loads(out.with_suffix(".json").read_text())
+    part = res["solve"]["sd1"]
+    rows = {s["key"]: s["rows"] for s in part["shapes"]}
+    assert speed.OFFICIAL_KV_ROWS in rows.values() and speed.OFFICIAL_TE_ROWS in rows.values()
+    for c in part["cells"]:
+        assert c["rows"] == rows[c["shape"]]
+    # shapes at two resolutions stay two groups (their rows differ), so every module is counted once
+    from loraclr.models import build_components, default_lora_targets
+
+    n_modules = len(default_lora_targets(build_components("sd1", "tiny", device="meta", with_vae=False)))
+    assert sum(s["count"] for s in part["shapes"]) == n_modules
+    est = part["summary"]["estimate"]["2"]
+    assert est["ratios"]["paper/default"] == pytest.approx(est["methods"]["paper"]["seconds"]
+                                                          / est["methods"]["default"]["seconds"])
+    assert res["meta"]["official_timesteps"] == 1 and res["meta"]["rows_per_concept"] == "official"
+    assert "official feature collection's rows" in out.with_suffix(".md").read_text()
