@@ -27,7 +27,7 @@ base step, timings per merge and per evaluation), ``<out>.md`` (one table per N,
 ``<out>_{identity,text,image}.png`` (metric vs N per method, own-LoRA reference dashed; needs matplotlib, the
 ``plot`` extra, else skipped with a note). During the run ``<out>.partial.json`` holds every finished unit;
 ``--resume`` continues from it (same manifest and sizes only); ``--extend <old>.json`` reuses a finished run's
-units (e.g. to add N or methods to it).
+units (e.g. to add N or methods to it, or to join runs made in parallel).
 
 Cost (2026-11-25, the 2-core machine under a load average of ~4, one torch thread, mini SD at 64 px): an image
 with 25 steps and guidance, scored: 1.24 CPU s (2.3 s wall). Merge wall seconds at N = 1 / 2 / 3: sum, average,
@@ -325,7 +325,7 @@ def run_unit(bench: Bench, names, method: str, settings: dict, label: str, layer
 class Run:
     """The finished units and references of one run, kept in ``partial`` after each (``--resume`` reads it)."""
 
-    def __init__(self, bench: Bench, partial: Path, fingerprint: dict, resume: bool, extend: Path | None = None):
+    def __init__(self, bench: Bench, partial: Path, fingerprint: dict, resume: bool, extend: list[Path] = ()):
         self.bench, self.partial = bench, partial
         self.state: dict = {"fingerprint": fingerprint, "units": {}, "references": {}}
         if resume and partial.is_file():
@@ -334,8 +334,8 @@ class Run:
                 raise ValueError(f"{partial}: made with other settings ({old['fingerprint']}); run without --resume")
             self.state = old
             print(f"resuming: {len(old['units'])} units and {len(old['references'])} references done", flush=True)
-        if extend is not None:
-            self.extend(extend, fingerprint)
+        for results in extend:
+            self.extend(results, fingerprint)
 
     def extend(self, results: Path, fingerprint: dict) -> None:
         """Take the units and references of a finished run (its ``<out>.json``) made with the same manifest, base
@@ -490,8 +490,8 @@ def render(doc: dict) -> str:
         f"{' (dirty)' if meta['git_dirty'] else ''}; `{meta['command']}` ({meta['date_utc']} UTC, "
         f"{meta['threads']} torch thread(s), {meta['nproc']} cores, load average at the end "
         f"{meta['load_average_at_end'][0]:.1f}); this process took {meta['total_s'] / 60:.1f} min."
-        + (f" It extends `{meta['extends']['results']}` (`{meta['extends']['command']}`), whose finished units it "
-           "reused (same manifest, base and sizes)." if meta.get("extends") else ""),
+        + "".join(f" It extends `{x['results']}` (`{x['command']}`), whose finished units it reused (same "
+                  "manifest, base and sizes)." for x in meta.get("extends") or []),
         "",
         "Columns: single-concept suite means with bootstrap 95 % intervals over the pooled images of all subsets; "
         "*own* = the same concepts, prompts and seeds drawn with each concept's own LoRA alone (before merging); "
@@ -656,8 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quick", action="store_true",
                     help=f"smoke sizes: N 1 2, one subset, methods {', '.join(QUICK_METHODS)}, {QUICK_SIZES}")
     ap.add_argument("--resume", action="store_true", help="continue from <out>.partial.json")
-    ap.add_argument("--extend", default=None, help="a finished run's .json (same manifest, base, sizes): reuse its "
-                                                  "units, run only the new N / methods / ablations")
+    ap.add_argument("--extend", nargs="+", default=None,
+                    help="finished runs' .json (same manifest, base, sizes): reuse their units, run only the new "
+                         "N / methods / ablations (e.g. to join runs made in parallel)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quality"),
                     help="results prefix (.json / .md / _*.png)")
     ap.add_argument("--notes", nargs="*", default=[], help="lines for the top of the .md")
@@ -754,7 +755,7 @@ def execute(args, setup: Setup, base_copy: Path, base_state: dict | None) -> int
     evaluators = load_evaluators(folder=args.evaluators)
     bench = Bench(base_copy, setup.specs, evaluators, sizes)
     setup_s = time.perf_counter() - t
-    run = Run(bench, partial, fingerprint, args.resume, Path(args.extend) if args.extend else None)
+    run = Run(bench, partial, fingerprint, args.resume, [Path(x) for x in args.extend or []])
     state = run.state
     plan = [(n, sub, lb) for n in ns for sub in subsets[n] for lb in labels]
     abl_n = min(args.ablation_n, len(names))
@@ -795,8 +796,8 @@ def execute(args, setup: Setup, base_copy: Path, base_state: dict | None) -> int
                "identity_threshold": None if evaluators.identity is None else evaluators.identity.threshold}
     meta = {
         "command": setup.command, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "extends": None if not args.extend else {"results": args.extend,
-                                                 "command": json.loads(Path(args.extend).read_text())["meta"]["command"]},
+        "extends": [{"results": x, "command": json.loads(Path(x).read_text())["meta"]["command"]}
+                    for x in args.extend or []],
         "git_commit": commit, "git_dirty": dirty, "manifest": str(setup.manifest),
         "manifest_base": mdoc.get("base"), "manifest_base_step": mdoc.get("base_step"),
         "manifest_budget": mdoc.get("budget"),

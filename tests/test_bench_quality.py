@@ -188,7 +188,7 @@ def test_extend_reuses_a_finished_run(bench, world, tmp_path):
     assert new_sum == old_sum  # taken over, not merged and drawn again (timings would differ)
     assert [u["label"] for u in new["units"]] == ["sum", "average"]
     assert new["references"] == old["references"]
-    assert new["meta"]["extends"]["results"] == str(first.with_suffix(".json"))
+    assert [x["results"] for x in new["meta"]["extends"]] == [str(first.with_suffix(".json"))]
     assert "It extends" in second.with_suffix(".md").read_text()
     # a run with other sizes cannot take them
     with pytest.raises(ValueError, match="other settings"):
