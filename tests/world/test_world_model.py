@@ -140,3 +140,15 @@ def test_streamed_batches_depend_only_on_seed_and_step(tmp_path):
                       size="tiny", batch=2, total_steps=10, max_steps=2, grid_kwargs=dict(
                           scenes=T.SAMPLE_SCENES[:1], per_prompt=1, steps=1))
     assert st["step"] == 2 and st["data"]["n"] == "stream"
+
+
+def test_shipped_world_fits_its_40_mb_budget():
+    """Issue 4: everything shipped (base, tokenizer, evaluators, concept LoRAs) is at most 40 MB, with one
+    tokenizer copy (the built-in pipeline's)."""
+    from loraclr.world.tokenizer import ASSETS, TOKENIZER_DIR
+
+    files = [p for p in ASSETS.rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    assert total <= 40e6, f"{total / 1e6:.1f} MB shipped under {ASSETS}"
+    vocabs = [p for p in files if p.name == "vocab.json"]
+    assert vocabs == [TOKENIZER_DIR / "vocab.json"], vocabs

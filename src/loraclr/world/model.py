@@ -144,7 +144,8 @@ def save_pipeline_folder(vae, text_encoder, unet, folder: str | Path, state: dic
 
     The folder is written beside the target under a temporary name and renamed into place, so a reader (or
     a crash) never sees a half-written model. ``state`` is written as ``training_state.json`` inside it.
-    The tokenizer is copied from ``assets/tokenizer`` (vocab.json + merges.txt, as SD ships it).
+    The tokenizer is copied from ``TOKENIZER_DIR`` (the built-in model's, vocab.json + merges.txt, as SD
+    ships it), before ``folder`` is replaced, so writing the built-in model itself keeps it.
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +161,7 @@ def save_pipeline_folder(vae, text_encoder, unet, folder: str | Path, state: dic
     pipe = assemble_pipeline(*parts)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
+    load_tokenizer()  # a clear error (how to rebuild it) when the committed tokenizer is missing
     shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
     if state is not None:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -3,7 +3,8 @@
 The vocabulary of OpenAI's CLIP (and so of SD 1.x / SDXL) is the file ``bpe_simple_vocab_16e6.txt.gz`` that
 ships inside the ``open_clip_torch`` wheel. This module turns it into a ``transformers.CLIPTokenizer`` and
 saves it as an ordinary tokenizer folder, so no model hub is needed. The committed folder
-``assets/tokenizer`` was made with ``python -m loraclr.world.tokenizer BPE_GZ OUT_DIR``.
+``assets/mini-sd/tokenizer`` (the built-in model's tokenizer, the only copy shipped) was made with
+``python -m loraclr.world.tokenizer BPE_GZ OUT_DIR``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 
 ASSETS = Path(__file__).parent / "assets"
-TOKENIZER_DIR = ASSETS / "tokenizer"
+# one copy, inside the built-in pipeline folder (a second one beside it cost 1.5 MB of the 40 MB budget);
+# save_pipeline_folder copies it into every pipeline it writes, the built-in one included
+TOKENIZER_DIR = ASSETS / "mini-sd" / "tokenizer"
 
 # CLIP keeps the first 49152 - 256 - 2 merges of the file (its SimpleTokenizer does the same slice).
 _N_MERGES = 49152 - 256 - 2
@@ -48,6 +51,12 @@ def build_clip_tokenizer(bpe_gz: str | Path, model_max_length: int = 77) -> CLIP
 
 def load_tokenizer(path: str | Path = TOKENIZER_DIR) -> CLIPTokenizer:
     """The committed SD tokenizer (or any tokenizer folder)."""
+    if not (Path(path) / "vocab.json").is_file():
+        raise FileNotFoundError(
+            f"no tokenizer at {path} (vocab.json missing); rebuild SD's CLIP tokenizer offline with "
+            "`python -m loraclr.world.tokenizer <open_clip_torch's bpe_simple_vocab_16e6.txt.gz> "
+            f"{TOKENIZER_DIR}`"
+        )
     return CLIPTokenizer.from_pretrained(str(path))
 
 
