@@ -521,7 +521,7 @@ def render(doc: dict) -> str:
                ("One setting varied at a time around the official recipe (margin 0.5, lambda_reg 1e-3, 50 steps, all "
                 "layers). " if ab["mode"] == "paper" else
                 "One setting varied at a time around the recommended preset (converged, anchor sum, ridge 0.1, margin "
-                "0.5, lambda_reg 1e-3, all layers). ") + "Margin 0 switches the contrastive term off. Hinge = mean fraction of active hinge terms per layer of each type "
+                "0.5, lambda_reg 1e-3, all layers). ") + own_line(doc, ab["subset"]) + "Margin 0 switches the contrastive term off. Hinge = mean fraction of active hinge terms per layer of each type "
                "(layers merged by LoRACLR only).", "",
                "| setting | value | identity | text | image | multi identity | all identities | hinge te | "
                "hinge k/v | hinge spatial | merge s | D / sum |",
@@ -547,6 +547,17 @@ def render(doc: dict) -> str:
     for label, vals in c["merge_s"]["by_label"].items():
         md.append(f"| {label} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in vals) + " |")
     return "\n".join(md) + "\n"
+
+
+def own_line(doc: dict, subset: list[str]) -> str:
+    """The subset's own-LoRA reference (each concept drawn with only its LoRA, same prompts and seeds)."""
+    refs = doc.get("references") or {}
+    images = [r for name in subset for r in (refs.get(name) or {}).get("single", {}).get("images", [])]
+    if not images:
+        return ""
+    sv = single_values(images)
+    return (f"Own LoRAs on the same prompts and seeds (before merging): identity {_f(stat(sv['identity']))}, text "
+            f"{_f(stat(sv['text']))}, image {_f(stat(sv['image']))}. ")
 
 
 def cost(units: list[dict], refs: dict[str, dict]) -> dict:
