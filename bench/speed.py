@@ -521,19 +521,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     res: dict = {"meta": meta, "solve": {}, "whole": []}
     t0 = time.perf_counter()
+    out = Path(args.out) if args.out else None
+    partial = out.with_name(out.name + ".partial.json") if out else None
     if "solve" in parts:
         for fam in args.families_list:
             res["solve"][fam] = run_solve(fam, args)
+            if partial:  # a long run stopped later keeps the families it finished
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps(res, indent=1))
     if "whole" in parts:
         for fam in args.whole_families:
             res["whole"] += run_whole(fam, args)
         res["whole_ratios"] = whole_ratios(res["whole"], args.baseline)
     meta.update(uptime_end=_uptime(), date_utc_end=time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                 wall_s=time.perf_counter() - t0)
-    out = Path(args.out) if args.out else None
     if out:  # the numbers first: a report bug must not lose a long run
         out.parent.mkdir(parents=True, exist_ok=True)
         out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        if partial and partial.exists():
+            partial.unlink()
     md = render(res, args.notes, ms)
     print(md)
     if out:
