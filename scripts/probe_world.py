@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--own-loras", action="store_true",
                    help="generate each concept with its own LoRA of the world manifest from its trigger prompt")
     p.add_argument("--allow-pickle", action="store_true", help="--own-loras: also load the ED-LoRA .pth files")
+    p.add_argument("--manifest", default=None, help="--own-loras: concept manifest (default: the shipped one)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         from loraclr.evaluate import load_manifest
         from loraclr.pipeline import load_with_loras
 
-        specs = {s.identity: s for s in load_manifest() if s.kind == "identity" and s.file is not None}
+        manifest = load_manifest(args.manifest) if args.manifest else load_manifest()
+        specs = {s.identity: s for s in manifest if s.kind == "identity" and s.file is not None}
     names = args.concepts.split(",") if args.concepts else list(specs or S.CONCEPTS)
     unknown = [n for n in names if n not in S.CONCEPTS or (specs and n not in specs)]
     if unknown:
