@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from loraclr.world.tokenizer import TOKENIZER_DIR, load_tokenizer
+from loraclr.world.tokenizer import load_tokenizer, tokenizer_folder
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,7 @@ def save_pipeline_folder(vae, text_encoder, unet, folder: str | Path, state: dic
     pipe = assemble_pipeline(*parts)
     pipe.save_pretrained(str(tmp), safe_serialization=True)
     shutil.rmtree(tmp / "tokenizer", ignore_errors=True)
-    load_tokenizer()  # a clear error (how to rebuild it) when the committed tokenizer is missing
-    shutil.copytree(TOKENIZER_DIR, tmp / "tokenizer")
+    shutil.copytree(tokenizer_folder(), tmp / "tokenizer")  # a clear error when the committed one is missing
     if state is not None:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     old = folder.parent / f".{folder.name}.old-{int(time.time() * 1000)}"

@@ -49,15 +49,21 @@ def build_clip_tokenizer(bpe_gz: str | Path, model_max_length: int = 77) -> CLIP
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def load_tokenizer(path: str | Path = TOKENIZER_DIR) -> CLIPTokenizer:
-    """The committed SD tokenizer (or any tokenizer folder)."""
-    if not (Path(path) / "vocab.json").is_file():
+def tokenizer_folder(path: str | Path = TOKENIZER_DIR) -> Path:
+    """``path`` if it holds a tokenizer, else an error that says how to rebuild the committed one offline."""
+    path = Path(path)
+    if not (path / "vocab.json").is_file():
         raise FileNotFoundError(
             f"no tokenizer at {path} (vocab.json missing); rebuild SD's CLIP tokenizer offline with "
             "`python -m loraclr.world.tokenizer <open_clip_torch's bpe_simple_vocab_16e6.txt.gz> "
             f"{TOKENIZER_DIR}`"
         )
-    return CLIPTokenizer.from_pretrained(str(path))
+    return path
+
+
+def load_tokenizer(path: str | Path = TOKENIZER_DIR) -> CLIPTokenizer:
+    """The committed SD tokenizer (or any tokenizer folder)."""
+    return CLIPTokenizer.from_pretrained(str(tokenizer_folder(path)))
 
 
 def main(argv: list[str] | None = None) -> None:
