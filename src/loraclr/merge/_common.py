@@ -155,13 +155,18 @@ def gram_matrix(x: Tensor) -> Tensor:
     return out
 
 
+def symmetrize(A: Tensor) -> Tensor:
+    """(A + A^T) / 2: float32 accumulation can break symmetry in the last bit; eigh / Cholesky want it exact."""
+    return (A + A.T) / 2
+
+
 def gram_sum(grams: Tensor, weights: list[float] | None, dtype: torch.dtype) -> Tensor:
     """sum_i w_i G_i (in, in) in ``dtype`` (weights None: all 1), exactly symmetric. One Gram at a time is
     converted, so no ``dtype`` copy of all N Grams is made (float64 N x in x in at SD 1.5's widest layers)."""
     A = torch.zeros(grams.shape[-2:], dtype=dtype, device=grams.device)
     for i, g in enumerate(grams):
         A.add_(g.to(dtype), alpha=1.0 if weights is None else float(weights[i]))
-    return (A + A.T) / 2  # float32 accumulation can break symmetry in the last bit; eigh / Cholesky want it exact
+    return symmetrize(A)
 
 
 @dataclass

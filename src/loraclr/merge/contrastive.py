@@ -88,6 +88,7 @@ from loraclr.merge._common import (
     sq_errors,
     stacked_deltas,
     summed_deltas,
+    symmetrize,
 )
 from loraclr.merge.api import Callback, LayerProblem, LayerResult, MergeMethod, register
 
@@ -562,7 +563,7 @@ class _Converged:
             Zp = Tj + w.mu * U - RW0  # majoriser's target minus the base output  (rows, out)
             B += w.w_hinge * (Zp.T @ R).to(sd)
         if A is not None:
-            self._solver_key, self._solver = key, QuadSolver(_sym(A), self.cfg.rcond, self.cfg.solver)
+            self._solver_key, self._solver = key, QuadSolver(symmetrize(A), self.cfg.rcond, self.cfg.solver)
         return self._solver, B
 
     def per_concept_sq(self, D: Tensor) -> Tensor:
@@ -576,10 +577,6 @@ class _Converged:
                 dtype=torch.float64,
             )
         return sq_errors(D, self.dW, self.G, self.X if self.grams_from_rows else None)
-
-
-def _sym(A: Tensor) -> Tensor:
-    return (A + A.T) / 2
 
 
 def _hinge_weights(cfg: LoraclrConfig, n: int, m: int, out_dim: int) -> tuple[float, float, float]:
