@@ -322,12 +322,20 @@ def run_unit(bench: Bench, names, method: str, settings: dict, label: str, layer
     return unit
 
 
+def run_fingerprint(manifest, base, base_step, sizes: dict) -> dict:
+    """What every unit of a run depends on besides its subset and method: --resume and --extend take only
+    units made with the same."""
+    return {"manifest": str(Path(manifest).resolve()), "base": str(Path(base).resolve()), "base_step": base_step,
+            "sizes": sizes}
+
+
 class Run:
     """The finished units and references of one run, kept in ``partial`` after each (``--resume`` reads it)."""
 
     def __init__(self, bench: Bench, partial: Path, fingerprint: dict, resume: bool, extend: list[Path] = ()):
         self.bench, self.partial = bench, partial
         self.state: dict = {"fingerprint": fingerprint, "units": {}, "references": {}}
+        self.extended: list[dict] = []  # the finished runs taken over by --extend: results file and command
         if resume and partial.is_file():
             old = json.loads(partial.read_text(encoding="utf-8"))
             if old["fingerprint"] != fingerprint:
@@ -342,8 +350,7 @@ class Run:
         and sizes, so that this run only adds what it lacks (more N, more methods)."""
         doc = json.loads(results.read_text(encoding="utf-8"))
         m = doc["meta"]
-        old = {"manifest": str(Path(m["manifest"]).resolve()), "base": str(Path(m["base"]).resolve()),
-               "base_step": m["base_step"], "sizes": m["sizes"]}
+        old = run_fingerprint(m["manifest"], m["base"], m["base_step"], m["sizes"])
         if old != fingerprint:
             raise ValueError(f"--extend {results}: made with other settings ({old}), this run has {fingerprint}")
         units = doc["units"] + ((doc.get("ablations") or {}).get("units") or [])
@@ -356,6 +363,7 @@ class Run:
                 self.state["units"][key], added = u, added + 1
         for name, r in doc["references"].items():
             self.state["references"].setdefault(name, r)
+        self.extended.append({"results": str(results), "command": m["command"]})
         print(f"extending {results}: {added} units and {len(doc['references'])} references taken", flush=True)
 
     @staticmethod
@@ -760,8 +768,7 @@ def execute(args, setup: Setup, base_copy: Path, base_state: dict | None) -> int
     if mdoc.get("base_step") is not None and base_step is not None and mdoc["base_step"] != base_step:
         notes.append(f"the LoRAs were trained on base step {mdoc['base_step']}, the merges use step {base_step}")
     partial = out.with_name(out.name + ".partial.json")
-    fingerprint = {"manifest": str(setup.manifest.resolve()), "base": str(setup.base_dir.resolve()),
-                   "base_step": base_step, "sizes": dataclasses.asdict(sizes)}
+    fingerprint = run_fingerprint(setup.manifest, setup.base_dir, base_step, dataclasses.asdict(sizes))
     t = time.perf_counter()
     evaluators = load_evaluators(folder=args.evaluators)
     bench = Bench(base_copy, setup.specs, evaluators, sizes)
@@ -807,8 +814,7 @@ def execute(args, setup: Setup, base_copy: Path, base_state: dict | None) -> int
                "identity_threshold": None if evaluators.identity is None else evaluators.identity.threshold}
     meta = {
         "command": setup.command, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
-        "extends": [{"results": x, "command": json.loads(Path(x).read_text())["meta"]["command"]}
-                    for x in args.extend or []],
+        "extends": run.extended,
         "git_commit": commit, "git_dirty": dirty, "manifest": str(setup.manifest),
         "manifest_base": mdoc.get("base"), "manifest_base_step": mdoc.get("base_step"),
         "manifest_budget": mdoc.get("budget"),

@@ -46,7 +46,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from loraclr.recipe import RECOMMENDED
+from loraclr.recipe import RECOMMENDED, FeatureSettings
 
 HERE = Path(__file__).resolve().parent
 PAPER_STEPS = 50  # the official LoRACLR optimisation: 50 AdamW steps per layer
@@ -474,8 +474,6 @@ def main(argv: list[str] | None = None) -> int:
     global SS
     ap = build_parser()
     args = ap.parse_args(argv)
-    from loraclr.recipe import FeatureSettings
-
     SS = _load("solve_speed")
     ms = _load("merge_speed")
     if args.render_from:
