@@ -176,6 +176,7 @@ def bench_solve(args) -> dict:
     ff.net.2, 5120 -> 1280, at ``--rows`` rows per concept), solved by converged and lstsq with each
     ``--solvers`` entry; offsets compared with the first solver's (the reference when it is eigh)."""
     from loraclr.merge.methods import merge_offsets
+    from loraclr.recipe import RECOMMENDED
 
     ss = _solve_speed()
     name, d_in, d_out, rows, _ = ss.LAYERS[args.layer]
@@ -184,19 +185,27 @@ def bench_solve(args) -> dict:
         name = f"{d_in}->{d_out}"
     n_rows = args.rows or rows
     p = ss.make_problem(name, d_in, d_out, n_rows, args.n, 16, seed=args.layer)
+    pf = ss.make_problem(name, d_in, d_out, n_rows, args.n, 16, seed=args.layer, factors=True)
     out = {"layer": name, "in": d_in, "out": d_out, "rows_per_concept": n_rows, "runs": {}}
-    for method, base in (("loraclr", {"mode": "converged"}), ("lstsq", {})):
-        if method not in args.methods:
-            continue
+    presets = {"loraclr": {"mode": "converged"}, "default": dict(RECOMMENDED["loraclr"]), "lstsq": {}}
+    for label0 in args.methods:
+        method = "lstsq" if label0 == "lstsq" else "loraclr"
+        base = presets[label0]
         ref = None
         for solver in args.solvers:
+            deltas = "dense"
+            if solver.endswith("+factors"):  # the deltas as LoRA factors, as the merge passes them
+                solver, deltas = solver.removesuffix("+factors"), "factors"
+            prob = pf if deltas == "factors" else p
             cfg = base if solver == "default" else {**base, "solver": solver}  # default: also older code
-            dt, r = best_of(lambda cfg=cfg, method=method: merge_offsets([p], method, cfg, progress=False)[p.key],
-                            args.repeat)
+            dt, r = best_of(
+                lambda cfg=cfg, method=method, prob=prob: merge_offsets([prob], method, cfg, progress=False)[prob.key],
+                args.repeat,
+            )
             D = r.offset.double()
             ref = D if ref is None else ref
             rel = float((D - ref).norm() / ref.norm().clamp(min=1e-300))
-            label = f"{'converged' if method == 'loraclr' else method} {solver}"
+            label = f"{'converged' if label0 == 'loraclr' else label0} {solver}" + (" factors" if deltas == "factors" else "")
             out["runs"][label] = {"s": dt, "loss": r.report.get("loss"), "steps": r.report.get("steps"),
                                   "hinge_active": r.report.get("hinge_active"),
                                   "rel_diff_vs_first_solver": rel}
@@ -210,7 +219,7 @@ def bench_solve(args) -> dict:
 
                 prof = cProfile.Profile()
                 prof.enable()
-                merge_offsets([p], method, cfg, progress=False)
+                merge_offsets([prob], method, cfg, progress=False)
                 prof.disable()
                 pstats.Stats(prof).sort_stats("tottime").print_stats(12)
     return out
@@ -229,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", type=int, nargs=2, metavar=("IN", "OUT"), help="solve: other layer width")
     ap.add_argument("--save", help="solve: write each offset here (to compare runs of different code)")
     ap.add_argument("--rows", type=int, default=0, help="solve: rows per concept (0: solve_speed's official)")
-    ap.add_argument("--methods", nargs="+", default=["loraclr", "lstsq"], help="solve: loraclr (converged), lstsq")
-    ap.add_argument("--solvers", nargs="+", default=["eigh", "auto"], help="solve: first one is the reference; 'default' sets none (runs against code without the option)")
+    ap.add_argument("--methods", nargs="+", default=["loraclr", "lstsq"], help="solve: loraclr (converged), default (the recommended preset), lstsq")
+    ap.add_argument("--solvers", nargs="+", default=["eigh", "auto"], help="solve: first one is the reference; 'default' sets none (runs against code without the option); NAME+factors passes the deltas as LoRA factors")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", help="also write the numbers here")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from loraclr.merge.api import LayerProblem
+from loraclr.merge.api import LayerProblem, LowRankDeltas
 from loraclr.merge.methods import merge_offsets
 
 # name, in, out, rows per concept at the official settings (20 timesteps for spatial layers)
@@ -38,17 +38,23 @@ LAYERS = [
 ]
 
 
-def make_problem(name, d_in, d_out, n_rows, n_concepts, rank, seed):
+def make_problem(name, d_in, d_out, n_rows, n_concepts, rank, seed, factors=False):
+    """A random layer problem; ``factors``: the same deltas as LoRA factors (LowRankDeltas), as the merge
+    passes them, instead of dense (out, in) tensors."""
     g = torch.Generator().manual_seed(seed)
     W0 = torch.randn(d_out, d_in, generator=g) / d_in**0.5
     channel_scale = torch.exp(0.5 * torch.randn(d_in, generator=g))  # activations: uneven channel scales
-    deltas, xs = [], []
+    deltas, xs, ups, downs = [], [], [], []
     for _ in range(n_concepts):
         A = torch.randn(rank, d_in, generator=g) / d_in**0.5
         B = torch.randn(d_out, rank, generator=g) * (0.3 / rank**0.5)
         deltas.append(B @ A)  # ||dW|| ~ 0.3 ||W0||-ish per direction it touches
+        ups.append(B)
+        downs.append(A)
         shift = 0.3 * torch.randn(d_in, generator=g)  # concept-specific input statistics
         xs.append((torch.randn(n_rows, d_in, generator=g) + shift) * channel_scale)
+    if factors:
+        deltas = LowRankDeltas(ups, downs, [1.0] * n_concepts)
     return LayerProblem(f"bench.{name}", W0, deltas, X=xs, concept_names=[f"c{i}" for i in range(n_concepts)])
 
 

@@ -39,6 +39,7 @@ from loraclr.features.collect import (
     collect_cross_attention,
     collect_spatial,
     collect_text_encoder,
+    concept_deltas,
     cross_attention_keys,
     spill_directory,
 )
@@ -46,7 +47,7 @@ from loraclr.features.hooks import cross_attention_modules
 from loraclr.features.text import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
 from loraclr.lora import LoraLayer, LoraSet, split_key
 from loraclr.merge._common import all_finite, summed_deltas
-from loraclr.merge.api import LayerProblem, LowRankDeltas
+from loraclr.merge.api import LayerProblem
 from loraclr.models import find_module
 from loraclr.recipe import Recipe, dump_recipe
 
@@ -206,11 +207,7 @@ def _plain_problems(pipe, concepts: list[ConceptFeaturesInput], keys: list[str])
     for key in keys:
         w = find_module(pipe, key).weight.detach()
         shape = tuple(w.shape)
-        factors = [c.factors(key, shape) for c in concepts]
-        if all(f is not None for f in factors):
-            deltas = LowRankDeltas(*(list(x) for x in zip(*factors, strict=True))) if factors else []
-        else:
-            deltas = [c.delta(key, shape) for c in concepts]
+        deltas = concept_deltas(concepts, key, shape)
         # no copy of W0: methods are pure, and the weights are fused only after every layer is solved
         yield LayerProblem(key=key, W0=w.float().reshape(shape[0], -1), deltas=deltas,
                            concept_names=[c.name for c in concepts])

@@ -387,3 +387,60 @@ def test_anchor_sum_with_a_large_ridge_is_naive_stacking():
 def test_anchor_is_checked():
     with pytest.raises(ValueError, match="anchor"):
         make_config("loraclr", anchor="average")
+
+
+def _factored(n_rows=(40, 40, 40), out=24, inn=16, rank=2, scale=1.0, seed=5):
+    """The same layer twice: deltas as LoRA factors (the factored closed form applies: N * rank < out and
+    at least `inn` rows) and as dense deltas (the dense path)."""
+    from loraclr.merge.api import LowRankDeltas
+
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(out, inn, generator=g)
+    ups = [torch.randn(out, rank, generator=g) for _ in n_rows]
+    downs = [torch.randn(rank, inn, generator=g) for _ in n_rows]
+    scales = [0.3 + 0.1 * i for i in range(len(n_rows))]
+    xs = [scale * torch.randn(n, inn, generator=g) for n in n_rows]
+    low = LayerProblem("unet.ff.net.2", W0, LowRankDeltas(ups, downs, scales), X=xs)
+    dense = LayerProblem("unet.ff.net.2", W0, [s * (u @ d) for u, d, s in zip(ups, downs, scales, strict=True)], X=xs)
+    return low, dense
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(mode="converged", anchor="sum", ridge=0.1),
+        dict(mode="converged", anchor="sum", ridge=0.1, lambda_reg=0.0),
+        dict(mode="converged", anchor="base", ridge=0.01),
+        dict(mode="converged", anchor="base", distance="token", normalize=True, margin=1e-3),
+        dict(mode="converged", anchor="sum", ridge=0.1, lambda_con=0.0),
+    ],
+)
+@pytest.mark.parametrize("n_rows", [(40, 40, 40), (40, 31, 52), (30,)])
+def test_factored_closed_form_equals_the_dense_path(cfg, n_rows):
+    from loraclr.merge.contrastive import merge_loraclr
+
+    low, dense = _factored(n_rows)
+    config = make_config("loraclr", **cfg)
+    f, d = merge_loraclr(low, config), merge_loraclr(dense, config)
+    assert "LoRA-factor path" in f.report["note"]  # the factored path ran, with no active hinge
+    assert "LoRA-factor" not in d.report["note"]
+    assert torch.allclose(f.offset, d.offset, rtol=1e-4, atol=1e-5 * float(d.offset.abs().max()))
+    for k in ("loss", "hinge_active", "steps", "converged"):
+        assert f.report[k] == pytest.approx(d.report[k], rel=1e-4, abs=1e-9), k
+    for k in ("pos_dist", "neg_dist"):
+        if d.report[k] and d.report[k][0] is not None:
+            assert f.report[k] == pytest.approx(d.report[k], rel=1e-4, abs=1e-4), k  # rounding at an exact fit
+    assert f.report["loss_terms"] == pytest.approx(d.report["loss_terms"], rel=1e-4, abs=1e-9)
+
+
+def test_factored_path_hands_active_hinges_to_the_dense_path():
+    """Tiny features put the blocks within the margin: the factored closed form is not the minimiser, so the
+    dense majorise-minimise path runs and both inputs give the same result."""
+    from loraclr.merge.contrastive import merge_loraclr
+
+    low, dense = _factored(scale=1e-3)
+    config = make_config("loraclr", mode="converged", anchor="sum", ridge=0.1)
+    f, d = merge_loraclr(low, config), merge_loraclr(dense, config)
+    assert f.report["hinge_active"] > 0 and "LoRA-factor" not in f.report["note"]
+    # the same iterations up to rounding (dense deltas built from the factors in another order), stopped at tol
+    assert torch.allclose(f.offset, d.offset, rtol=1e-4, atol=1e-5 * float(d.offset.abs().max()))

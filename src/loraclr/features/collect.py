@@ -33,7 +33,7 @@ from loraclr.features.hooks import (
 )
 from loraclr.features.text import TokenTable, encode, is_sdxl, text_components, token_ids, trigger_positions
 from loraclr.lora import DenseDelta, Layer, LoraLayer, split_key
-from loraclr.merge.api import LayerProblem
+from loraclr.merge.api import LayerProblem, LowRankDeltas
 from loraclr.models import find_module
 from loraclr.recipe import FeatureSettings
 
@@ -81,6 +81,16 @@ class ConceptFeaturesInput:
         strength = float(self.strengths.get(split_key(key)[0], 1.0))
         return (layer.up.float().reshape(layer.up.shape[0], layer.rank), layer.down.float().reshape(layer.rank, -1),
                 layer.scale * strength)
+
+
+def concept_deltas(concepts: list[ConceptFeaturesInput], key: str, shape: tuple[int, ...]) -> list[Tensor] | LowRankDeltas:
+    """Every concept's delta at one layer: LoRA factors (:class:`LowRankDeltas`, built dense only on access)
+    when every concept has them, so methods can use the low rank (a sum of twelve rank-16 deltas is one
+    rank-192 product; the converged LoRACLR solve runs its factored closed form); else dense deltas."""
+    factors = [c.factors(key, shape) for c in concepts]
+    if factors and all(f is not None for f in factors):
+        return LowRankDeltas(*(list(x) for x in zip(*factors, strict=True)))
+    return [c.delta(key, shape) for c in concepts]
 
 
 class FeatureStore:
@@ -136,7 +146,7 @@ class StageFeatures:
             yield LayerProblem(
                 key=key,
                 W0=W0,
-                deltas=[c.delta(key, shape) for c in self.concepts],
+                deltas=concept_deltas(self.concepts, key, shape),
                 X=X,
                 gram=grams if all(g is not None for g in grams) else None,
                 n_rows=n_rows,

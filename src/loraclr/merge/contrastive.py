@@ -90,7 +90,7 @@ from loraclr.merge._common import (
     summed_deltas,
     symmetrize,
 )
-from loraclr.merge.api import Callback, LayerProblem, LayerResult, MergeMethod, register
+from loraclr.merge.api import Callback, LayerProblem, LayerResult, LowRankDeltas, MergeMethod, register
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +233,13 @@ def merge_loraclr(
                 "steps": 0,
             },
         )
+    if config.mode == "converged" and _lowrank_applies(problem, config):
+        fast = _solve_lowrank(problem, config)
+        if fast is not None:
+            D, report = fast
+            if callback is not None:
+                callback(problem.key, 0, report["loss"])
+            return LayerResult(D.to(device=problem.W0.device, dtype=torch.float32), report)
     anchor = None
     if config.anchor == "sum":  # solve for E = D - sum_i dW_i: the same outputs, measured from the sum
         anchor = summed_deltas(problem, torch.float32, problem.W0.device)
@@ -753,6 +760,125 @@ def _solve_converged(
     if S.Q is not None:
         D = D.to(S.Q.dtype) @ S.Q.T  # back from the row space: (out, k) @ (k, in)
     return D, report
+
+
+# ------------------------------------------------------------------------ converged mode, LoRA-factor path
+
+
+def _lowrank_applies(problem: LayerProblem, cfg: LoraclrConfig) -> bool:
+    """The factored closed form pays off: deltas are LoRA factors of total rank R below the layer's outputs,
+    the raw rows are there (no Grams-only statistics), and they are not fewer than the inputs (where the
+    row-space path is already small)."""
+    if not isinstance(problem.deltas, LowRankDeltas) or problem.gram is not None or not has_rows(problem):
+        return False
+    out_dim, in_dim = problem.W0.shape
+    rank = sum(int(u.shape[1]) for u in problem.deltas.ups)
+    return 0 < rank < out_dim and sum(int(x.shape[0]) for x in problem.X) >= in_dim
+
+
+def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, dict] | None:
+    """Converged mode when every delta is a LoRA product: the same minimiser as the dense path, cheaper.
+
+    With U = [s_1 up_1, ..., s_N up_N] (out, R) and V = [down_1; ...; down_N] (R, in), each delta is
+    dW_i = U C_i with C_i = V restricted to concept i's rows, the anchor "sum" is U V, and the right-hand
+    side of the closed form is B = sum_i a_i (dW_i - anchor) G_i = U M with M (R, in). So the minimiser of
+    the convex part is U Z (:meth:`QuadSolver.solve_factored`): no dense (out, in) product per concept and
+    R instead of out right-hand sides in the triangular solves. The hinge check needs the predictions and
+    targets on the common rows; they share the base output R_i W0^T (one dense product instead of two), the
+    rest is rank R. Returns None when some hinge is active (or the quadratic needs the eigen-solve): the
+    caller then runs the dense path, whose majorise-minimise steps change B by dense terms.
+    """
+    dtype = resolve_dtype(cfg.dtype)
+    sd = resolve_dtype(cfg.solve_dtype, "solve_dtype")
+    dev = cfg.device
+    xs = rows(problem, "loraclr", dtype, dev)
+    lr: LowRankDeltas = problem.deltas
+    n = len(xs)
+    n_rows = [x.shape[0] for x in xs]
+    W0 = problem.W0.to(device=dev, dtype=dtype)
+    out_dim, in_dim = W0.shape
+    w = _weights(cfg, n_rows, out_dim)
+    a = (w.a_pos + w.a_mse).tolist()
+    U = torch.cat([u.to(device=dev, dtype=dtype) * sc for u, sc in zip(lr.ups, lr.scales, strict=True)], 1)
+    V = torch.cat([d.to(device=dev, dtype=dtype) for d in lr.downs], 0)  # (R, in)
+    ends = torch.tensor([0] + [int(u.shape[1]) for u in lr.ups]).cumsum(0).tolist()
+    blocks = [slice(ends[i], ends[i + 1]) for i in range(n)]
+    # A0 = sum_i a_i G_i and M's own-concept rows a_i V_i G_i, one Gram at a time (no (N, in, in) stack)
+    A0 = torch.zeros(in_dim, in_dim, dtype=sd, device=dev)
+    M = torch.zeros(V.shape[0], in_dim, dtype=sd, device=dev)
+    for i, x in enumerate(xs):
+        g = gram_matrix(x).to(sd)
+        A0.add_(g, alpha=a[i])
+        M[blocks[i]] = a[i] * (V[blocks[i]].to(sd) @ g)
+        del g
+    A0 = symmetrize(A0)
+    if cfg.anchor == "sum":  # C_i = V_i-rows - V: subtract V sum_i a_i G_i
+        M -= V.to(sd) @ A0
+    ridge_abs = cfg.ridge * float(torch.diagonal(A0).sum()) / in_dim
+    if ridge_abs > 0:
+        A0.diagonal().add_(ridge_abs)
+    sol = QuadSolver(A0, cfg.rcond, cfg.solver).solve_factored(U.to(sd), M, cfg.lambda_reg)
+    if sol is None:
+        return None
+    Z = sol.offset  # E = U Z, the offset from the anchor
+    Zp = Z.to(dtype) + V if cfg.anchor == "sum" else Z.to(dtype)  # D = U Zp, the offset from W0
+    Ud = U.to(sd)
+    K = Ud.mT @ Ud
+
+    def sq_u(Y: Tensor) -> float:  # ||Y U^T||^2 for Y (rows, R)
+        Yd = Y.to(sd)
+        return float(((Yd @ K) * Yd).sum())
+
+    # per-concept errors on all rows: X_i (D - dW_i)^T = X_i (Zp - C_i)^T U^T
+    sq_list = []
+    for i, x in enumerate(xs):
+        C = Zp.clone()
+        C[blocks[i]] -= V[blocks[i]]
+        sq_list.append(sq_u(x @ C.T))
+    sq = torch.tensor(sq_list, dtype=torch.float64)
+    needs_hinge = cfg.lambda_con > 0 and n > 1
+    neg = None
+    if n > 1:  # exact negative distances (for the report also when lambda_con = 0, like the dense path)
+        idx = common_row_index(n_rows, device=dev)
+        R = torch.stack([x if len(set(n_rows)) == 1 else x[i] for x, i in zip(xs, idx, strict=True)])
+        base = R @ W0.T  # (N, m, out): the one dense product
+        P = base + (R @ Zp.T) @ U.T
+        T = base
+        for i in range(n):
+            T[i] += (R[i] @ V[blocks[i]].T) @ U[:, blocks[i]].T
+        neg, _ = _block_hardest(P, T, w.mu) if cfg.distance == "block" else _token_hardest(P, T)
+        del P, T, base
+        if needs_hinge and bool((neg < w.mu).any()):
+            return None  # a hinge acts: the dense path runs the majorise-minimise steps
+    lam = cfg.lambda_reg
+    e_norm = math.sqrt(max(sq_u(Z.mT), 0.0)) if Z.numel() else 0.0  # ||E||_F = ||U Z||_F
+    loss = float(((w.a_pos + w.a_mse) * sq).sum()) + lam * e_norm
+    report = {
+        "loss": loss,
+        "loss_terms": {
+            "con": float((w.a_pos * sq).sum()) / cfg.lambda_con if cfg.lambda_con else 0.0,
+            "mse": float(sq.sum()) / (out_dim * sum(n_rows)),
+            "reg": e_norm,
+        },
+        "pos_dist": _floats((sq / w.pos_scale).sqrt()),
+        "neg_dist": [None] * n
+        if neg is None
+        else _floats(
+            neg / math.sqrt(w.neg_scale)
+            if cfg.distance == "block"
+            else (neg / math.sqrt(w.neg_scale)).pow(2).mean(1).sqrt()
+        ),
+        "hinge_active": 0.0,
+        "steps": 1,
+        "converged": True,
+        "rel_change": 0.0,
+        "note": "closed form (no active hinge: global minimum); LoRA-factor path",
+    }
+    if ridge_abs > 0:
+        report["ridge_term"] = ridge_abs * e_norm**2
+    if cfg.anchor == "sum":
+        report["anchor"] = "sum"
+    return U @ Zp, report
 
 
 register(
