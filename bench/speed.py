@@ -282,8 +282,11 @@ def run_solve(family: str, args) -> dict:
     for si, s in enumerate(shapes):
         for n in args.ns:
             rows = s.get("rows", args.rows)
-            problem = SS.make_problem(s["key"], s["in"], s["out"], rows, n, args.rank, seed=1000 * si + n)
-            inputs_mb = sum(t.numel() * t.element_size() for t in [problem.W0, *problem.deltas, *problem.X]) / 2**20
+            problem = SS.make_problem(s["key"], s["in"], s["out"], rows, n, args.rank, seed=1000 * si + n,
+                                      factors=args.deltas == "factors")
+            d_mb = sum(t.numel() * t.element_size() for t in
+                       (problem.deltas.ups + problem.deltas.downs if args.deltas == "factors" else problem.deltas))
+            inputs_mb = (d_mb + sum(t.numel() * t.element_size() for t in [problem.W0, *problem.X])) / 2**20
             for m in args.solve_methods:
                 cell = {"shape": s["key"], "N": n, "method": m, "rows": rows, "inputs_mb": inputs_mb}
                 hist = history.setdefault((s["key"], m), [])
@@ -438,6 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", default=None, help="concept counts of both parts (default 2,6,12; --quick: 2,3)")
     ap.add_argument("--n-solve-extra", default=None, help="more concept counts, solve part only (default 50)")
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--deltas", default="factors", choices=["factors", "dense"],
+                    help="solve part: deltas as LoRA factors (what loraclr merge passes; the converged solve's "
+                    "factored closed form applies) or dense (out, in) tensors (session-4 results)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (solve part: this process)")
     # solve part
     ap.add_argument("--solve-methods", default=",".join(SOLVE_METHODS))
@@ -511,7 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         "uptime_start": _uptime(), "nproc": os.cpu_count(), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(), "git": _git(), "size": args.size,
-        "rank": args.rank, "rows_per_concept": args.rows,
+        "rank": args.rank, "deltas": args.deltas, "rows_per_concept": args.rows,
         "official_timesteps": args.timesteps if args.rows == "official" else None, "paper_steps_run": args.paper_steps,
         "paper_steps_official": PAPER_STEPS, "lbfgs_steps_run": args.lbfgs_steps, "lbfgs_steps_official": LBFGS_STEPS,
         "repeat": args.repeat, "max_cell_s": args.max_cell_s, "n_solve": args.ns, "n_whole": args.ns_whole,
@@ -590,7 +596,9 @@ def solve_section(fam: str, part: dict, m: dict) -> list[str]:
     methods = list(dict.fromkeys(c["method"] for c in part["cells"]))
     n_mod = sum(s["count"] for s in shapes)
     md = [f"## Solve phase, {fam} ({m['size']} config): {len(shapes)} layer shapes standing for {n_mod} modules", "",
-          f"Random W0, rows (uneven channel scales, per-concept shifts) and rank-{m['rank']} deltas at each shape; "
+          f"Random W0, rows (uneven channel scales, per-concept shifts) and rank-{m['rank']} deltas at each shape "
+          + ("(passed as LoRA factors, as `loraclr merge` does); " if m.get("deltas") == "factors"
+             else "(passed as dense tensors); ")
           + (f"**the official feature collection's rows per concept** (text encoder {OFFICIAL_TE_ROWS}, cross-attention "
              f"k/v {OFFICIAL_KV_ROWS}, other UNet layers their latent positions at the native resolution x "
              f"{m['official_timesteps']} of the official {OFFICIAL_TIMESTEPS} sampling steps; paper's time grows "
