@@ -90,6 +90,29 @@ def test_text_encoder_rows_give_the_concepts_own_outputs(family, tiny_sd1, tiny_
     assert next(padded.problems()).X[0].shape[0] == 2 * pipe.tokenizer.model_max_length
 
 
+def test_stage_weights_are_views_and_changes_are_refused(tiny_sd1):
+    """W0 is the live fp32 weight (no copy); fusing anything before the stage is solved is an error."""
+    from loraclr.io.checkpoint import fuse_deltas
+
+    pipe = tiny_sd1
+    concepts = _concepts(pipe)
+    table = TokenTable(n_layers=len(cross_attention_modules(pipe.unet)))
+    feats = collect_text_encoder(pipe, concepts[:1], table, FeatureSettings(max_rows=0))
+    key = feats.keys[0]
+    weight = find_module(pipe, key).weight
+    first = next(feats.problems())
+    assert first.key == key and first.W0.data_ptr() == weight.data_ptr()  # shares the weight's memory
+    assert len(list(feats.problems())) == len(feats.keys)  # unchanged weights: every problem is built
+    saved = weight.detach().clone()
+    try:
+        fuse_deltas(pipe, {key: torch.zeros_like(weight)})  # an in-place update, even of zeros
+        with pytest.raises(RuntimeError, match=key.replace(".", r"\.") + ".*changed after the text_encoder"):
+            list(feats.problems())
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+
+
 def test_cross_attention_rows_are_trigger_positions_plus_eot(tiny_sdxl):
     pipe = tiny_sdxl
     concepts = _concepts(pipe)

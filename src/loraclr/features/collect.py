@@ -131,10 +131,19 @@ class StageFeatures:
     store: FeatureStore
     weights: dict[str, Tensor] = field(default_factory=dict)  # key -> W0 at collection, (out, in) fp32
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # key -> the module's weight shape
+    versions: dict[str, int] = field(default_factory=dict)  # key -> the live weight's version at collection
 
     def problems(self) -> Iterator[LayerProblem]:
+        """One problem per layer. W0 is a view of the live fp32 weight (no copy: an SDXL UNet's targeted
+        weights are ~7 GB), so the weights must not change between collection and solve; a change (an
+        in-place update bumps the tensor's version counter) raises instead of solving against new weights."""
         for key in self.keys:
             W0 = self.weights[key]  # (out, in)
+            if key in self.versions and W0._version != self.versions[key]:
+                raise RuntimeError(
+                    f"layer {key}: its weight changed after the {self.stage} features were collected; solve a "
+                    "stage's problems before fusing anything into the model"
+                )
             shape = self.shapes[key]
             X, grams, n_rows = [], [], []
             for i in range(len(self.concepts)):
@@ -154,13 +163,17 @@ class StageFeatures:
             )
 
 
-def _snapshot_weights(model, keys: list[str]) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]]]:
-    weights, shapes = {}, {}
+def _snapshot_weights(model, keys: list[str]) -> tuple[dict[str, Tensor], dict[str, tuple[int, ...]], dict[str, int]]:
+    """W0 (out, in) per key, bias excluded: a view of the live weight when it is fp32 (features run through
+    hooks, so the weights do not change during collection), a fp32 copy otherwise; with the version counters
+    that :meth:`StageFeatures.problems` checks."""
+    weights, shapes, versions = {}, {}, {}
     for k in keys:
         w = find_module(model, k).weight.detach()
         shapes[k] = tuple(w.shape)
-        weights[k] = w.float().reshape(w.shape[0], -1).clone()  # (out, in), bias excluded
-    return weights, shapes
+        weights[k] = w.float().reshape(w.shape[0], -1)
+        versions[k] = weights[k]._version
+    return weights, shapes, versions
 
 
 def _store_capture(store: FeatureStore, i: int, cap: InputCapture, keys: list[str]) -> None:
@@ -193,7 +206,7 @@ def collect_text_encoder(
     ``"prompt"`` keeps the official unpadded tokens only. See :class:`loraclr.recipe.FeatureSettings`.
     """
     keys = sorted({k for c in concepts for k in c.layers if split_key(k)[0].startswith("text_encoder")})
-    weights, shapes = _snapshot_weights(pipe, keys)
+    weights, shapes, versions = _snapshot_weights(pipe, keys)
     store = FeatureStore(len(concepts))
     modules = {k: find_module(pipe, k) for k in keys}
     for i, c in enumerate(concepts):
@@ -207,7 +220,7 @@ def collect_text_encoder(
         _store_capture(store, i, cap, keys)
         if progress:
             progress("text encoder", i + 1, len(concepts))
-    return StageFeatures("text_encoder", keys, concepts, store, weights, shapes)
+    return StageFeatures("text_encoder", keys, concepts, store, weights, shapes, versions)
 
 
 # --- stage 3: cross-attention k / v ------------------------------------------------------------------------
@@ -231,7 +244,7 @@ def collect_cross_attention(
     the encoder states themselves."""
     all_keys = {k for c in concepts for k in c.layers if k.startswith("unet.")}
     keys = cross_attention_keys(pipe, all_keys)
-    weights, shapes = _snapshot_weights(pipe, keys)
+    weights, shapes, versions = _snapshot_weights(pipe, keys)
     store = FeatureStore(len(concepts))
     layer_names = [f"unet.{n}" for n, _ in cross_attention_modules(pipe.unet)]
     tokenizer = text_components(pipe)[0][1]
@@ -267,7 +280,7 @@ def collect_cross_attention(
         store.put(i, out)
         if progress:
             progress("cross-attention", i + 1, len(concepts))
-    return StageFeatures("cross_attention", keys, concepts, store, weights, shapes)
+    return StageFeatures("cross_attention", keys, concepts, store, weights, shapes, versions)
 
 
 # --- stage 4: every other UNet layer -----------------------------------------------------------------------
@@ -356,7 +369,7 @@ def collect_spatial(
     The text encoder is the merged one (as in the official code); every step is recorded.
     """
     keys = spatial_keys(pipe, concepts)
-    weights, shapes = _snapshot_weights(pipe, keys)
+    weights, shapes, versions = _snapshot_weights(pipe, keys)
     store = FeatureStore(len(concepts), spill_dir)
     modules: dict[str, nn.Module] = {k: find_module(pipe, k) for k in keys}
     side = spatial_resolution(pipe, settings)
@@ -373,7 +386,7 @@ def collect_spatial(
         del cap
         if progress:
             progress("spatial", i + 1, len(concepts))
-    return StageFeatures("spatial", keys, concepts, store, weights, shapes)
+    return StageFeatures("spatial", keys, concepts, store, weights, shapes, versions)
 
 
 @contextlib.contextmanager
