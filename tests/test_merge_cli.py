@@ -255,3 +255,41 @@ def test_bad_recipes_write_nothing(bad_setup, capsys, case, kw, extra, match):
     assert re.search(match, err), err
     assert not out.exists()
     assert sorted(p.name for p in tmp.iterdir()) == before  # no temp folders left behind
+
+
+def test_offset_store_spills_past_its_budget(tmp_path):
+    from loraclr.merging import OffsetStore
+
+    a, b, c = torch.randn(3, 4), torch.randn(5, 2), torch.randn(2, 2)
+    store = OffsetStore(max_bytes=a.numel() * 4, parent=tmp_path / "spill")
+    store["a"], store["b"], store["c"] = a, b, c  # "a" fills the budget: "b" and "c" go to disk
+    assert list(store) == ["a", "b", "c"] and len(store) == 3 and store.spilled == 2
+    for k, v in (("a", a), ("b", b), ("c", c)):
+        assert torch.equal(store[k], v)
+    store["b"] = 2 * b  # overwriting keeps one entry
+    assert torch.equal(store["b"], 2 * b) and len(store) == 3
+    del store["a"]
+    assert "a" not in store and list(store) == ["b", "c"]
+    assert [p for p in (tmp_path / "spill").iterdir()]  # the temporary folder lives under the parent
+    store.close()
+    assert not list((tmp_path / "spill").iterdir()) and len(store) == 0  # spilled entries are gone with it
+    with pytest.raises(KeyError):
+        store["zz"]
+
+
+def test_offsets_spilled_to_disk_merge_like_in_memory(tmp_path, tiny_sd1):
+    """A merge whose offsets all go to disk (the large-model path) writes the same weights."""
+    from loraclr.merging import merge_model
+    from loraclr.recipe import load_recipe
+
+    recipe_path, _ = _setup(tmp_path, tiny_sd1, "sd1")
+    recipe = load_recipe(recipe_path)
+    mem = merge_model(recipe, progress=False, offsets_max_bytes=None)
+    disk = merge_model(recipe, progress=False, spill_parent=tmp_path / "spill", offsets_max_bytes=0)
+    assert disk.offsets.spilled == len(disk.offsets) == len(mem.offsets) > 0 and mem.offsets.spilled == 0
+    for k in mem.offsets:
+        assert torch.equal(mem.offsets[k], disk.offsets[k]), k
+    for (name, p), (_, q) in zip(mem.pipe.unet.named_parameters(), disk.pipe.unet.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    disk.offsets.close()
+    assert not [p for p in (tmp_path / "spill").iterdir() if p.name.startswith("loraclr-offsets-")]

@@ -25,8 +25,11 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import platform
+import tempfile
 import time
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,14 +176,112 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+class OffsetStore(MutableMapping):
+    """The solved offsets D (out, in) by layer key: in memory up to ``max_bytes`` in all, the rest in a
+    temporary folder under ``parent`` (one safetensors file per layer, read back on access) that is removed
+    with the store (:meth:`close`, or when it is garbage-collected).
+
+    Why: a merge keeps every offset until all stages are solved (the UNet's feature runs need the base UNet),
+    and the offsets are as large as the targeted weights: ~7.5 GB in fp32 for SDXL, next to a 14 GB fp32
+    pipeline. ``max_bytes=None`` keeps everything in memory.
+    """
+
+    def __init__(self, max_bytes: int | None = None, parent: str | Path | None = None):
+        self.max_bytes, self.parent = max_bytes, parent
+        self._mem: dict[str, Tensor] = {}
+        self._files: dict[str, Path] = {}
+        self._order: dict[str, None] = {}  # insertion order of all keys
+        self._bytes = 0
+        self._written = 0  # spill files written (names them)
+        self._dir: tempfile.TemporaryDirectory | None = None
+
+    def __setitem__(self, key: str, value: Tensor) -> None:
+        if key in self:  # like a dict: an overwritten key keeps its place
+            self._drop(key)
+        size = value.numel() * value.element_size()
+        if self.max_bytes is None or self._bytes + size <= self.max_bytes:
+            self._mem[key] = value
+            self._bytes += size
+        else:
+            from safetensors.torch import save_file
+
+            if self._dir is None:
+                if self.parent is not None:
+                    Path(self.parent).mkdir(parents=True, exist_ok=True)
+                self._dir = tempfile.TemporaryDirectory(prefix="loraclr-offsets-", dir=self.parent)
+            self._written += 1
+            path = Path(self._dir.name) / f"{self._written:06d}.safetensors"
+            save_file({"offset": value.detach().contiguous()}, str(path))
+            self._files[key] = path
+        self._order[key] = None
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key in self._mem:
+            return self._mem[key]
+        if key in self._files:
+            from safetensors.torch import load_file
+
+            return load_file(str(self._files[key]))["offset"]
+        raise KeyError(key)
+
+    def _drop(self, key: str) -> None:
+        if key in self._mem:
+            v = self._mem.pop(key)
+            self._bytes -= v.numel() * v.element_size()
+        elif key in self._files:
+            self._files.pop(key).unlink(missing_ok=True)
+        else:
+            raise KeyError(key)
+
+    def __delitem__(self, key: str) -> None:
+        self._drop(key)
+        del self._order[key]
+
+    def __iter__(self):
+        return iter(list(self._order))
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+    @property
+    def spilled(self) -> int:
+        """Layers kept on disk."""
+        return len(self._files)
+
+    def close(self) -> None:
+        """Remove the spilled files (the in-memory offsets stay)."""
+        for k in list(self._files):
+            del self[k]
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
+
+
+def default_offset_budget(pipe) -> int | None:
+    """How many bytes of offsets a merge keeps in memory: what is left of half the machine's memory after
+    the model's weights (SD 1.5 in fp32 on a 16 GB machine: ~3.8 GB, more than all its offsets; SDXL in fp32 on
+    23 GB: none, so ~7.5 GB of offsets wait on disk). None (everything in memory) where the memory size is
+    unknown."""
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: keep everything in memory
+        return None
+    weights = sum(p.numel() * p.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
+                  for p in c.parameters())
+    return max(0, ram // 2 - weights)
+
+
 def _solve(problems, spec, config, stage: str, progress: bool, reports: dict[str, dict],
-           total: int | None = None) -> dict[str, Tensor]:
+           total: int | None = None, offsets: MutableMapping | None = None) -> MutableMapping:
     """Solve layer by layer (``problems`` may be a generator, so each layer's features live only while it is
     solved); returns offsets (out, in) by key and fills ``reports`` with the method's report, the time and the
     fidelity on each concept's own features."""
     from tqdm.auto import tqdm
 
-    offsets: dict[str, Tensor] = {}
+    offsets = {} if offsets is None else offsets
     bar = tqdm(problems, total=total, desc=f"solve ({stage}, {spec.name})", unit="layer", disable=not progress)
     for p in bar:
         if spec.needs_features and p.X is None and p.gram is None:
@@ -213,11 +314,13 @@ def _plain_problems(pipe, concepts: list[ConceptFeaturesInput], keys: list[str])
                            concept_names=[c.name for c in concepts])
 
 
-def _fuse(pipe, offsets: dict[str, Tensor]) -> None:
+def _fuse(pipe, offsets: Mapping[str, Tensor], keys: list[str] | None = None) -> None:
+    """Add the offsets (of ``keys``, default all) to the weights, a layer at a time (spilled offsets are read
+    back one by one). Every offset was checked finite when it was solved and matches its module's shape."""
     from loraclr.io.checkpoint import fuse_deltas
 
-    shaped = {k: v.reshape(find_module(pipe, k).weight.shape) for k, v in offsets.items()}
-    fuse_deltas(pipe, shaped)
+    for k in offsets if keys is None else keys:
+        fuse_deltas(pipe, {k: offsets[k].reshape(find_module(pipe, k).weight.shape)})
 
 
 # --- the merge ---------------------------------------------------------------------------------------------
@@ -284,13 +387,14 @@ def prepare_concepts(recipe: Recipe, pipe, loras: list[LoraSet]) -> tuple[list[C
 @dataclass
 class MergedModel:
     """The result of :func:`merge_model`, in memory: the pipeline with merged weights and added tokens, the
-    offsets D (out, in) per layer, the token table, each concept's resolved trigger, per-layer reports and
+    offsets D (out, in) per layer (an :class:`OffsetStore`: large models keep some on disk until the
+    store is closed), the token table, each concept's resolved trigger, per-layer reports and
     timings per phase (load, features, solve)."""
 
     pipe: Any
     family: str
     config: Any
-    offsets: dict[str, Tensor]
+    offsets: MutableMapping
     table: TokenTable
     concepts: list[ConceptFeaturesInput]
     reports: dict[str, dict]
@@ -303,10 +407,13 @@ class MergedModel:
         return Model(self.pipe, self.table, {c.name: c.trigger for c in self.concepts})
 
 
-def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Path | None = None) -> MergedModel:
+def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Path | None = None,
+                offsets_max_bytes: int | None | str = "auto") -> MergedModel:
     """Load the base and the recipe's LoRAs, collect features and solve stage by stage (module docstring);
     nothing is written (spilled features go to a temporary folder under ``spill_parent``, then are removed).
-    :func:`merge` writes the result; benchmarks use this directly."""
+    Offsets beyond ``offsets_max_bytes`` are kept on disk there as well (:class:`OffsetStore`; "auto":
+    :func:`default_offset_budget`, None: all in memory). :func:`merge` writes the result; benchmarks use this
+    directly."""
     from loraclr.io import load_embeddings, load_lora
     from loraclr.merge.methods import get_method, make_config
     from loraclr.pipeline import family_of, load_base
@@ -342,14 +449,14 @@ def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Pa
     update, close_bars = _progress_fn(progress)
     all_keys = sorted({k for c in concepts for k in c.layers})
     te_keys = [k for k in all_keys if split_key(k)[0] != "unet"]
-    unet_offsets: dict[str, Tensor] = {}
-    offsets: dict[str, Tensor] = {}
+    budget = default_offset_budget(pipe) if offsets_max_bytes == "auto" else offsets_max_bytes
+    offsets = OffsetStore(budget, spill_parent)
     timings.update(features=0.0, solve=0.0)
     try:
         if not spec.needs_features:
             t = time.perf_counter()
-            offsets = _solve(_plain_problems(pipe, concepts, all_keys), spec, config, "all", progress, reports,
-                             len(all_keys))
+            _solve(_plain_problems(pipe, concepts, all_keys), spec, config, "all", progress, reports,
+                   len(all_keys), offsets)
             timings["solve"] += time.perf_counter() - t
             _fuse(pipe, offsets)
         else:
@@ -359,22 +466,24 @@ def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Pa
                 feats = collect(pipe, concepts, table, settings, update, **kw)
                 timings["features"] += time.perf_counter() - t
                 t = time.perf_counter()
-                solved = _solve(feats.problems(), spec, config, name, progress, reports, len(feats.keys))
+                before = set(offsets)
+                _solve(feats.problems(), spec, config, name, progress, reports, len(feats.keys), offsets)
                 timings["solve"] += time.perf_counter() - t
-                return solved
+                return [k for k in offsets if k not in before]
 
             if te_keys:
-                te_off = stage(collect_text_encoder, "text_encoder")
-                _fuse(pipe, te_off)  # the next stage reads the merged text encoder
-                offsets.update(te_off)
+                _fuse(pipe, offsets, stage(collect_text_encoder, "text_encoder"))  # the next stage reads it
             unet_keys = [k for k in all_keys if k.startswith("unet.")]
+            unet_solved: list[str] = []
             if cross_attention_keys(pipe, unet_keys):
-                unet_offsets.update(stage(collect_cross_attention, "cross_attention"))
-            if set(unet_keys) - set(unet_offsets):
+                unet_solved += stage(collect_cross_attention, "cross_attention")
+            if set(unet_keys) - set(unet_solved):
                 with spill_directory(spill_parent) as spill:
-                    unet_offsets.update(stage(collect_spatial, "spatial", spill_dir=spill))
-            _fuse(pipe, unet_offsets)  # only now: every UNet feature run used the base UNet + one LoRA
-            offsets.update(unet_offsets)
+                    unet_solved += stage(collect_spatial, "spatial", spill_dir=spill)
+            _fuse(pipe, offsets, unet_solved)  # only now: every UNet feature run used the base UNet + one LoRA
+    except BaseException:
+        offsets.close()
+        raise
     finally:
         close_bars()
     return MergedModel(pipe, family, config, offsets, table, concepts, reports, timings)
@@ -386,12 +495,20 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
     Nothing is written unless the whole merge succeeds. Returns a :class:`MergeSummary` (timings per phase,
     per-concept fidelity, files written), which benchmarks and the demo use.
     """
-    from loraclr.io.safe import atomic_write
-
     out_dir = Path(out_dir)
     recipe.validate()
     inputs = _check_inputs(recipe, out_dir, overwrite)
     m = merge_model(recipe, progress=progress, spill_parent=out_dir.parent)
+    try:
+        return _write(recipe, out_dir, m, inputs)
+    finally:
+        if isinstance(m.offsets, OffsetStore):
+            m.offsets.close()
+
+
+def _write(recipe: Recipe, out_dir: Path, m: MergedModel, inputs: list[str]) -> MergeSummary:
+    from loraclr.io.safe import atomic_write
+
     timings, config, concepts = m.timings, m.config, m.concepts
     method = recipe.method.name
 
@@ -434,7 +551,7 @@ def _fidelity_summary(reports: dict[str, dict], names: list[str]) -> dict[str, d
     return out
 
 
-def _export(tmp: Path, recipe: Recipe, pipe, family: str, offsets: dict[str, Tensor], table: TokenTable,
+def _export(tmp: Path, recipe: Recipe, pipe, family: str, offsets: Mapping[str, Tensor], table: TokenTable,
             concepts: list[ConceptFeaturesInput], inputs: list[str], summary: MergeSummary) -> list[str]:
     from loraclr.io import factorize, save_embeddings, save_lora
 
