@@ -563,9 +563,11 @@ def render(res: dict, notes: str, ms) -> str:
     md = ["# Merge speed and memory: per method, per phase, scaling with N (issue 5)", ""]
     if notes:
         md += [notes, ""]
-    md += [f"Command: `{m['command']}` ({m['date_utc_start']} - {m.get('date_utc_end')} UTC, {m['wall_s']:.0f} s); "
+    stopped = "wall_s" not in m  # a run stopped early: rendered from its partial JSON (finished families only)
+    span = "stopped before the end" if stopped else f"{m.get('date_utc_end')} UTC, {m['wall_s']:.0f} s"
+    md += [f"Command: `{m['command']}` ({m['date_utc_start']} - {span}); "
            f"torch {m['torch']}, {m['threads']} torch thread(s), {m['nproc']} cores shared with other jobs; "
-           f"`uptime` at the start: `{m['uptime_start']}`, at the end: `{m['uptime_end']}`. Code at "
+           f"`uptime` at the start: `{m['uptime_start']}`, at the end: `{m.get('uptime_end', '-')}`. Code at "
            f"{m['git']['commit']}" + (f" with uncommitted solver changes (`{m['git']['uncommitted_in_merge_code']}`)"
                                       if m["git"]["uncommitted_in_merge_code"] else "") + ".", ""]
     for fam, part in res["solve"].items():
