@@ -653,6 +653,41 @@ def _line_point(S: _Converged, line: tuple, s: float) -> tuple:
     return s, neg, j, loss
 
 
+def _converged_report(cfg: LoraclrConfig, w: _Weights, sq: Tensor, neg: Tensor | None, hinge_term: float,
+                      d_norm: float, ridge_abs: float, out_dim: int, n_rows: list[int], *, steps: int,
+                      converged: bool, rel: float, note: str) -> dict:
+    """The converged solve's report (module docstring) from the per-concept squared errors ``sq`` on all rows,
+    the hardest-negative distances ``neg`` (raw; None without negatives), the hinge term and ||D||_F (D in the
+    solve's variable: the offset from the anchor). The loss comes from the residuals, not from the quadratic
+    form's value, which cancels to a small rest when the fit is good."""
+    loss = float(((w.a_pos + w.a_mse) * sq).sum()) + hinge_term + cfg.lambda_reg * d_norm
+    con_raw = float((w.a_pos * sq).sum()) + hinge_term
+    if neg is None:
+        neg_rep, active = [None] * len(sq), 0.0
+    else:
+        active = float((neg < w.mu).double().mean()) if cfg.lambda_con > 0 else 0.0
+        negn = neg / math.sqrt(w.neg_scale)
+        neg_rep = _floats(negn if cfg.distance == "block" else negn.pow(2).mean(1).sqrt())
+    report = {
+        "loss": loss,
+        "loss_terms": {
+            "con": con_raw / cfg.lambda_con if cfg.lambda_con else 0.0,
+            "mse": float(sq.sum()) / (out_dim * sum(n_rows)),
+            "reg": d_norm,
+        },
+        "pos_dist": _floats((sq / w.pos_scale).sqrt()),
+        "neg_dist": neg_rep,
+        "hinge_active": active,
+        "steps": steps,
+        "converged": converged,
+        "rel_change": rel,
+        "note": note,
+    }
+    if ridge_abs > 0:  # the extra term the solve minimised on top of the official objective ("loss")
+        report["ridge_term"] = ridge_abs * d_norm**2
+    return report
+
+
 def _solve_converged(
     problem: LayerProblem, cfg: LoraclrConfig, callback: Callback | None
 ) -> tuple[Tensor, dict]:
@@ -734,33 +769,8 @@ def _solve_converged(
     else:
         sq = S.per_concept_sq(D)
     hinge_term = w.w_hinge * hinge_sum if S.needs_hinge else 0.0
-    # from the residuals, not q: q = c0 + (terms in D) cancels to a small rest when the fit is good
-    loss = float(((w.a_pos + w.a_mse) * sq).sum()) + hinge_term + lam * float(D.norm())
-    con_raw = float((w.a_pos * sq).sum()) + hinge_term
-    pos = (sq / w.pos_scale).sqrt()
-    if neg is None:
-        neg_rep, active = [None] * S.N, 0.0
-    else:
-        active = float((neg < w.mu).double().mean()) if cfg.lambda_con > 0 else 0.0
-        negn = neg / math.sqrt(w.neg_scale)
-        neg_rep = _floats(negn if cfg.distance == "block" else negn.pow(2).mean(1).sqrt())
-    report = {
-        "loss": loss,
-        "loss_terms": {
-            "con": con_raw / cfg.lambda_con if cfg.lambda_con else 0.0,
-            "mse": float(sq.sum()) / (S.out_dim * sum(S.n_rows)),
-            "reg": float(D.norm()),
-        },
-        "pos_dist": _floats(pos),
-        "neg_dist": neg_rep,
-        "hinge_active": active,
-        "steps": steps,
-        "converged": converged,
-        "rel_change": rel,
-        "note": note,
-    }
-    if S.ridge_abs > 0:  # the extra term the solve minimised on top of the official objective ("loss")
-        report["ridge_term"] = S.ridge_abs * float(D.norm()) ** 2
+    report = _converged_report(cfg, w, sq, neg, hinge_term, float(D.norm()), S.ridge_abs, S.out_dim, S.n_rows,
+                               steps=steps, converged=converged, rel=rel, note=note)
     if bound:
         report["neg_dist_is_lower_bound"] = True
     if S.Q is not None:
@@ -856,32 +866,9 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
         del P, T, base
         if needs_hinge and bool((neg < w.mu).any()):
             return None  # a hinge acts: the dense path runs the majorise-minimise steps
-    lam = cfg.lambda_reg
-    e_norm = math.sqrt(max(sq_u(Z.mT), 0.0)) if Z.numel() else 0.0  # ||E||_F = ||U Z||_F
-    loss = float(((w.a_pos + w.a_mse) * sq).sum()) + lam * e_norm
-    report = {
-        "loss": loss,
-        "loss_terms": {
-            "con": float((w.a_pos * sq).sum()) / cfg.lambda_con if cfg.lambda_con else 0.0,
-            "mse": float(sq.sum()) / (out_dim * sum(n_rows)),
-            "reg": e_norm,
-        },
-        "pos_dist": _floats((sq / w.pos_scale).sqrt()),
-        "neg_dist": [None] * n
-        if neg is None
-        else _floats(
-            neg / math.sqrt(w.neg_scale)
-            if cfg.distance == "block"
-            else (neg / math.sqrt(w.neg_scale)).pow(2).mean(1).sqrt()
-        ),
-        "hinge_active": 0.0,
-        "steps": 1,
-        "converged": True,
-        "rel_change": 0.0,
-        "note": "closed form (no active hinge: global minimum); LoRA-factor path",
-    }
-    if ridge_abs > 0:
-        report["ridge_term"] = ridge_abs * e_norm**2
+    e_norm = math.sqrt(max(sq_u(Z.mT), 0.0))  # ||E||_F = ||U Z||_F
+    report = _converged_report(cfg, w, sq, neg, 0.0, e_norm, ridge_abs, out_dim, n_rows, steps=1, converged=True,
+                               rel=0.0, note="closed form (no active hinge: global minimum); LoRA-factor path")
     if cfg.anchor == "sum":
         report["anchor"] = "sum"
     return U @ Zp, report
