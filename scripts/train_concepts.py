@@ -5,6 +5,7 @@
     python scripts/train_concepts.py --list          # the plan, the triggers, what exists
     python scripts/train_concepts.py --minutes 45    # size the steps per concept to a time budget (default)
     python scripts/train_concepts.py --steps 400     # or fix them
+    python scripts/train_concepts.py --steps 1000 --device cuda --jobs 7   # on a GPU, 7 concepts at a time
 
 Steps per concept: a first run times a few LoRA and ED-LoRA steps on this machine and picks the number of
 steps that fits ``--minutes`` for the whole plan; the choice and the measurement are written into the
@@ -16,6 +17,12 @@ Writes ``src/loraclr/world/assets/concepts/<name>.safetensors`` (kohya / diffuse
 logs under ``runs/concepts/``. A concept whose file exists is skipped, so running the same command again
 (on this machine or a fresh checkout) continues where it stopped. Everything is seeded: the plan, the
 triggers (picked in plan order, see ``loraclr.training.data.pick_trigger``), the data and the training.
+
+``--jobs N`` (N > 1): the concepts still to train are trained by up to N child processes at once (each runs
+this script with ``--only NAME`` and its own ``--out`` / ``--runs`` under ``<runs>/jobs/NAME``, its output
+in ``<runs>/jobs/NAME.log``); each finished file is moved into the output folder and the manifest is written
+in plan order, as the sequential run writes it. Needs ``--steps`` (or a manifest that has them): there is no
+timed probe across processes.
 
 Manifest schema (read by the evaluators)::
 
@@ -97,12 +104,12 @@ def plan_triggers(tokenizer) -> dict[str, dict]:
     return out
 
 
-def _seconds_per_step(pipe, data, cfg, steps: int = 8) -> tuple[float, float]:
+def _seconds_per_step(pipe, data, cfg, steps: int = 8, device: str = "cpu") -> tuple[float, float]:
     """(seconds per training step, seconds of set-up) for ``cfg`` on ``data``, from a short timed run."""
     from loraclr.training import train_lora
 
     stamps: list[float] = []
-    result = train_lora(pipe, data, dataclasses.replace(cfg, steps=steps), log_every=0,
+    result = train_lora(pipe, data, dataclasses.replace(cfg, steps=steps), log_every=0, device=device,
                         callback=lambda step, loss: stamps.append(time.time()))
     per_step = (stamps[-1] - stamps[1]) / (steps - 2)  # the first two steps warm up the allocator
     return per_step, max(0.0, result.seconds - steps * per_step)
@@ -122,10 +129,10 @@ def size_budget(pipe, triggers: dict, args) -> dict:
     ed = next(n for n, k, f, _, _ in PLAN if f == "edlora")
     common = dict(batch=args.batch, prior_batch=args.prior_batch, seed=args.seed, targets=TARGETS)
     data = D.world_identity_data(name, f"a {triggers[name]['trigger']} creature", n=32, seed=args.seed, n_prior=16)
-    lora_s, setup = _seconds_per_step(pipe, data, TrainConfig(**common))
+    lora_s, setup = _seconds_per_step(pipe, data, TrainConfig(**common), device=args.device)
     ed_data = D.world_identity_data(ed, f"a {triggers[ed]['trigger']} creature", n=32, seed=args.seed, n_prior=16)
     ed_s, _ = _seconds_per_step(pipe, ed_data, TrainConfig(tokens=tuple(triggers[ed]["tokens"]), layerwise=True,
-                                                           **common))
+                                                           **common), device=args.device)
     n_ed = sum(f == "edlora" for _, _, f, _, _ in PLAN)
     n_lora = len(PLAN) - n_ed
     usable = 0.9 * args.minutes * 60 - len(PLAN) * setup
@@ -133,7 +140,8 @@ def size_budget(pipe, triggers: dict, args) -> dict:
     steps = int(min(1000, max(200, raw // 25 * 25)))
     if steps != raw // 25 * 25:
         log.warning("a %.0f-minute budget allows %.0f steps per concept here; using %d", args.minutes, raw, steps)
-    how = (f"timed probe with {args.threads} thread(s): {lora_s:.2f} s/step LoRA, {ed_s:.2f} s/step ED-LoRA, "
+    where = f"{args.threads} thread(s)" if args.device == "cpu" else f"device {args.device}"
+    how = (f"timed probe with {where}: {lora_s:.2f} s/step LoRA, {ed_s:.2f} s/step ED-LoRA, "
            f"set-up {setup:.0f} s; {args.minutes:g} min for {len(PLAN)} concepts")
     log.info("budget: %d steps per concept (%s)", steps, how)
     return {"steps": steps, "how": how, "minutes": args.minutes, "lora_s_per_step": round(lora_s, 3),
@@ -167,8 +175,13 @@ def main(argv=None) -> int:
     p.add_argument("--base", default="mini", help="base model (default: the built-in mini SD)")
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {OUT.relative_to(ROOT)})")
     p.add_argument("--runs", type=Path, default=RUNS, help="folder for logs and sample grids")
+    p.add_argument("--device", default="cpu", help="where the LoRAs train: cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="train up to N concepts at once in child processes (needs --steps or a manifest's)")
     args = p.parse_args(argv)
     OUT, RUNS = args.out or OUT, args.runs
+    if args.jobs < 1:
+        p.error("--jobs must be at least 1")
 
     RUNS.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -193,6 +206,8 @@ def main(argv=None) -> int:
     if args.steps is not None:
         budget = {"steps": args.steps, "how": "--steps"}
     elif "steps" not in budget and not args.list:
+        if args.jobs > 1:
+            p.error("--jobs > 1 needs --steps (or a manifest that has them): no timed probe across processes")
         budget = size_budget(pipe, triggers, args)
     args.steps = int(budget.get("steps", 0)) or None
     known = {e["name"]: e for e in manifest.get("concepts", [])}
@@ -213,6 +228,9 @@ def main(argv=None) -> int:
         return 0
     if base_step is not None and state.get("total_steps") and base_step < state["total_steps"]:
         log.warning("the base model is partly trained (step %s of %s)", base_step, state["total_steps"])
+
+    if args.jobs > 1:
+        return _train_parallel(args, entry, known, base_step, budget, t_all=time.time())
 
     entries = []
     t_all = time.time()
@@ -237,7 +255,7 @@ def main(argv=None) -> int:
                           tokens=tuple(t["tokens"]), layerwise=fmt == "edlora", seed=args.seed, targets=TARGETS)
         log.info("%s: training %s (%s, rank %d, alpha %g, %d steps), e.g. %r", name, path.name, fmt, rank, alpha,
                  args.steps, data.captions[0])
-        result = train_lora(pipe, data, cfg)
+        result = train_lora(pipe, data, cfg, device=args.device)
         save_trained(result, path, format=fmt, family=family_of(pipe), trigger=t["trigger"],
                      metadata={"loraclr.concept": name, "loraclr.base_step": str(base_step)})
         k = min(50, len(result.losses))
@@ -250,6 +268,113 @@ def main(argv=None) -> int:
             _samples(args.base, path, e, args.samples)
     write_manifest(entries, args.base, base_step, budget)
     log.info("all done in %.1f min; manifest %s", (time.time() - t_all) / 60, OUT / "manifest.json")
+    return 0
+
+
+def _child_command(args, name: str, out: Path, runs: Path) -> list[str]:
+    """This script for one concept, with the settings that decide what it trains."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--device", args.device,
+           "--steps", str(args.steps), "--samples", str(args.samples), "--out", str(out), "--runs", str(runs),
+           "--batch", str(args.batch), "--prior", str(args.prior), "--prior-batch", str(args.prior_batch),
+           "--n-images", str(args.n_images), "--seed", str(args.seed), "--threads", str(args.threads),
+           "--base", args.base, "--jobs", "1"]
+    return cmd
+
+
+def _train_parallel(args, entry, known: dict, base_step, budget: dict, t_all: float) -> int:
+    """``--jobs N``: one child process per concept still to train, up to N at once; files moved into OUT as
+    each child finishes and the manifest rewritten in plan order (the same entries as the sequential run)."""
+    import shutil
+    import subprocess
+
+    log = logging.getLogger("train_concepts")
+    jobs_dir = RUNS / "jobs"
+    todo = [row for row in PLAN if not (OUT / entry(*row)["file"]).exists()
+            and (not args.only or row[0] in args.only)]
+    trained: dict[str, dict] = {}  # name -> manifest entry written by its child
+    failed: dict[str, str] = {}  # name -> why (and where its log is)
+
+    def manifest_now() -> None:
+        entries = []
+        for row in PLAN:
+            name = row[0]
+            e = entry(*row)
+            if name in trained:
+                entries.append(trained[name])
+            elif (OUT / e["file"]).exists():
+                entries.append(known.get(name, e))
+        write_manifest(entries, args.base, base_step, budget)
+
+    done_before = {row[0] for row in PLAN if (OUT / entry(*row)["file"]).exists()}
+    for name in sorted(done_before, key=[r[0] for r in PLAN].index):
+        log.info("%s: %s exists, skipped", name, entry(*next(r for r in PLAN if r[0] == name))["file"])
+    log.info("%d concept(s) to train with up to %d job(s) on %s: %s", len(todo), args.jobs, args.device,
+             [r[0] for r in todo])
+
+    def collect(name: str, row: tuple, rc: int, logfile: Path) -> None:
+        child_out, child_runs = jobs_dir / name / "out", jobs_dir / name / "runs"
+        e = entry(*row)
+        try:
+            if rc != 0:
+                raise RuntimeError(f"exit status {rc}")
+            doc = json.loads((child_out / "manifest.json").read_text(encoding="utf-8"))
+            got = [c for c in doc.get("concepts", []) if c.get("name") == name]
+            if len(got) != 1 or not (child_out / e["file"]).is_file():
+                raise RuntimeError(f"no {e['file']} or no manifest entry in {child_out}")
+            # the LoRA and anything written beside it (learned-token files); the child's manifest stays
+            for f in sorted(child_out.iterdir()):
+                if f.is_file() and not f.name.startswith(".") and f.name != "manifest.json":
+                    shutil.move(str(f), str(OUT / f.name))  # a rename when both are on one file system
+            grid = child_runs / f"{name}.png"
+            if grid.is_file():
+                shutil.move(str(grid), str(RUNS / grid.name))
+            trained[name] = got[0]
+            log.info("%s: done in %ss, loss %s -> %s (log %s)", name, got[0].get("seconds"),
+                     got[0].get("loss_first"), got[0].get("loss_last"), logfile)
+            shutil.rmtree(child_out, ignore_errors=True)
+        except Exception as exc:  # one failed concept must not cost the others theirs
+            failed[name] = f"{exc}; see {logfile}"
+            log.error("%s: FAILED (%s); see %s", name, exc, logfile)
+        manifest_now()
+
+    running: dict[str, tuple] = {}  # name -> (process, row, log file, open handle)
+    queue = list(todo)
+    try:
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                row = queue.pop(0)
+                name = row[0]
+                child = jobs_dir / name
+                shutil.rmtree(child, ignore_errors=True)  # a stale child folder would make the child skip
+                (child / "out").mkdir(parents=True)
+                (child / "runs").mkdir(parents=True)
+                logfile = jobs_dir / f"{name}.log"
+                fh = open(logfile, "w", encoding="utf-8")  # noqa: SIM115 (closed when the child ends)
+                cmd = _child_command(args, name, child / "out", child / "runs")
+                proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=str(ROOT))
+                running[name] = (proc, row, logfile, fh)
+                log.info("%s: started (pid %d), log %s", name, proc.pid, logfile)
+            time.sleep(0.2)
+            for name in list(running):
+                proc, row, logfile, fh = running[name]
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                fh.close()
+                del running[name]
+                collect(name, row, rc, logfile)
+    finally:  # interrupted: stop this run's own children (by their process ids), keep what finished
+        for name, (proc, _, logfile, fh) in running.items():
+            proc.terminate()
+            proc.wait(timeout=30)
+            fh.close()
+            log.error("%s: stopped unfinished (log %s)", name, logfile)
+    manifest_now()
+    log.info("all done in %.1f min; manifest %s", (time.time() - t_all) / 60, OUT / "manifest.json")
+    if failed:
+        for name, why in failed.items():
+            log.error("%s: not trained: %s", name, why)
+        return 1
     return 0
 
 

@@ -3,6 +3,7 @@
     python scripts/train_evaluators.py                 # everything: data, identity, text-image, calibration
     python scripts/train_evaluators.py identity        # one network only (then run `calibrate`)
     python scripts/train_evaluators.py calibrate       # only re-calibrate the saved weights
+    python scripts/train_evaluators.py --device cuda --workers 16   # nets and camera on a GPU, 16 renderers
 
 Writes ``src/loraclr/world/assets/evaluators/{identity,text_image}.safetensors`` (fp16) and
 ``evaluators.json`` (threshold, accuracy, retrieval rates, and how they were measured).
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="share of training images seen through the world's VAE (0 = renders only)")
     p.add_argument("--camera", default="mini",
                    help="base model whose VAE is the camera ('none' = no round trips, threshold on renders)")
+    p.add_argument("--device", default="cpu",
+                   help="where the nets train and the camera round trips run: cpu (default), cuda ...")
+    p.add_argument("--workers", type=int, default=1, help="processes rendering the training scenes")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.camera != "none":
         from loraclr.pipeline import load_base
 
-        camera = load_base(args.camera).vae.float().eval()
+        camera = load_base(args.camera).vae.float().eval().to(args.device)  # round trips come back on the CPU
 
     def with_camera(data):
         if camera is not None and args.p_camera > 0:
@@ -75,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         # its own renders: a quarter of the characters are one-trait variants of the concepts (hard negatives)
         t0 = time.time()
         near = T.near_misses(list(T.S.CONCEPTS.values()))
-        data = with_camera(T.render_data(args.scenes, args.seed + 1, pool, progress, near=near, p_near=args.p_near))
+        data = with_camera(T.render_data(args.scenes, args.seed + 1, pool, progress, workers=args.workers,
+                                         near=near, p_near=args.p_near))
         timings["identity_render_s"] = time.time() - t0
         log.info("identity data: %d renders, %d crops, %d classes (%d near misses)", len(data.captions),
                  len(data.crop_image), len(data.classes), len(near))
         t0 = time.time()
         ident = T.train_identity(data, args.identity_steps, seed=args.seed, p_camera=args.p_camera,
-                                 callback=report("identity"))
+                                 callback=report("identity"), device=args.device)  # returned on the CPU
         timings["identity_train_s"] = time.time() - t0
         save_net(ident, out / "identity.safetensors", {"steps": args.identity_steps, "seed": args.seed,
                                                        "scenes": args.scenes, "pool": args.pool,
@@ -92,11 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         from loraclr.world.tokenizer import load_tokenizer
 
         t0 = time.time()
-        data = with_camera(T.render_data(args.scenes, args.seed, pool, progress))
+        data = with_camera(T.render_data(args.scenes, args.seed, pool, progress, workers=args.workers))
         timings["text_image_render_s"] = time.time() - t0
         t0 = time.time()
         clip = T.train_text_image(data, load_tokenizer(), args.clip_steps, seed=args.seed,
-                                  p_camera=args.p_camera, callback=report("text-image"))
+                                  p_camera=args.p_camera, callback=report("text-image"), device=args.device)
         timings["text_image_train_s"] = time.time() - t0
         save_net(clip, out / "text_image.safetensors", {"steps": args.clip_steps, "seed": args.seed,
                                                         "scenes": args.scenes, "p_camera": args.p_camera,

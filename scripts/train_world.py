@@ -39,30 +39,62 @@ def main(argv=None) -> int:
     p.add_argument("--stream", action="store_true",
                    help="base: render + encode fresh scenes every step instead of a cached dataset")
     p.add_argument("--out", type=Path, default=None, help="pipeline folder (default: the built-in asset)")
+    p.add_argument("--runs", type=Path, default=RUNS, help="logs, VAE, datasets, checkpoints, sample grids")
+    p.add_argument("--size", default="mini", choices=["mini", "tiny"], help="tiny: a smoke test of the script")
+    p.add_argument("--device", default="cpu", help="cpu or cuda: where the VAE, encoder and base train")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes rendering the scene pools in seeded chunks (0 = the sequential session-1 "
+                        "dataset; >0 changes which scenes are drawn, not how many)")
+    p.add_argument("--vae-pool", type=int, default=0,
+                   help="VAE: draw batches from this many pre-rendered scenes (0 = render every batch)")
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--fit-minutes", type=float, default=None,
+                   help="base, fresh runs: cut --total-steps to what fits this many minutes (timed on the "
+                        "first steps; the steps chosen are saved in training_state.json)")
     args = p.parse_args(argv)
 
-    RUNS.mkdir(parents=True, exist_ok=True)
+    runs = args.runs
+    runs.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
-        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(RUNS / f"{args.stage}.log")],
+        handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(runs / f"{args.stage}.log")],
     )
     torch.set_num_threads(args.threads)
     from loraclr.world import training as T
     from loraclr.world.model import BASE_MODEL_DIR
 
+    base_pool = None  # with --workers > 1 under `all`: the base scenes render while the VAE trains
+    if args.stage == "all" and args.workers > 1 and not args.stream:
+        import multiprocessing as mp
+
+        renderers = mp.get_context("spawn").Pool(max(1, args.workers - 1))
+        base_pool = renderers.map_async(T._render_chunk, T.pool_jobs("base", args.n, args.seed), chunksize=1)
     if args.stage in ("vae", "all"):
-        T.train_vae(RUNS / "vae", steps=args.steps, seed=args.seed)
+        pool = None
+        if args.vae_pool:
+            pool = T.render_pool("vae", args.vae_pool, args.seed, max(1, args.workers))[0]
+        T.train_vae(runs / "vae", steps=args.steps, seed=args.seed, batch=args.vae_batch, device=args.device,
+                    pool=pool, size=args.size)
+        del pool
     if args.stage == "decoder":  # optional, in parallel with base: sharpen the decoder, encoder frozen
-        T.finetune_decoder(RUNS / "vae", steps=args.steps, seed=args.seed)
+        T.finetune_decoder(runs / "vae", steps=args.steps, seed=args.seed)
     if args.stage == "render":  # optional: render the scenes while the VAE trains (no VAE needed)
-        T.render_scenes(args.n, args.seed, RUNS / f"scenes-{args.seed}-{args.n}.npz")
+        T.render_scenes(args.n, args.seed, runs / f"scenes-{args.seed}-{args.n}.npz")
+    rendered = None
+    if base_pool is not None:
+        rendered = T.join_chunks(base_pool.get())
+        renderers.close()
+    data_path = runs / (f"data-{args.seed}-{args.n}.pt" if args.workers == 0 else f"pool-{args.seed}-{args.n}.pt")
     if args.stage in ("data", "all") and not args.stream:
-        T.build_dataset(RUNS / "vae", RUNS / f"data-{args.seed}-{args.n}.pt", n=args.n, seed=args.seed)
+        T.build_dataset(runs / "vae", data_path, n=args.n, seed=args.seed, workers=args.workers,
+                        device=args.device, rendered=rendered)
     if args.stage in ("base", "all"):
         T.train_base(
-            vae_dir=RUNS / "vae", data_path=None if args.stream else RUNS / f"data-{args.seed}-{args.n}.pt",
-            folder=args.out or BASE_MODEL_DIR, runs_dir=RUNS, minutes=args.minutes,
-            total_steps=args.total_steps, seed=args.seed, batch=args.batch, lr=args.lr,
+            vae_dir=runs / "vae", data_path=None if args.stream else data_path,
+            folder=args.out or BASE_MODEL_DIR, runs_dir=runs, minutes=args.minutes,
+            total_steps=args.total_steps, seed=args.seed, batch=args.batch, lr=args.lr, n=args.n,
+            device=args.device, workers=args.workers, fit_minutes=args.fit_minutes, rendered=rendered,
+            size=args.size,
         )
     return 0
 

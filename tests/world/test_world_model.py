@@ -152,3 +152,32 @@ def test_shipped_world_fits_its_40_mb_budget():
     assert total <= 40e6, f"{total / 1e6:.1f} MB shipped under {ASSETS}"
     vocabs = [p for p in files if p.name == "vocab.json"]
     assert vocabs == [TOKENIZER_DIR / "vocab.json"], vocabs
+
+
+def test_scene_pools_are_the_same_for_any_number_of_workers():
+    one = T.render_pool("base", 1200, seed=3, workers=1)  # two chunks: 1000 + 200
+    two = T.render_pool("base", 1200, seed=3, workers=2)
+    assert one[0].shape == (1200, 64, 64, 3) and one[2].shape == (1200, 77)
+    assert np.array_equal(one[0], two[0]) and one[1] == two[1] and np.array_equal(one[2], two[2])
+    # token ids are the captions' (first and last scene)
+    from loraclr.world.tokenizer import load_tokenizer
+
+    tok = load_tokenizer()
+    for i in (0, 1199):
+        assert torch.equal(torch.from_numpy(one[2][i]).long(), T.tokenize(tok, [one[1][i]])[0])
+    vae = T.render_pool("vae", 30, seed=3)[0]
+    assert vae.shape == (30, 64, 64, 3) and not np.array_equal(vae, one[0][:30])
+    with pytest.raises(ValueError, match="pool kind"):
+        T.pool_jobs("faces", 10)
+
+
+def test_fit_minutes_cuts_the_schedule_and_records_how(tmp_path):
+    vae = M.build_vae("tiny", seed=0)
+    vae.register_to_config(scaling_factor=1.0)
+    vae.save_pretrained(str(tmp_path / "vae"))
+    st = T.train_base(vae_dir=tmp_path / "vae", data_path=tmp_path / "pool.pt", folder=tmp_path / "sd",
+                      runs_dir=tmp_path / "r", size="tiny", n=40, batch=2, total_steps=10**6, workers=1,
+                      fit_minutes=0.001, grid_kwargs=dict(scenes=T.SAMPLE_SCENES[:1], per_prompt=1, steps=1))
+    # the time is spent by the 50 timed steps, so the schedule ends right after them
+    assert st["step"] == st["total_steps"] == 51 and "fitted to 0.001 min on cpu" in st["total_steps_how"]
+    assert torch.load(tmp_path / "pool.pt", weights_only=False)["pool"] == "chunks"

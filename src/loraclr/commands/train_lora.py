@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu",
+                   help="where the LoRA trains: cpu (default), cuda, cuda:1 ... (data and files stay on the CPU)")
 
 
 def run(args) -> int:
@@ -102,7 +104,7 @@ def run(args) -> int:
         embedding_lr=args.embedding_lr, tokens=tokens, layerwise=args.edlora, init_word=args.init_word,
         seed=args.seed, autocast=not args.no_autocast,
     )
-    result = train_lora(pipe, data, cfg)
+    result = train_lora(pipe, data, cfg, device=args.device)
     save_trained(result, out, format=fmt, family=family_of(pipe), trigger=trigger)
     summary = {"file": str(out), "format": fmt, "trigger": trigger, "tokens": list(tokens), "rank": cfg.rank,
                "alpha": cfg.alpha, "steps": cfg.steps, "seed": cfg.seed, "layers": len(result.layers),

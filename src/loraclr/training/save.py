@@ -37,15 +37,15 @@ def save_edlora(layers: dict[str, LoraLayer], tokens: list[LearnedToken], path: 
         if set(tok.embeddings) != {"text_encoder"}:
             raise ValueError(f"{path}: token {tok.name}: ED-LoRA files hold text_encoder embeddings only "
                              f"(got {sorted(tok.embeddings)})")
-        params["new_concept_embedding"][tok.name] = tok.embeddings["text_encoder"].to(dtype).contiguous()
+        params["new_concept_embedding"][tok.name] = tok.embeddings["text_encoder"].detach().cpu().to(dtype).contiguous()
     for key, layer in layers.items():
         comp, sub = split_key(key)
         if comp not in ("unet", "text_encoder"):
             raise ValueError(f"{path}: {key}: ED-LoRA files are SD 1.x only (unet and text_encoder)")
         if comp == "text_encoder" and not sub.startswith("text_model."):
             sub = "text_model." + sub
-        up = (layer.up.float() * layer.scale).to(dtype).contiguous()  # alpha / rank folded in: scale 1 on read
-        params[comp][f"{sub}.lora_down.weight"] = layer.down.to(dtype).contiguous()
+        up = (layer.up.detach().cpu().float() * layer.scale).to(dtype).contiguous()  # alpha / rank folded in
+        params[comp][f"{sub}.lora_down.weight"] = layer.down.detach().cpu().to(dtype).contiguous()
         params[comp][f"{sub}.lora_up.weight"] = up
     flat = {f"{c}.{k}": v for c, d in params.items() for k, v in d.items()}
     check_finite(flat, str(path))
@@ -90,6 +90,10 @@ def save_trained(result, path: str | Path, *, format: str = "kohya", family: str
         meta["modelspec.trigger_phrase"] = trigger
         meta["ss_tag_frequency"] = json.dumps({"concept": {trigger: result.n_images}})
     meta.update(metadata or {})
-    layers = {k: LoraLayer(v.down.to(dtype), v.up.to(dtype), v.alpha) for k, v in result.layers.items()}
-    save_lora(layers, path, format=format, family=family, tokens=result.tokens or None, metadata=meta)
+    # files are written from CPU tensors, wherever the result was trained
+    layers = {k: LoraLayer(v.down.detach().cpu().to(dtype), v.up.detach().cpu().to(dtype), v.alpha)
+              for k, v in result.layers.items()}
+    tokens = [LearnedToken(t.name, {c: e.detach().cpu() for c, e in t.embeddings.items()}, layerwise=t.layerwise)
+              for t in result.tokens]
+    save_lora(layers, path, format=format, family=family, tokens=tokens or None, metadata=meta)
     return path

@@ -156,15 +156,29 @@ def _layer_ids(ids: Tensor, vocab: int, n_layers: int, layer: int) -> Tensor:
 # --- the trainer ----------------------------------------------------------------------------------------------
 
 
+def _module_device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> cpu; ``"cuda"`` -> ``cuda`` (checked to be available)."""
+    dev = torch.device(device if device is not None else "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for but torch sees no CUDA device")
+    return dev
+
+
 def _encode_images(vae, images: np.ndarray, chunk: int = 64) -> Tensor:
-    """uint8 images -> latents (posterior mean x scaling factor), fp32, no grad."""
+    """uint8 images -> latents (posterior mean x scaling factor), fp32, no grad, on the CPU (the VAE may be on
+    any device: the images are sent to its device)."""
     scale = float(getattr(vae.config, "scaling_factor", 1.0))
+    dev = _module_device(vae)
     out = []
     with torch.no_grad():
         for i in range(0, len(images), chunk):
             x = torch.from_numpy(np.ascontiguousarray(images[i:i + chunk])).permute(0, 3, 1, 2).float()
             x = x / 127.5 - 1.0
-            out.append(vae.encode(x.to(vae.dtype)).latent_dist.mean.float() * scale)
+            out.append(vae.encode(x.to(device=dev, dtype=vae.dtype)).latent_dist.mean.float().cpu() * scale)
     return torch.cat(out)
 
 
@@ -182,11 +196,17 @@ def _check_resolution(pipe, images: np.ndarray, source: str) -> None:
 
 
 def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
-               callback: Callable[[int, float], None] | None = None, log_every: int = 50) -> TrainResult:
+               callback: Callable[[int, float], None] | None = None, log_every: int = 50,
+               device: str | torch.device | None = None) -> TrainResult:
     """Train a concept LoRA (and learned tokens if ``config.tokens``) on ``data``; ``pipe`` is left as it was.
 
     Loss: epsilon- (or v-) prediction MSE on the concept's images, plus ``prior_weight`` x the same on prior
     images with their own captions (DreamBooth's prior preservation) when ``data`` has them.
+
+    ``device``: where the copies of the UNet and text encoder train (default cpu; e.g. ``"cuda"``). The
+    latents are encoded by ``pipe.vae`` where it is, and every random draw (batch rows, noise, timesteps) is
+    made on the CPU from the seeded generator and then moved, so a run draws the same batches on any device.
+    The result's layers and tokens are always CPU tensors.
     """
     from diffusers import DDPMScheduler
     from peft import LoraConfig, inject_adapter_in_model
@@ -197,6 +217,7 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
         raise ValueError("training LoRAs for SDXL pipelines is not supported yet (SD 1.x / 2.x only)")
     _check_resolution(pipe, data.images, data.description)
     cfg = config
+    dev = resolve_device(device)
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -231,7 +252,7 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
     if not cfg.tokens and int(ids.max()) >= vocab:
         raise ValueError(f"{data.description}: captions tokenise to ids beyond the text encoder's vocabulary")
 
-    # LoRA layers by peft, on the copies
+    # LoRA layers by peft, on the copies (initialised on the CPU, then the copies go to the device)
     targets = lora_targets(pipe, cfg.targets, cfg.train_text_encoder)
     models = {"unet": unet, "text_encoder": te}
     params: dict[str, list[nn.Parameter]] = {"unet": [], "text_encoder": []}
@@ -242,11 +263,14 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
         lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=names, lora_dropout=0.0,
                           init_lora_weights=True, bias="none")
         inject_adapter_in_model(lcfg, model, adapter_name="default")
+    for comp, model in models.items():
+        model.to(dev)
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
             if "lora_" in n:
                 params[comp].append(p)
     if extra is not None:
+        extra = te.get_input_embeddings().extra  # the same parameter, now on the device
         extra.requires_grad_(True)  # after the loop above, which froze everything that is not a LoRA factor
     groups = [{"params": params["unet"], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if params["text_encoder"]:
@@ -260,11 +284,12 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
     # text states are fixed when nothing in the text path trains: encode every caption once
     text_trains = bool(params["text_encoder"]) or extra is not None
     fixed_states = fixed_prior_states = None
-    if not text_trains:
+    if not text_trains:  # kept on the device; rows are picked with indices moved there
         with torch.no_grad():
-            fixed_states = torch.cat([te(ids[i:i + 64])[0] for i in range(0, len(ids), 64)])
+            fixed_states = torch.cat([te(ids[i:i + 64].to(dev))[0] for i in range(0, len(ids), 64)])
             if use_prior:
-                fixed_prior_states = torch.cat([te(prior_ids[i:i + 64])[0] for i in range(0, len(prior_ids), 64)])
+                fixed_prior_states = torch.cat([te(prior_ids[i:i + 64].to(dev))[0]
+                                                for i in range(0, len(prior_ids), 64)])
 
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = int(noise_sched.config.num_train_timesteps)
@@ -274,22 +299,24 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
     losses: list[float] = []
     t_train = time.time()
     for step in range(cfg.steps):
+        # every draw on the CPU (data, generator and scheduler live there); the batch then goes to the device
         idx = torch.randint(0, len(latents), (cfg.batch,), generator=gen)
-        x0, rows, states = latents[idx], ids[idx], None if fixed_states is None else fixed_states[idx]
+        x0, rows, states = latents[idx], ids[idx], None if fixed_states is None else fixed_states[idx.to(dev)]
         n_inst = cfg.batch
         if use_prior:
             pidx = torch.randint(0, len(prior_latents), (cfg.prior_batch,), generator=gen)
             x0 = torch.cat([x0, prior_latents[pidx]])
             rows = torch.cat([rows, prior_ids[pidx]])
             if states is not None:
-                states = torch.cat([states, fixed_prior_states[pidx]])
+                states = torch.cat([states, fixed_prior_states[pidx.to(dev)]])
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, n_train_t, (x0.shape[0],), generator=gen)
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise if prediction == "epsilon" else noise_sched.get_velocity(x0, noise, t)
+        xt, t, target, rows = xt.to(dev), t.to(dev), target.to(dev), rows.to(dev)
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
             g["lr"] = base * min(1.0, (step + 1) / max(1, cfg.warmup))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast):
             per_layer = None
             if states is None:
                 if cfg.layerwise:
@@ -327,13 +354,13 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
     layers = {}
     for key, (comp, name) in targets.items():
         mod = models[comp].get_submodule(name)
-        down = mod.lora_A["default"].weight.detach().float().clone()
-        up = mod.lora_B["default"].weight.detach().float().clone()
+        down = mod.lora_A["default"].weight.detach().float().cpu().clone()
+        up = mod.lora_B["default"].weight.detach().float().cpu().clone()
         alpha = float(mod.scaling["default"] * cfg.rank)  # peft: scaling = lora_alpha / r
         layers[key] = LoraLayer(down=down, up=up, alpha=alpha)
     tokens = []
     if extra is not None:
-        table = extra.detach().float().reshape(len(cfg.tokens), n_layers, -1)
+        table = extra.detach().float().cpu().reshape(len(cfg.tokens), n_layers, -1)
         tokens = [LearnedToken(name, {"text_encoder": table[k].clone()}, layerwise=cfg.layerwise)
                   for k, name in enumerate(cfg.tokens)]
     return TrainResult(layers=layers, tokens=tokens, losses=losses, seconds=seconds, config=cfg,
@@ -348,22 +375,29 @@ def denoising_loss(pipe, data: ConceptData, layers: dict[str, LoraLayer] | None 
 
     The noise and timesteps are drawn from ``seed`` (the same draws for every call), so values from the base
     model and from the model with a LoRA are directly comparable. Plain captions only (no learned tokens).
+    Runs where ``pipe`` is (its UNet's device); the draws are made on the CPU.
     """
     from diffusers import DDPMScheduler
 
     from loraclr.features.hooks import apply_layers
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # draws on the CPU, then moved to the pipeline's device
+    dev = _module_device(pipe.unet)
     latents = _encode_images(pipe.vae, data.images)
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     total = []
+    if layers and dev.type != "cpu":  # the hooks use the factors as they are: put them beside the weights
+        layers = {k: LoraLayer(v.down.to(dev), v.up.to(dev), v.alpha) if isinstance(v, LoraLayer)
+                  else type(v)(v.weight.to(dev)) for k, v in layers.items()}
     ctx = apply_layers(pipe, layers) if layers else contextlib.nullcontext()
     with ctx:
-        states = pipe.text_encoder(_tokenize(pipe.tokenizer, data.captions))[0]  # with the text-encoder LoRA
+        ids = _tokenize(pipe.tokenizer, data.captions).to(_module_device(pipe.text_encoder))
+        states = pipe.text_encoder(ids)[0].to(dev)  # with the text-encoder LoRA
         for _ in range(n_draws):
             noise = torch.randn(latents.shape, generator=gen)
             t = torch.randint(0, int(sched.config.num_train_timesteps), (len(latents),), generator=gen)
             target = noise if sched.config.prediction_type == "epsilon" else sched.get_velocity(latents, noise, t)
-            pred = pipe.unet(sched.add_noise(latents, noise, t), t, states).sample
-            total.append(F.mse_loss(pred.float(), target).item())
+            xt = sched.add_noise(latents, noise, t)
+            pred = pipe.unet(xt.to(dev), t.to(dev), states).sample
+            total.append(F.mse_loss(pred.float().cpu(), target).item())
     return float(np.mean(total))

@@ -154,7 +154,7 @@ def save_pipeline_folder(vae, text_encoder, unet, folder: str | Path, state: dic
     for m in parts:
         # cast tensor by tensor: ModelMixin.to(dtype) warns about keep-in-fp32 modules these models lack
         for t in list(m.parameters()) + list(m.buffers()):
-            t.data = t.data.to(dtype) if t.is_floating_point() else t.data
+            t.data = t.data.to("cpu", dtype) if t.is_floating_point() else t.data.to("cpu")
         for p in m.parameters():
             if not torch.isfinite(p).all():
                 raise ValueError(f"{folder}: non-finite weights in {type(m).__name__}; not saving")

@@ -1,0 +1,102 @@
+"""Device-aware training on the CPU: ``device="cpu"`` is the default path exactly, and ``train_concepts.py
+--jobs 2`` trains concepts in child processes into the same files and manifest as the sequential run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from loraclr.models import build_pipeline
+from loraclr.training import ConceptData, TrainConfig, denoising_loss, train_lora, world_identity_data
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    torch.set_num_threads(1)
+    return build_pipeline("sd1", "tiny", seed=0)
+
+
+@pytest.fixture(scope="module")
+def data(pipe):
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    d = world_identity_data("rubo", "a rubox creature", n=4, seed=0, n_prior=2)
+
+    def rs(images):
+        return np.stack([np.asarray(Image.fromarray(i).resize((side, side), Image.BICUBIC)) for i in images])
+
+    return ConceptData(rs(d.images), d.captions, rs(d.prior_images), d.prior_captions, "rubo")
+
+
+@pytest.mark.parametrize("text_encoder", [True, False])
+def test_explicit_cpu_device_is_the_default_path(pipe, data, text_encoder):
+    cfg = TrainConfig(steps=2, batch=2, prior_batch=1, seed=5, warmup=1, train_text_encoder=text_encoder)
+    a = train_lora(pipe, data, cfg, log_every=0)
+    b = train_lora(pipe, data, cfg, log_every=0, device=torch.device("cpu"))
+    assert a.losses == b.losses and set(a.layers) == set(b.layers)
+    for k, layer in a.layers.items():
+        assert b.layers[k].down.device.type == "cpu"
+        assert torch.equal(layer.down, b.layers[k].down) and torch.equal(layer.up, b.layers[k].up)
+    assert denoising_loss(pipe, data, a.layers, n_draws=1) == denoising_loss(pipe, data, b.layers, n_draws=1)
+
+
+def test_unknown_device_is_refused(pipe, data):
+    with pytest.raises((RuntimeError, ValueError)):
+        train_lora(pipe, data, TrainConfig(steps=1, batch=1), log_every=0, device="nodev")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("train_concepts_script", ROOT / "scripts" / "train_concepts.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SMALL = ["--steps", "1", "--samples", "0", "--n-images", "4", "--prior", "2", "--batch", "2", "--prior-batch", "1"]
+
+
+def test_jobs_need_steps(tmp_path):
+    with pytest.raises(SystemExit):
+        _script().main(["--only", "rubo", "--jobs", "2", "--out", str(tmp_path / "o"), "--runs", str(tmp_path / "r")])
+
+
+def test_jobs_train_in_children_like_the_sequential_run(tmp_path):
+    out_p, out_s = tmp_path / "par", tmp_path / "seq"
+    assert _script().main(["--only", "tavi", "rubo", "--jobs", "2", *SMALL, "--out", str(out_p),
+                           "--runs", str(tmp_path / "runs_p")]) == 0
+    assert _script().main(["--only", "tavi", "rubo", *SMALL, "--out", str(out_s), "--runs", str(tmp_path / "runs_s")]) == 0
+    par, seq = (json.loads((d / "manifest.json").read_text()) for d in (out_p, out_s))
+    assert [e["name"] for e in par["concepts"]] == ["rubo", "tavi"]  # plan order, whatever finished first
+    for doc in (par, seq):
+        for e in doc["concepts"]:
+            e.pop("seconds")
+    assert par == seq
+    assert sorted(p.name for p in out_p.iterdir()) == ["manifest.json", "rubo.safetensors", "tavi.safetensors"]
+    from safetensors.torch import load_file
+
+    for name in ("rubo", "tavi"):
+        a, b = load_file(out_p / f"{name}.safetensors"), load_file(out_s / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert (tmp_path / "runs_p" / "jobs" / f"{name}.log").is_file()
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_reported_and_keeps_the_others(tmp_path, caplog):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "rubo.safetensors").write_bytes(b"trained earlier")  # exists: skipped, kept in the manifest
+    rc = _script().main(["--only", "rubo", "tavi", "--jobs", "2", *SMALL, "--device", "nodev", "--out", str(out),
+                         "--runs", str(tmp_path / "runs")])
+    assert rc == 1
+    log = tmp_path / "runs" / "jobs" / "tavi.log"
+    assert log.is_file() and str(log) in caplog.text
+    doc = json.loads((out / "manifest.json").read_text())
+    assert [e["name"] for e in doc["concepts"]] == ["rubo"]
+    assert (out / "rubo.safetensors").read_bytes() == b"trained earlier" and not (out / "tavi.safetensors").exists()
