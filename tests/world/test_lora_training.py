@@ -191,3 +191,19 @@ def test_cli_trains_from_a_folder(tmp_path, pipe, data):
     assert lora.metadata["modelspec.trigger_phrase"] == "rubox" and lora.metadata["ss_steps"] == "2"
     assert {layer.rank for layer in lora.layers.values()} == {2}
     assert {layer.alpha for layer in lora.layers.values()} == {1.0}
+
+
+def test_cli_checks_the_output_before_training(tmp_path, monkeypatch, capsys):
+    """A missing output folder or a wrong ED-LoRA suffix fails before the base loads, not after the run."""
+    import loraclr.pipeline
+    from loraclr.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the base was loaded before the output path was checked")
+
+    monkeypatch.setattr(loraclr.pipeline, "load_base", no_load)
+    missing = tmp_path / "nope" / "out.safetensors"
+    assert main(["train-lora", "--world-identity", "rubo", "-o", str(missing), "--steps", "2"]) != 0
+    assert "does not exist; create it first" in capsys.readouterr().err
+    assert main(["train-lora", "--world-identity", "rubo", "--edlora", "-o", str(tmp_path / "x.safetensors")]) != 0
+    assert "name it *.pth" in capsys.readouterr().err
