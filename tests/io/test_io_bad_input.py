@@ -153,6 +153,25 @@ def test_atomic_write_leaves_nothing_on_error(tmp_path):
     assert target.read_bytes() == b"old" and _listing(tmp_path) == ["out.safetensors"]
 
 
+def test_atomic_write_gives_files_the_usual_mode(tmp_path):
+    """A file written through mkstemp would be 0600: unreadable by the other users a merged LoRA is shared with."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with atomic_write(tmp_path / "a.bin") as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.close(fd)
+        save_lora({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
+                   LoraLayer(torch.randn(2, 4), torch.randn(4, 2), 2.0)}, tmp_path / "b.safetensors",
+                  format="diffusers", family="sd1")
+    finally:
+        os.umask(old)
+    for name in ("a.bin", "b.safetensors"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+
+
 def test_invalid_layer_key_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"unet\.nowhere\.to_q: cannot be named in a sdxl kohya file"):
         save_lora({"unet.nowhere.to_q": LoraLayer(torch.randn(2, 4), torch.randn(4, 2), 2.0)},

@@ -24,6 +24,12 @@ log = logging.getLogger(__name__)
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder as ``path``; rename it onto ``path`` on success.
@@ -44,6 +50,8 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{path}: nothing was written")
+        if tmp.is_file():  # writers that go through mkstemp leave 0600; give it the mode a plain open() would
+            os.chmod(tmp, 0o666 & ~_umask())
         if path.is_dir() and tmp.is_dir():
             # os.replace cannot swap folders portably: move the old one aside first, then drop it.
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=parent))
