@@ -54,15 +54,19 @@ RUNS = ROOT / "runs" / "concepts"
 
 # name, kind, format, rank, alpha. Mostly kohya (like community files), some diffusers/PEFT, two ED-LoRA.
 # Identities: all four of the round-red and tall-blue groups (close look-alikes), two of each other group.
-# Every LoRA covers the default kohya modules (attention, feed-forward, proj in/out; TARGETS). Probes on the
-# session-2 base (`loraclr train-lora --world-identity rubo`, then `loraclr evaluate mini --own-loras`): rank 4
-# on attention only, 400 steps (base step 3000): nothing of rubo learned (image alignment 0.35, identity 0);
-# rank 16 on the kohya modules, 600 steps: rubo drawn with hat, stripes and eyes (image 0.64-0.67, identity
-# 0.06); rank 4 on the kohya modules, 1000 steps (step 6455): the same look (image 0.68, identity 0), body
-# pink instead of red (the white stripes bleed into it); on the final step-8000 base, 1000 steps: tavi identity
-# 0.44, rubo 0.00 (pink again). Use --steps 1000 or more (~10 min per concept per core): the default 45-minute
-# budget gives ~300. Ranks stay at 4 (two at 8) so the shipped world fits its 40 MB (0.32 MB per rank-4 file
-# here; the base is 31 MB).
+# Every LoRA covers the default kohya modules (attention, feed-forward, proj in/out; TARGETS). kohya and
+# diffusers identities also learn TOKENS textual-inversion tokens as their trigger (pivotal tuning, as many
+# community character LoRAs are trained), saved beside the LoRA; ED-LoRAs learn two layer-wise tokens.
+# Why (session 7 probes, `loraclr train-lora --world-identity NAME --targets kohya --rank 4 --steps 600`, then
+# `loraclr evaluate mini --own-loras --suite single --prompts 4 --seeds 4`, identity alignment of 16 images):
+#   rare-word trigger, prior 64 (session 6's plan)              tavi 0.00  rubo 0.00  (1500 steps: rubo 0.00)
+#   one learned token, default learning rates, no prior         tavi 0.12  rubo 0.56
+#   three learned tokens, default learning rates, no prior      tavi 0.56
+#   three tokens, 2x learning rates, no prior                   tavi 0.69
+#   three tokens, 2x learning rates, prior 64                   tavi 0.19  (prior preservation holds it back)
+#   three tokens, 4x learning rates (LR), no prior              tavi 0.88  rubo 0.31
+# so the plan trains with LR and no prior preservation (--prior 0). Ranks stay at 4 (two at 8) so the shipped
+# world fits its 40 MB (0.32 MB per rank-4 file; the base is 31 MB).
 PLAN = [
     ("rubo", "identity", "kohya", 4, 4.0),
     ("rika", "identity", "kohya", 4, 4.0),
@@ -80,6 +84,11 @@ PLAN = [
     ("sketch", "style", "diffusers", 4, 4.0),
 ]
 TARGETS = "kohya"
+LR = (4e-3, 2e-3, 2e-2)  # UNet LoRA, text-encoder LoRA, learned tokens: 4x loraclr.training's defaults
+# The round red identities with stripes or spots (the patterns the base draws worst) train STEP_FACTOR x the
+# steps: rubo, three tokens, LR, no prior: 600 steps 0.31, 1200 steps 0.62 (session 7).
+STEP_FACTOR = {"rubo": 2, "rika": 2, "rono": 2}
+TOKENS = 3  # learned tokens per kohya / diffusers identity (ED-LoRA keeps Mix-of-Show's two layer-wise tokens)
 SUFFIX = {"kohya": ".safetensors", "diffusers": ".safetensors", "edlora": ".pth"}
 
 
@@ -98,9 +107,9 @@ def plan_triggers(tokenizer) -> dict[str, dict]:
         elif fmt == "edlora":
             tokens = [f"<{name}1>", f"<{name}2>"]
             out[name] = {"trigger": " ".join(tokens), "phrase": "a {trigger} creature", "tokens": tokens}
-        else:
-            out[name] = {"trigger": D.pick_trigger(tokenizer, name, avoid), "phrase": "a {trigger} creature",
-                         "tokens": []}
+        else:  # kohya / diffusers: a LoRA plus learned textual-inversion tokens (pivotal tuning), see PLAN
+            tokens = [f"<{name}{i}>" for i in range(1, TOKENS + 1)]
+            out[name] = {"trigger": " ".join(tokens), "phrase": "a {trigger} creature", "tokens": tokens}
     return out
 
 
@@ -129,12 +138,14 @@ def size_budget(pipe, triggers: dict, args) -> dict:
     ed = next(n for n, k, f, _, _ in PLAN if f == "edlora")
     common = dict(batch=args.batch, prior_batch=args.prior_batch, seed=args.seed, targets=TARGETS)
     data = D.world_identity_data(name, f"a {triggers[name]['trigger']} creature", n=32, seed=args.seed, n_prior=16)
-    lora_s, setup = _seconds_per_step(pipe, data, TrainConfig(**common), device=args.device)
+    lora_s, setup = _seconds_per_step(pipe, data, TrainConfig(tokens=tuple(triggers[name]["tokens"]), **common),
+                                      device=args.device)
     ed_data = D.world_identity_data(ed, f"a {triggers[ed]['trigger']} creature", n=32, seed=args.seed, n_prior=16)
     ed_s, _ = _seconds_per_step(pipe, ed_data, TrainConfig(tokens=tuple(triggers[ed]["tokens"]), layerwise=True,
                                                            **common), device=args.device)
-    n_ed = sum(f == "edlora" for _, _, f, _, _ in PLAN)
-    n_lora = len(PLAN) - n_ed
+    # step-weighted counts of each kind (STEP_FACTOR concepts train several times the steps)
+    n_ed = sum(STEP_FACTOR.get(n, 1) for n, _, f, _, _ in PLAN if f == "edlora")
+    n_lora = sum(STEP_FACTOR.get(n, 1) for n, _, f, _, _ in PLAN if f != "edlora")
     usable = 0.9 * args.minutes * 60 - len(PLAN) * setup
     raw = usable / (n_lora * lora_s + n_ed * ed_s)
     steps = int(min(1000, max(200, raw // 25 * 25)))
@@ -166,9 +177,13 @@ def main(argv=None) -> int:
                    help="training steps per concept (default: the manifest's, else sized by a timed probe to --minutes)")
     p.add_argument("--minutes", type=float, default=45.0, help="time budget for all concepts (sizes --steps)")
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--prior", type=int, default=64, help="base-pool scenes for prior preservation")
+    p.add_argument("--prior", type=int, default=0,
+                   help="base-pool scenes for prior preservation (default 0: off; see PLAN for why)")
     p.add_argument("--prior-batch", type=int, default=4)
     p.add_argument("--n-images", type=int, default=128, help="renders per concept")
+    p.add_argument("--lr", type=float, default=LR[0], help="UNet LoRA learning rate")
+    p.add_argument("--text-lr", type=float, default=LR[1], help="text-encoder LoRA learning rate")
+    p.add_argument("--embedding-lr", type=float, default=LR[2], help="learned-token learning rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     p.add_argument("--samples", type=int, default=4, help="sample images per concept for runs/concepts (0 = none)")
@@ -217,8 +232,10 @@ def main(argv=None) -> int:
         t = triggers[name]
         return {"name": name, "kind": kind, "identity": name if kind == "identity" else None,
                 "style": name if kind == "style" else None, "trigger": t["trigger"], "phrase": t["phrase"],
-                "file": name + SUFFIX[fmt], "format": fmt, "rank": rank, "alpha": alpha, "steps": args.steps,
-                "seed": args.seed, "tokens": t["tokens"]}
+                "file": name + SUFFIX[fmt], "format": fmt, "rank": rank, "alpha": alpha,
+                "steps": args.steps * STEP_FACTOR.get(name, 1) if args.steps else args.steps,
+                "seed": args.seed, "tokens": t["tokens"], "lr": args.lr, "text_lr": args.text_lr,
+                "embedding_lr": args.embedding_lr, "prior": args.prior}
 
     if args.list:
         for row in PLAN:
@@ -251,10 +268,11 @@ def main(argv=None) -> int:
             data = D.world_identity_data(name, phrase, n=args.n_images, seed=args.seed, n_prior=args.prior)
         else:
             data = D.world_style_data(name, n=args.n_images, seed=args.seed, n_prior=args.prior)
-        cfg = TrainConfig(rank=rank, alpha=alpha, steps=args.steps, batch=args.batch, prior_batch=args.prior_batch,
+        cfg = TrainConfig(rank=rank, alpha=alpha, steps=e["steps"], batch=args.batch, prior_batch=args.prior_batch,
+                          lr=args.lr, text_lr=args.text_lr, embedding_lr=args.embedding_lr,
                           tokens=tuple(t["tokens"]), layerwise=fmt == "edlora", seed=args.seed, targets=TARGETS)
         log.info("%s: training %s (%s, rank %d, alpha %g, %d steps), e.g. %r", name, path.name, fmt, rank, alpha,
-                 args.steps, data.captions[0])
+                 e["steps"], data.captions[0])
         result = train_lora(pipe, data, cfg, device=args.device)
         save_trained(result, path, format=fmt, family=family_of(pipe), trigger=t["trigger"],
                      metadata={"loraclr.concept": name, "loraclr.base_step": str(base_step)})
@@ -276,7 +294,8 @@ def _child_command(args, name: str, out: Path, runs: Path) -> list[str]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--only", name, "--device", args.device,
            "--steps", str(args.steps), "--samples", str(args.samples), "--out", str(out), "--runs", str(runs),
            "--batch", str(args.batch), "--prior", str(args.prior), "--prior-batch", str(args.prior_batch),
-           "--n-images", str(args.n_images), "--seed", str(args.seed), "--threads", str(args.threads),
+           "--n-images", str(args.n_images), "--seed", str(args.seed), "--lr", str(args.lr),
+           "--text-lr", str(args.text_lr), "--embedding-lr", str(args.embedding_lr), "--threads", str(args.threads),
            "--base", args.base, "--jobs", "1"]
     return cmd
 
@@ -323,8 +342,11 @@ def _train_parallel(args, entry, known: dict, base_step, budget: dict, t_all: fl
                 raise RuntimeError(f"no {e['file']} or no manifest entry in {child_out}")
             # the LoRA and anything written beside it (learned-token files); the child's manifest stays
             for f in sorted(child_out.iterdir()):
-                if f.is_file() and not f.name.startswith(".") and f.name != "manifest.json":
-                    shutil.move(str(f), str(OUT / f.name))  # a rename when both are on one file system
+                if not f.name.startswith(".") and f.name != "manifest.json":
+                    dest = OUT / f.name
+                    if dest.is_dir():  # an earlier run's token folder: replaced with this run's
+                        shutil.rmtree(dest)
+                    shutil.move(str(f), str(dest))  # a rename when both are on one file system
             grid = child_runs / f"{name}.png"
             if grid.is_file():
                 shutil.move(str(grid), str(RUNS / grid.name))

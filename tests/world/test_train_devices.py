@@ -78,12 +78,21 @@ def test_jobs_train_in_children_like_the_sequential_run(tmp_path):
         for e in doc["concepts"]:
             e.pop("seconds")
     assert par == seq
-    assert sorted(p.name for p in out_p.iterdir()) == ["manifest.json", "rubo.safetensors", "tavi.safetensors"]
+    # kohya identities learn tokens: their embedding folders travel with the LoRA out of the child's folder
+    assert sorted(p.name for p in out_p.iterdir()) == ["manifest.json", "rubo.embeddings", "rubo.safetensors",
+                                                        "tavi.embeddings", "tavi.safetensors"]
+    assert [e["steps"] for e in par["concepts"]] == [2, 1]  # rubo trains STEP_FACTOR x the steps
+    assert [e["tokens"] for e in par["concepts"]] == [["<rubo1>", "<rubo2>", "<rubo3>"], ["<tavi1>", "<tavi2>", "<tavi3>"]]
     from safetensors.torch import load_file
 
     for name in ("rubo", "tavi"):
         a, b = load_file(out_p / f"{name}.safetensors"), load_file(out_s / f"{name}.safetensors")
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        embs = sorted(p.name for p in (out_s / f"{name}.embeddings").iterdir())
+        assert embs and embs == sorted(p.name for p in (out_p / f"{name}.embeddings").iterdir())
+        for f in embs:
+            a, b = load_file(out_p / f"{name}.embeddings" / f), load_file(out_s / f"{name}.embeddings" / f)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert (tmp_path / "runs_p" / "jobs" / f"{name}.log").is_file()
 
 
