@@ -16,7 +16,7 @@ Writes ``src/loraclr/world/assets/concepts/<name>.safetensors`` (kohya / diffuse
 (ED-LoRA), ``manifest.json`` beside them (rewritten after every concept), and per-concept sample grids and
 logs under ``runs/concepts/``. A concept whose file exists is skipped, so running the same command again
 (on this machine or a fresh checkout) continues where it stopped. Everything is seeded: the plan, the
-triggers (picked in plan order, see ``loraclr.training.data.pick_trigger``), the data and the training.
+triggers (learned token names ``<name1> <name2> ...``, style words), the data and the training.
 
 ``--jobs N`` (N > 1): the concepts still to train are trained by up to N child processes at once (each runs
 this script with ``--only NAME`` and its own ``--out`` / ``--runs`` under ``<runs>/jobs/NAME``, its output
@@ -97,7 +97,6 @@ def plan_triggers(tokenizer) -> dict[str, dict]:
     from loraclr.training import data as D
     from loraclr.world import scenes as S
 
-    avoid = D.caption_vocabulary_ids(tokenizer)
     out = {}
     for name, kind, fmt, _, _ in PLAN:
         if kind == "style":
