@@ -18,7 +18,8 @@ Ablations (``--ablations``): on one fixed subset (N = 5 or the largest below), L
 at a time. ``--ablation-mode paper``: around the official recipe, margin, lambda_reg, solver steps (AdamW) and
 which layers LoRACLR merges (text encoder / + cross-attention k, v / all; the other layers take the naive sum of
 deltas). ``--ablation-mode converged``: around the recommended preset of ``loraclr merge``
-(``loraclr.recipe.RECOMMENDED``: converged, anchored at the sum, ridge 0.1), margin, lambda_reg, ridge and layers
+(``loraclr.recipe.RECOMMENDED``: converged, anchored at the sum, ridge 0.01 since session 7, 0.1 before),
+margin, lambda_reg, ridge and layers
 (no steps: it runs to convergence). Per row: the suites' alignments and the mean fraction of active
 hinge terms per layer type (layers LoRACLR merged only).
 

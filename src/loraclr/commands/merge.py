@@ -14,7 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-config", help="diffusers folder with the configs of a single-file base checkpoint")
     p.add_argument("--method", help="merge method (loraclr, lstsq, sum, average, svd, ties, dare)")
     p.add_argument("--mode", help="loraclr mode: paper (official recipe) or converged (official objective, exact); "
-                   "default: the recipe's, else the recommended preset (converged, anchor sum, ridge 0.1)")
+                   "default: the recipe's, else the recommended preset (converged, anchor sum, ridge 0.01)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a method setting, e.g. --set margin=0.25 (repeatable; values parsed as YAML)")
     p.add_argument("--rank", type=int, help="rank of the exported merged LoRA")
