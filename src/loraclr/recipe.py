@@ -133,8 +133,9 @@ class FeatureSettings:
 # What ``loraclr`` means in a recipe that names no mode: the settings bench/quality.py found best in the
 # miniature world (session 7, bench/results/quality.md: the most single-concept identity at N = 5 and 8, text
 # within 0.01 of the own LoRAs from N = 5 on, at least as good as ridge 0.1 at every N; session 3, on a world
-# that drew no identities, ridge 0.01 and 0.1 tied on text / image alignment; ~10x faster than paper mode). Any explicit ``mode`` starts from the
-# method's own defaults instead, i.e. the official objective (``mode: paper`` = the official recipe).
+# that drew no identities, ridge 0.01 and 0.1 tied on text / image alignment; ~10x faster than paper mode).
+# Any explicit ``mode`` starts from the method's own defaults instead, i.e. the official objective
+# (``mode: paper`` = the official recipe).
 RECOMMENDED = {"loraclr": {"mode": "converged", "anchor": "sum", "ridge": 0.01}}
 
 

@@ -85,14 +85,15 @@ def test_jobs_train_in_children_like_the_sequential_run(tmp_path):
     assert [e["tokens"] for e in par["concepts"]] == [["<rubo1>", "<rubo2>", "<rubo3>"], ["<tavi1>", "<tavi2>", "<tavi3>"]]
     from safetensors.torch import load_file
 
+    def same(rel: str) -> bool:
+        a, b = load_file(out_p / rel), load_file(out_s / rel)
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
     for name in ("rubo", "tavi"):
-        a, b = load_file(out_p / f"{name}.safetensors"), load_file(out_s / f"{name}.safetensors")
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert same(f"{name}.safetensors")
         embs = sorted(p.name for p in (out_s / f"{name}.embeddings").iterdir())
         assert embs and embs == sorted(p.name for p in (out_p / f"{name}.embeddings").iterdir())
-        for f in embs:
-            a, b = load_file(out_p / f"{name}.embeddings" / f), load_file(out_s / f"{name}.embeddings" / f)
-            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert all(same(f"{name}.embeddings/{f}") for f in embs)
         assert (tmp_path / "runs_p" / "jobs" / f"{name}.log").is_file()
 
 

@@ -57,9 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
-    from loraclr.io.safe import check_output_path
     from loraclr.pipeline import family_of, load_base
-    from loraclr.training import TrainConfig, save_trained, train_lora
+    from loraclr.training import TrainConfig, check_save_path, save_trained, train_lora
     from loraclr.training import data as D
 
     if args.threads:
@@ -68,9 +67,7 @@ def run(args) -> int:
     fmt = args.format or ("edlora" if args.edlora else "kohya")
     if fmt == "edlora" and not args.edlora:
         raise ValueError("--format edlora needs --edlora (ED-LoRA files carry layer-wise tokens)")
-    if fmt == "edlora" and out.suffix != ".pth":
-        raise ValueError(f"{out}: ED-LoRA files are torch pickles; name it *.pth")
-    check_output_path(out)  # before training: a missing folder or an existing file must not cost the run
+    check_save_path(out, fmt)  # before training: a bad output path must not cost the run
     pipe = load_base(args.base)
     side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
 

@@ -55,6 +55,17 @@ def save_edlora(layers: dict[str, LoraLayer], tokens: list[LearnedToken], path: 
     return path
 
 
+def check_save_path(path: str | Path, format: str) -> Path:
+    """Refuse an output ``save_trained`` would refuse: unknown format, an ED-LoRA not named ``*.pth``, a folder
+    that is missing or not writable. Cheap: callers run it before training, so a bad path costs no run."""
+    path = Path(path)
+    if format not in FORMATS:
+        raise ValueError(f"{path}: unknown format {format!r}; use one of {FORMATS}")
+    if format == "edlora" and path.suffix != ".pth":
+        raise ValueError(f"{path}: ED-LoRA files are torch pickles; name it *.pth")
+    return check_output_path(path)
+
+
 def save_trained(result, path: str | Path, *, format: str = "kohya", family: str = "sd1",
                  trigger: str | None = None, dtype: torch.dtype = torch.float16,
                  metadata: dict[str, str] | None = None) -> Path:
@@ -66,12 +77,8 @@ def save_trained(result, path: str | Path, *, format: str = "kohya", family: str
     """
     from loraclr.io import save_lora
 
-    path = Path(path)
-    if format not in FORMATS:
-        raise ValueError(f"{path}: unknown format {format!r}; use one of {FORMATS}")
+    path = check_save_path(path, format)
     if format == "edlora":
-        if path.suffix != ".pth":
-            raise ValueError(f"{path}: ED-LoRA files are torch pickles; name it *.pth")
         return save_edlora(result.layers, result.tokens, path)
     cfg = result.config
     meta = {

@@ -330,8 +330,9 @@ def build_dataset(vae, out_path: str | Path, n: int = 30000, seed: int = 0, chun
     Cached at ``out_path``: {latents (n, 4, 16, 16) fp16, input_ids (n, 77) int32, captions, seed, n}.
     ``workers`` > 0 renders the pool in seeded chunks (:func:`render_pool`, the same for any number of
     workers; the images are not cached, only the latents); ``workers=0`` (the default, as in
-    :func:`train_base`) keeps the older sequential definition, its images cached as ``scenes-<seed>-<n>.npz``. ``device`` runs the encoder. ``rendered`` is the
-    chunked pool rendered already (``join_chunks(...)`` of ``pool_jobs("base", n, seed)``).
+    :func:`train_base`) keeps the older sequential definition, its images cached as ``scenes-<seed>-<n>.npz``.
+    ``device`` runs the encoder. ``rendered`` is the chunked pool rendered already (``join_chunks(...)`` of
+    ``pool_jobs("base", n, seed)``).
     """
     from loraclr.world.tokenizer import load_tokenizer
 
