@@ -384,6 +384,27 @@ def test_anchor_sum_with_a_large_ridge_is_naive_stacking():
     assert float(far.offset.norm() / total.norm()) < 1e-3
 
 
+def test_anchor_mean_keeps_the_average_where_no_concept_looks_and_tends_to_it_with_a_large_ridge():
+    """anchor 'mean' is 'sum' with FedAvg's mean of the deltas in place of their sum: the unexcited input
+    directions keep the mean, the excited ones get the same fit, and a large ridge gives the average merge."""
+    g = torch.Generator().manual_seed(5)
+    W0 = torch.randn(4, 6, generator=g)
+    deltas = [torch.randn(4, 6, generator=g) for _ in range(3)]
+    xs = [torch.cat([torch.randn(8, 3, generator=g), torch.zeros(8, 3)], 1) for _ in range(3)]
+    p = LayerProblem("unet.attn1.to_q", W0, deltas, X=xs, concept_names=["a", "b", "c"])
+    base = _merge(p, mode="converged", lambda_con=0.0, lambda_reg=0.0)
+    mean = _merge(p, mode="converged", lambda_con=0.0, lambda_reg=0.0, anchor="mean")
+    avg = sum(deltas) / 3
+    assert torch.allclose(mean.offset[:, 3:], avg[:, 3:], atol=1e-5)
+    assert not torch.allclose(mean.offset[:, 3:], sum(deltas)[:, 3:], atol=1e-2)
+    assert torch.allclose(mean.offset[:, :3], base.offset[:, :3], atol=1e-4)
+    assert mean.report["anchor"] == "mean"
+    q = _synthetic((6, 6, 6), inn=5, scale=1.0, seed=3)
+    far = _merge(q, mode="converged", ridge=1e4, anchor="mean")
+    avg = sum(q.deltas) / len(q.deltas)
+    assert float((far.offset - avg).norm() / avg.norm()) < 1e-3
+
+
 def test_anchor_is_checked():
     with pytest.raises(ValueError, match="anchor"):
         make_config("loraclr", anchor="average")
@@ -413,6 +434,7 @@ def _factored(n_rows=(40, 40, 40), out=24, inn=16, rank=2, scale=1.0, seed=5):
         dict(mode="converged", anchor="base", ridge=0.01),
         dict(mode="converged", anchor="base", distance="token", normalize=True, margin=1e-3),
         dict(mode="converged", anchor="sum", ridge=0.1, lambda_con=0.0),
+        dict(mode="converged", anchor="mean", ridge=0.1),
     ],
 )
 @pytest.mark.parametrize("n_rows", [(40, 40, 40), (40, 31, 52), (30,)])

@@ -155,8 +155,8 @@ class LoraclrConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("paper", "converged"):
             raise ValueError(f"mode must be 'paper' or 'converged', got {self.mode!r}")
-        if self.anchor not in ("base", "sum"):
-            raise ValueError(f"anchor must be 'base' or 'sum', got {self.anchor!r}")
+        if self.anchor not in ("base", "sum", "mean"):
+            raise ValueError(f"anchor must be 'base', 'sum' or 'mean', got {self.anchor!r}")
         if self.distance not in ("block", "token"):
             raise ValueError(f"distance must be 'block' or 'token', got {self.distance!r}")
         if not isinstance(self.normalize, bool):
@@ -247,8 +247,10 @@ def merge_loraclr(
                 callback(problem.key, 0, report["loss"])
             return LayerResult(D.to(device=problem.W0.device, dtype=torch.float32), report)
     anchor = None
-    if config.anchor == "sum":  # solve for E = D - sum_i dW_i: the same outputs, measured from the sum
+    if config.anchor in ("sum", "mean"):  # solve for E = D - anchor: the same outputs, measured from the anchor
         anchor = summed_deltas(problem, torch.float32, problem.W0.device)
+        if config.anchor == "mean":
+            anchor = anchor / max(1, len(problem.deltas))
         problem = dataclasses.replace(problem, W0=problem.W0.float() + anchor, ranks=None,  # dense now
                                       deltas=[d.float() - anchor for d in problem.deltas])
     if config.mode == "paper":
@@ -257,7 +259,7 @@ def merge_loraclr(
         D, report = _solve_converged(problem, config, callback)
     if anchor is not None:
         D = D.to(device=anchor.device, dtype=torch.float32) + anchor
-        report["anchor"] = "sum"
+        report["anchor"] = config.anchor
     if not torch.isfinite(D).all():
         raise ValueError(
             f"layer {problem.key}: loraclr ({config.mode}) produced NaN/inf; check this layer's features "
@@ -828,8 +830,9 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
         M[blocks[i]] = a[i] * (V[blocks[i]].to(sd) @ g)
         del g
     A0 = symmetrize(A0)
-    if cfg.anchor == "sum":  # C_i = V_i-rows - V: subtract V sum_i a_i G_i
-        M -= V.to(sd) @ A0
+    c = {"sum": 1.0, "mean": 1.0 / n}.get(cfg.anchor, 0.0)  # the anchor is c U V
+    if c:  # C_i = V_i-rows - c V: subtract c V sum_i a_i G_i
+        M -= c * (V.to(sd) @ A0)
     ridge_abs = cfg.ridge * float(torch.diagonal(A0).sum()) / in_dim
     if ridge_abs > 0:
         A0.diagonal().add_(ridge_abs)
@@ -837,7 +840,7 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
     if sol is None:
         return None
     Z = sol.offset  # E = U Z, the offset from the anchor
-    Zp = Z.to(dtype) + V if cfg.anchor == "sum" else Z.to(dtype)  # D = U Zp, the offset from W0
+    Zp = Z.to(dtype) + c * V if c else Z.to(dtype)  # D = U Zp, the offset from W0
     Ud = U.to(sd)
     K = Ud.mT @ Ud
 
@@ -869,8 +872,8 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
     e_norm = math.sqrt(max(sq_u(Z.mT), 0.0))  # ||E||_F = ||U Z||_F
     report = _converged_report(cfg, w, sq, neg, 0.0, e_norm, ridge_abs, out_dim, n_rows, steps=1, converged=True,
                                rel=0.0, note="closed form (no active hinge: global minimum); LoRA-factor path")
-    if cfg.anchor == "sum":
-        report["anchor"] = "sum"
+    if c:
+        report["anchor"] = cfg.anchor
     return U @ Zp, report
 
 
