@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 DEFAULT_CONCEPTS = ("rubo", "rika", "rono")
 
 METHOD_LABELS = {"loraclr": "LoRACLR merge", "lstsq": "lstsq merge", "sum": "sum merge",
-                 "average": "average merge", "svd": "svd merge", "ties": "ties merge", "dare": "dare merge"}
+                 "average": "average merge", "svd": "svd merge", "ties": "ties merge", "dare": "dare merge",
+                 "none": "tokens only"}
 SINGLE, NAIVE = "single", "naive"
 # Suite sizes by measurement (module docstring): with quick LoRAs, training takes ~170 of ~230 CPU s, so the
 # suites stay small (52 images); shipped LoRAs leave the time to more images (132) for tighter intervals.

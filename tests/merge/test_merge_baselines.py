@@ -1,4 +1,4 @@
-"""Algebra of the feature-free merges (sum, average, svd, ties, dare), against hand / numpy computations."""
+"""Algebra of the feature-free merges (sum, average, svd, ties, dare, none), against hand / numpy computations."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from loraclr.merge.api import LayerProblem, LowRankDeltas, get_method
 from loraclr.merge.methods import make_config, merge_offsets
 
-FEATURE_FREE = ["sum", "average", "svd", "ties", "dare"]
+FEATURE_FREE = ["sum", "average", "svd", "ties", "dare", "none"]
 
 
 def _problem(n=3, out=7, inn=5, rank=2, seed=0, names=None):
@@ -29,6 +29,13 @@ def test_all_registered_and_feature_free():
         spec = get_method(name)
         assert spec.needs_features is False
         assert spec.reference
+
+
+def test_none_keeps_the_base_weight_whatever_the_deltas():
+    p = _problem(n=3)
+    r = _merge(p, "none")
+    assert torch.equal(r.offset, torch.zeros_like(p.W0)) and r.offset.dtype == torch.float32
+    assert _merge(_problem(n=2, seed=1), "sum").offset.abs().max() > 0  # the same deltas do move other methods
 
 
 @pytest.mark.parametrize("method", FEATURE_FREE + ["lstsq", "loraclr"])
@@ -99,7 +106,7 @@ def test_dare_drop_and_rescale():
     assert torch.equal(_merge(p, "dare", density=1.0).offset, d)
 
 
-@pytest.mark.parametrize("method", FEATURE_FREE)
+@pytest.mark.parametrize("method", [m for m in FEATURE_FREE if m != "none"])  # none: always 0, tested above
 @pytest.mark.parametrize("extra", [{}, {"sign_election": True}])
 def test_concept_order_does_not_matter(method, extra):
     if extra and method != "dare":

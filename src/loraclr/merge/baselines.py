@@ -62,6 +62,15 @@ def merge_average(
     return _result(problem, total / len(problem.deltas) if problem.deltas else total)
 
 
+def merge_none(problem: LayerProblem, config: DeltaConfig, callback: Callback | None = None) -> LayerResult:
+    """No LoRA weight at all: D = 0, the base weights. The concepts' learned tokens (textual inversion, ED-LoRA)
+    are still added by the merge, so this is the reference for what the LoRA weights add on top of them
+    (``bench/quality.py``: at N = 12 in the miniature world every method keeps about as much identity as this).
+    Needs no features."""
+    check_problem(problem)
+    return _result(problem, torch.zeros(tuple(problem.W0.shape), dtype=torch.float32))
+
+
 @dataclass(frozen=True)
 class SvdConfig(DeltaConfig):
     """rank: truncation rank of the summed delta; None = the largest input rank (PEFT's default), read from
@@ -223,6 +232,16 @@ register(
         False,
         "FedAvg (McMahan et al. 2017; Mix-of-Show baseline)",
         "mean of the deltas",
+    )
+)
+register(
+    MergeMethod(
+        "none",
+        merge_none,
+        DeltaConfig,
+        False,
+        "reference: the base weights plus the concepts' learned tokens",
+        "no LoRA weight (learned tokens only)",
     )
 )
 register(
