@@ -84,6 +84,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "svd": ("svd", {}),
     "ties": ("ties", {}),
     "dare": ("dare", {}),
+    "none": ("none", {}),  # no LoRA weight: the base plus the learned tokens (what the weights add over them)
 }
 QUICK_METHODS = ("loraclr-conv", "sum")
 # Fig. 8: one setting varied at a time around the defaults (margin 0.5, lambda_reg 1e-3, 50 steps, all layers)

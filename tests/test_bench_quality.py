@@ -194,3 +194,37 @@ def test_extend_reuses_a_finished_run(bench, world, tmp_path):
     with pytest.raises(ValueError, match="other settings"):
         bench.main([*common, "--seeds", "3", "--methods", "sum", "--extend", str(first.with_suffix(".json")),
                     "--out", str(tmp_path / "c" / "quality")])
+
+
+def test_stages_oracle_and_kept_effect(world, tmp_path):
+    """bench/stages.py: the oracle's all-stages row is the own LoRA (the same images as the sweep's reference),
+    and the kept-effect error is exactly 0 for one LoRA merged by the sum and exactly 1 for no LoRA weight."""
+    spec = importlib.util.spec_from_file_location("bench_stages", BENCH.with_name("stages.py"))
+    stages = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = stages
+    spec.loader.exec_module(stages)
+    base, manifest = world
+    out = tmp_path / "stages"
+    rc = stages.main(["--manifest", str(manifest), "--base", str(base), "--steps", "2", "--prompts", "1",
+                      "--seeds", "1", "--ns", "1", "2", "--methods", "sum", "none", "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.with_suffix(".json").read_text())
+    assert set(doc["oracle"]) == set(stages.ORACLE)
+    own = doc["oracle"]["own LoRA (all stages)"]["concepts"]
+    for name in CONCEPTS:
+        ref = stages.Q.single_values(_reference(stages.Q, base, manifest, name)["single"]["images"])
+        assert own[name]["text"] == pytest.approx(sum(ref["text"]) / len(ref["text"]), abs=1e-5)
+    rows = {(r["n"], r["method"]): r for r in doc["kept"]}
+    for key in ("in-sample text_encoder", "in-sample spatial", "held-out text_encoder", "held-out spatial"):
+        assert rows[(1, "sum")][key] == pytest.approx(0.0, abs=1e-4), key
+        assert rows[(2, "none")][key] == pytest.approx(1.0, abs=1e-5), key
+        assert rows[(2, "sum")][key] > 1e-3, key  # the other concept's delta is an error for this one
+    assert "## 2. Kept effect" in out.with_suffix(".md").read_text()
+
+
+def _reference(Q, base, manifest, name):
+    from loraclr.evaluate import load_evaluators, load_manifest
+
+    specs = [s for s in load_manifest(manifest) if s.kind == "identity"]
+    bench = Q.Bench(base, specs, load_evaluators(), Q.Sizes(steps=2, prompts=1, seeds=1, pairs=0, triples=0))
+    return bench.reference(name)
