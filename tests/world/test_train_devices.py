@@ -81,7 +81,7 @@ def test_jobs_train_in_children_like_the_sequential_run(tmp_path):
     # kohya identities learn tokens: their embedding folders travel with the LoRA out of the child's folder
     assert sorted(p.name for p in out_p.iterdir()) == ["manifest.json", "rubo.embeddings", "rubo.safetensors",
                                                         "tavi.embeddings", "tavi.safetensors"]
-    assert [e["steps"] for e in par["concepts"]] == [2, 1]  # rubo trains STEP_FACTOR x the steps
+    assert [e["steps"] for e in par["concepts"]] == [4, 1]  # rubo trains STEP_FACTOR (4) x the steps
     assert [e["tokens"] for e in par["concepts"]] == [["<rubo1>", "<rubo2>", "<rubo3>"], ["<tavi1>", "<tavi2>", "<tavi3>"]]
     from safetensors.torch import load_file
 
