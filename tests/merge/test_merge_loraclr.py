@@ -358,14 +358,19 @@ def test_ridge_is_refused_in_paper_mode():
         make_config("loraclr", mode="paper", ridge=0.1)
 
 
-def test_anchor_sum_keeps_the_naive_sum_where_no_concept_looks():
-    """Inputs span only 3 of 6 input directions: anchor 'base' leaves the base weight on the other 3 (D = 0
-    there), anchor 'sum' leaves the naive sum of deltas there; both fit the rows the same."""
-    g = torch.Generator().manual_seed(5)
+def _half_excited(seed=5):
+    """(problem, deltas): three concepts whose inputs span only the first 3 of 6 input directions."""
+    g = torch.Generator().manual_seed(seed)
     W0 = torch.randn(4, 6, generator=g)
     deltas = [torch.randn(4, 6, generator=g) for _ in range(3)]
     xs = [torch.cat([torch.randn(8, 3, generator=g), torch.zeros(8, 3)], 1) for _ in range(3)]
-    p = LayerProblem("unet.attn1.to_q", W0, deltas, X=xs, concept_names=["a", "b", "c"])
+    return LayerProblem("unet.attn1.to_q", W0, deltas, X=xs, concept_names=["a", "b", "c"]), deltas
+
+
+def test_anchor_sum_keeps_the_naive_sum_where_no_concept_looks():
+    """Inputs span only 3 of 6 input directions: anchor 'base' leaves the base weight on the other 3 (D = 0
+    there), anchor 'sum' leaves the naive sum of deltas there; both fit the rows the same."""
+    p, deltas = _half_excited()
     base = _merge(p, mode="converged", lambda_con=0.0, lambda_reg=0.0)
     anch = _merge(p, mode="converged", lambda_con=0.0, lambda_reg=0.0, anchor="sum")
     total = sum(deltas)
@@ -387,11 +392,7 @@ def test_anchor_sum_with_a_large_ridge_is_naive_stacking():
 def test_anchor_mean_keeps_the_average_where_no_concept_looks_and_tends_to_it_with_a_large_ridge():
     """anchor 'mean' is 'sum' with FedAvg's mean of the deltas in place of their sum: the unexcited input
     directions keep the mean, the excited ones get the same fit, and a large ridge gives the average merge."""
-    g = torch.Generator().manual_seed(5)
-    W0 = torch.randn(4, 6, generator=g)
-    deltas = [torch.randn(4, 6, generator=g) for _ in range(3)]
-    xs = [torch.cat([torch.randn(8, 3, generator=g), torch.zeros(8, 3)], 1) for _ in range(3)]
-    p = LayerProblem("unet.attn1.to_q", W0, deltas, X=xs, concept_names=["a", "b", "c"])
+    p, deltas = _half_excited()
     base = _merge(p, mode="converged", lambda_con=0.0, lambda_reg=0.0)
     mean = _merge(p, mode="converged", lambda_con=0.0, lambda_reg=0.0, anchor="mean")
     avg = sum(deltas) / 3
