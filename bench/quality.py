@@ -483,6 +483,12 @@ def _h(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def _preset_ridge() -> float:
+    from loraclr.recipe import RECOMMENDED
+
+    return float(RECOMMENDED["loraclr"].get("ridge", 0.0))
+
+
 def render(doc: dict) -> str:
     meta, agg = doc["meta"], doc["aggregate"]
     z, ev = meta["sizes"], meta["evaluators"]
@@ -530,8 +536,8 @@ def render(doc: dict) -> str:
         md += ["", f"## Ablations (Fig. 8): subset {ab['subset']}, LoRACLR mode {ab['mode']}", "",
                ("One setting varied at a time around the official recipe (margin 0.5, lambda_reg 1e-3, 50 steps, all "
                 "layers). " if ab["mode"] == "paper" else
-                "One setting varied at a time around the recommended preset (converged, anchor sum, ridge 0.1, margin "
-                "0.5, lambda_reg 1e-3, all layers). ") + own_line(doc, ab["subset"]) + "Margin 0 switches the contrastive term off. Hinge = mean fraction of active hinge terms per layer of each type "
+                "One setting varied at a time around the recommended preset (converged, anchor sum, ridge "
+                f"{_preset_ridge():g}, margin 0.5, lambda_reg 1e-3, all layers). ") + own_line(doc, ab["subset"]) + "Margin 0 switches the contrastive term off. Hinge = mean fraction of active hinge terms per layer of each type "
                "(layers merged by LoRACLR only).", "",
                "| setting | value | identity | text | image | multi identity | all identities | hinge te | "
                "hinge k/v | hinge spatial | merge s | D / sum |",
