@@ -238,14 +238,13 @@ def main(argv=None) -> int:
     log.info("steps per concept: %s (%s)", args.steps, budget.get("how", "not sized yet"))
 
     def entry(name, kind, fmt, rank, alpha) -> dict:
-        t = triggers[name]
+        t, lr_f = triggers[name], LR_FACTOR.get(name, 1)
         return {"name": name, "kind": kind, "identity": name if kind == "identity" else None,
                 "style": name if kind == "style" else None, "trigger": t["trigger"], "phrase": t["phrase"],
                 "file": name + SUFFIX[fmt], "format": fmt, "rank": rank, "alpha": alpha,
                 "steps": args.steps * STEP_FACTOR.get(name, 1) if args.steps else args.steps,
-                "seed": args.seed, "tokens": t["tokens"], "lr": args.lr * LR_FACTOR.get(name, 1),
-                "text_lr": args.text_lr * LR_FACTOR.get(name, 1),
-                "embedding_lr": args.embedding_lr * LR_FACTOR.get(name, 1), "prior": args.prior}
+                "seed": args.seed, "tokens": t["tokens"], "lr": args.lr * lr_f, "text_lr": args.text_lr * lr_f,
+                "embedding_lr": args.embedding_lr * lr_f, "prior": args.prior}
 
     if args.list:
         for row in PLAN:

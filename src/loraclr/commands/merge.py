@@ -12,7 +12,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", required=True, help="output folder (must not exist, nor lie inside an input)")
     p.add_argument("--base", help="base model: diffusers folder, checkpoint file or 'mini' (overrides the recipe)")
     p.add_argument("--base-config", help="diffusers folder with the configs of a single-file base checkpoint")
-    p.add_argument("--method", help="merge method (loraclr, lstsq, sum, average, svd, ties, dare)")
+    p.add_argument("--method", help="merge method (loraclr, lstsq, sum, average, svd, ties, dare; "
+                   "none = learned tokens only, a reference)")
     p.add_argument("--mode", help="loraclr mode: paper (official recipe) or converged (official objective, exact); "
                    "default: the recipe's, else the recommended preset (converged, anchor sum, ridge 0.01)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -125,8 +125,9 @@ class LoraclrConfig:
     on E = D - sum_i dW_i (the naive sum of deltas, i.e. naive LoRA stacking), so lambda_reg and ridge pull
     towards the sum and unexcited directions keep the sum; the positive, MSE and hinge terms are unchanged
     (they only see W0 + D). A large ridge then gives naive stacking, a small one the exact fit where the
-    features pin the weight down. device, dtype: where and in which
-    precision features are multiplied (fp32 default); solve_dtype: precision of the (in, in) solves.
+    features pin the weight down. "mean": the same with the mean of the deltas (FedAvg, ``average``) in place
+    of their sum. device, dtype: where and in which precision features are multiplied (fp32 default);
+    solve_dtype: precision of the (in, in) solves.
     solver: "auto" (default) solves with Cholesky factorisations when a shifted factorisation proves that no
     eigen-direction falls below the rcond cut-off, else eigen-solves; "eigh" always eigen-solves (the
     reference; :class:`loraclr.merge._common.QuadSolver`). Both give the same minimiser up to rounding.

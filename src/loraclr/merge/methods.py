@@ -1,7 +1,8 @@
 """The built-in merge methods (importing this module registers them) and the per-layer driver.
 
 Methods: ``loraclr`` (modes ``paper`` / ``converged``), ``lstsq``, ``sum``, ``average``, ``svd``, ``ties``,
-``dare``, and the reference ``none`` (no LoRA weight, learned tokens only); see each function's docstring for what it computes and which features it needs.
+``dare``, and the reference ``none`` (no LoRA weight, learned tokens only); see each function's docstring for
+what it computes and which features it needs.
 """
 
 from __future__ import annotations
