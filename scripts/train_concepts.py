@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=LR[0], help="UNet LoRA learning rate")
     p.add_argument("--text-lr", type=float, default=LR[1], help="text-encoder LoRA learning rate")
     p.add_argument("--embedding-lr", type=float, default=LR[2], help="learned-token learning rate")
+    p.add_argument("--token-warmup", type=int, default=0,
+                   help="steps that train the learned tokens only, before (and on top of) the LoRA's steps")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="1 is fastest on a shared 2-core machine")
     p.add_argument("--samples", type=int, default=4, help="sample images per concept for runs/concepts (0 = none)")
@@ -244,7 +246,8 @@ def main(argv=None) -> int:
                 "file": name + SUFFIX[fmt], "format": fmt, "rank": rank, "alpha": alpha,
                 "steps": args.steps * STEP_FACTOR.get(name, 1) if args.steps else args.steps,
                 "seed": args.seed, "tokens": t["tokens"], "lr": args.lr * lr_f, "text_lr": args.text_lr * lr_f,
-                "embedding_lr": args.embedding_lr * lr_f, "prior": args.prior}
+                "embedding_lr": args.embedding_lr * lr_f, "prior": args.prior,
+                **({"token_warmup": args.token_warmup} if args.token_warmup else {})}
 
     if args.list:
         for row in PLAN:
@@ -277,7 +280,9 @@ def main(argv=None) -> int:
             data = D.world_identity_data(name, phrase, n=args.n_images, seed=args.seed, n_prior=args.prior)
         else:
             data = D.world_style_data(name, n=args.n_images, seed=args.seed, n_prior=args.prior)
-        cfg = TrainConfig(rank=rank, alpha=alpha, steps=e["steps"], batch=args.batch, prior_batch=args.prior_batch,
+        tw = e.get("token_warmup", 0)
+        cfg = TrainConfig(rank=rank, alpha=alpha, steps=e["steps"] + tw, token_warmup=tw, batch=args.batch,
+                          prior_batch=args.prior_batch,
                           lr=e["lr"], text_lr=e["text_lr"], embedding_lr=e["embedding_lr"],
                           tokens=tuple(t["tokens"]), layerwise=fmt == "edlora", seed=args.seed, targets=TARGETS)
         log.info("%s: training %s (%s, rank %d, alpha %g, %d steps), e.g. %r", name, path.name, fmt, rank, alpha,
@@ -305,6 +310,7 @@ def _child_command(args, name: str, out: Path, runs: Path) -> list[str]:
            "--batch", str(args.batch), "--prior", str(args.prior), "--prior-batch", str(args.prior_batch),
            "--n-images", str(args.n_images), "--seed", str(args.seed), "--lr", str(args.lr),
            "--text-lr", str(args.text_lr), "--embedding-lr", str(args.embedding_lr), "--threads", str(args.threads),
+           "--token-warmup", str(args.token_warmup),
            "--base", args.base, "--jobs", "1"]
     return cmd
 

@@ -125,7 +125,7 @@ def test_edlora_trains_layerwise_tokens_and_reads_back(tmp_path, pipe, data):
     n_layers = len(cross_attention_modules(pipe.unet))
     dim = pipe.text_encoder.config.hidden_size
     assert [t.name for t in result.tokens] == ["<rubo1>", "<rubo2>"]
-    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("creature").input_ids[1:-1]].mean(0)
+    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("creature").input_ids[1:-1]].mean(0).detach()
     for t in result.tokens:
         emb = t.embeddings["text_encoder"]
         assert t.layerwise and emb.shape == (n_layers, dim)
@@ -155,6 +155,31 @@ def test_learned_token_is_saved_beside_a_kohya_lora(tmp_path, pipe, data):
     assert [t.name for t in lora.tokens] == ["<rbx>"] and not lora.tokens[0].layerwise
     torch.testing.assert_close(lora.tokens[0].embeddings["text_encoder"].float(),
                                result.tokens[0].embeddings["text_encoder"], rtol=0, atol=0)
+
+
+def test_token_warmup_trains_the_tokens_alone_first(pipe, data):
+    captions = [c.replace("a rubox creature", "a <rbx> creature") for c in data.captions]
+    d = ConceptData(data.images, captions, description="rubo pivotal")
+    lr = 1e-2
+
+    def run(token_warmup: int):
+        cfg = TrainConfig(steps=4, batch=2, prior_batch=0, lr=lr, text_lr=lr, embedding_lr=lr, warmup=1,
+                          tokens=("<rbx>",), token_warmup=token_warmup, autocast=False, seed=2)
+        r = train_lora(pipe, d, cfg, log_every=0)
+        return r, max(float(layer.up.abs().max()) for layer in r.layers.values())
+
+    warm, up_warm = run(3)
+    plain, up_plain = run(0)
+    # ups start at zero and an Adam step moves an entry by at most lr: after 3 token-only steps and 1 joint step
+    # no entry can exceed lr, while 4 joint steps go past it
+    assert 0 < up_warm <= lr * 1.001, up_warm
+    assert up_plain > 1.5 * lr, up_plain
+    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("creature").input_ids[1:-1]].mean(0).detach()
+    assert float((warm.tokens[0].embeddings["text_encoder"][0] - init).abs().max()) > 2 * lr  # 4 token steps
+    with pytest.raises(ValueError, match="token_warmup"):
+        TrainConfig(steps=4, token_warmup=4, tokens=("<rbx>",))
+    with pytest.raises(ValueError, match="learned token"):
+        TrainConfig(steps=4, token_warmup=2)
 
 
 def test_captions_swap_only_the_concept_and_triggers_are_rare(pipe):

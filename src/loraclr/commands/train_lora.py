@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="UNet LoRA learning rate")
     p.add_argument("--text-lr", type=float, default=5e-4, help="text-encoder LoRA learning rate")
     p.add_argument("--embedding-lr", type=float, default=5e-3, help="learned-token learning rate")
+    p.add_argument("--token-warmup", type=int, default=0,
+                   help="the first N of --steps train only the learned tokens (--edlora / --learned-token), then "
+                        "the LoRA joins: identity goes into the tokens first (pivotal tuning)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -103,7 +106,7 @@ def run(args) -> int:
         train_text_encoder=not args.no_text_encoder, steps=args.steps, batch=args.batch,
         prior_batch=args.prior_batch, prior_weight=args.prior_weight, lr=args.lr, text_lr=args.text_lr,
         embedding_lr=args.embedding_lr, tokens=tokens, layerwise=args.edlora, init_word=args.init_word,
-        seed=args.seed, autocast=not args.no_autocast,
+        seed=args.seed, autocast=not args.no_autocast, token_warmup=args.token_warmup,
     )
     result = train_lora(pipe, data, cfg, device=args.device)
     save_trained(result, out, format=fmt, family=family_of(pipe), trigger=trigger)

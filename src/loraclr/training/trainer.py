@@ -60,6 +60,7 @@ class TrainConfig:
     embedding_lr: float = 5e-3  # learned tokens
     weight_decay: float = 1e-2
     warmup: int = 20
+    token_warmup: int = 0  # the first steps train the learned tokens only (textual inversion), then all
     tokens: tuple[str, ...] = ()  # learned token names, e.g. ("<rubo1>", "<rubo2>")
     layerwise: bool = False  # ED-LoRA layer-wise tokens (one embedding per cross-attention layer)
     init_word: str = "creature"  # learned tokens start from this word's embedding
@@ -73,6 +74,10 @@ class TrainConfig:
             raise ValueError(f"rank, steps and batch must be positive (got {self.rank}, {self.steps}, {self.batch})")
         if self.layerwise and not self.tokens:
             raise ValueError("layer-wise (ED-LoRA) training needs at least one learned token name")
+        if self.token_warmup and not self.tokens:
+            raise ValueError("token_warmup trains learned tokens first: give at least one learned token name")
+        if not 0 <= self.token_warmup < self.steps:
+            raise ValueError(f"token_warmup={self.token_warmup}: must be >= 0 and below steps={self.steps}")
 
 
 @dataclass
@@ -272,13 +277,20 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
     if extra is not None:
         extra = te.get_input_embeddings().extra  # the same parameter, now on the device
         extra.requires_grad_(True)  # after the loop above, which froze everything that is not a LoRA factor
-    groups = [{"params": params["unet"], "lr": cfg.lr, "weight_decay": cfg.weight_decay}]
+    # "start": the step a group begins to train (its lr warm-up counts from there); LoRA factors wait for
+    # token_warmup steps (pivotal tuning: the tokens take what they can before the LoRA learns the rest)
+    groups = [{"params": params["unet"], "lr": cfg.lr, "weight_decay": cfg.weight_decay, "start": cfg.token_warmup}]
     if params["text_encoder"]:
-        groups.append({"params": params["text_encoder"], "lr": cfg.text_lr, "weight_decay": cfg.weight_decay})
+        groups.append({"params": params["text_encoder"], "lr": cfg.text_lr, "weight_decay": cfg.weight_decay,
+                       "start": cfg.token_warmup})
     if extra is not None:
-        groups.append({"params": [extra], "lr": cfg.embedding_lr, "weight_decay": 0.0})
+        groups.append({"params": [extra], "lr": cfg.embedding_lr, "weight_decay": 0.0, "start": 0})
     opt = torch.optim.AdamW(groups)
     base_lrs = [g["lr"] for g in opt.param_groups]
+    lora_params = params["unet"] + params["text_encoder"]
+    if cfg.token_warmup:
+        for p in lora_params:  # no gradient, so AdamW neither moves them nor keeps moments for them yet
+            p.requires_grad_(False)
     trainable = [p for g in groups for p in g["params"]]
 
     # text states are fixed when nothing in the text path trains: encode every caption once
@@ -314,8 +326,11 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
         xt = noise_sched.add_noise(x0, noise, t)
         target = noise if prediction == "epsilon" else noise_sched.get_velocity(x0, noise, t)
         xt, t, target, rows = xt.to(dev), t.to(dev), target.to(dev), rows.to(dev)
+        if cfg.token_warmup and step == cfg.token_warmup:
+            for p in lora_params:
+                p.requires_grad_(True)
         for g, base in zip(opt.param_groups, base_lrs, strict=True):
-            g["lr"] = base * min(1.0, (step + 1) / max(1, cfg.warmup))
+            g["lr"] = base * min(1.0, max(0, step + 1 - g["start"]) / max(1, cfg.warmup))
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.autocast):
             per_layer = None
             if states is None:
