@@ -18,7 +18,8 @@ Ablations (``--ablations``): on one fixed subset (N = 5 or the largest below), L
 at a time. ``--ablation-mode paper``: around the official recipe, margin, lambda_reg, solver steps (AdamW) and
 which layers LoRACLR merges (text encoder / + cross-attention k, v / all; the other layers take the naive sum of
 deltas). ``--ablation-mode converged``: around the recommended preset of ``loraclr merge``
-(``loraclr.recipe.RECOMMENDED``: converged, anchored at the sum, ridge 0.01 since session 7, 0.1 before),
+(``loraclr.recipe.RECOMMENDED``: converged, anchored at the mean of the deltas, ridge 0.1 since session 9; before:
+anchored at the sum, ridge 0.01 in sessions 7-8, 0.1 before),
 margin, lambda_reg, ridge and layers
 (no steps: it runs to convergence). Per row: the suites' alignments and the mean fraction of active
 hinge terms per layer type (layers LoRACLR merged only).
@@ -76,6 +77,10 @@ METHODS: dict[str, tuple[str, dict]] = {
     "loraclr-conv-sum": ("loraclr", {**CONV, "anchor": "sum"}),
     "loraclr-conv-sum-ridge1e-2": ("loraclr", {**CONV, "anchor": "sum", "ridge": 1e-2}),
     "loraclr-conv-sum-ridge1e-1": ("loraclr", {**CONV, "anchor": "sum", "ridge": 1e-1}),
+    "loraclr-conv-ridge1": ("loraclr", {**CONV, "ridge": 1.0}),
+    # anchored at the mean of the deltas (= average merging): ridge pulls towards averaging
+    "loraclr-conv-mean-ridge1e-1": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1}),
+    "loraclr-conv-mean-ridge1": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1.0}),
     "loraclr-conv-token": ("loraclr", {**CONV, "distance": "token"}),
     "loraclr-conv-norm": ("loraclr", {**CONV, "normalize": True}),
     "lstsq": ("lstsq", {}),

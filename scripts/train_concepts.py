@@ -247,7 +247,7 @@ def main(argv=None) -> int:
                 "steps": args.steps * STEP_FACTOR.get(name, 1) if args.steps else args.steps,
                 "seed": args.seed, "tokens": t["tokens"], "lr": args.lr * lr_f, "text_lr": args.text_lr * lr_f,
                 "embedding_lr": args.embedding_lr * lr_f, "prior": args.prior,
-                **({"token_warmup": args.token_warmup} if args.token_warmup else {})}
+                **({"token_warmup": args.token_warmup} if args.token_warmup and t["tokens"] else {})}
 
     if args.list:
         for row in PLAN:

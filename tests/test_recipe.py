@@ -37,7 +37,7 @@ concepts:
     assert r.concepts[1].prompt_templates == ("a portrait of {trigger}",)
     # no method named: loraclr with the preset the quality benchmark found best
     assert r.method.name == "loraclr" and r.method.settings == {}
-    assert r.method.resolved == {"mode": "converged", "anchor": "sum", "ridge": 0.01}
+    assert r.method.resolved == {"mode": "converged", "anchor": "mean", "ridge": 0.1}
     assert r.features.steps == 10 and r.features.max_rows == 2048 and r.features.precision == "float32"
     assert r.features.resolution is None and r.features.max_resolution == 256
     assert r.output.lora_formats == ("kohya", "diffusers")

@@ -15,7 +15,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="merge method (loraclr, lstsq, sum, average, svd, ties, dare; "
                    "none = learned tokens only, a reference)")
     p.add_argument("--mode", help="loraclr mode: paper (official recipe) or converged (official objective, exact); "
-                   "default: the recipe's, else the recommended preset (converged, anchor sum, ridge 0.01)")
+                   "default: the recipe's, else the recommended preset (converged, anchor mean, ridge 0.1)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a method setting, e.g. --set margin=0.25 (repeatable; values parsed as YAML)")
     p.add_argument("--rank", type=int, help="rank of the exported merged LoRA")

@@ -107,7 +107,7 @@ class LoraclrConfig:
 
     mode: "paper" (the official 50 AdamW steps) or "converged" (the same objective solved exactly / to ``tol``).
     The field defaults here are the official objective and recipe; ``loraclr merge`` recipes that name no mode
-    use the preset ``loraclr.recipe.RECOMMENDED`` (converged, anchor "sum", ridge 0.01), the best setting of
+    use the preset ``loraclr.recipe.RECOMMENDED`` (converged, anchor "mean", ridge 0.1), the best setting of
     ``bench/quality.py`` (bench/results/quality.md). Unregularised, the converged solve over-fits on the
     miniature world (offsets 4-50x the sum of the LoRA deltas, broken images); paper mode's small steps under-move
     (0.07-0.33x) and no hinge fires with its raw distances. margin, lambda_con, lambda_mse, lambda_reg: the objective (official 0.5, 1, 0.1,

@@ -16,6 +16,9 @@ Learned tokens (optional):
   Mix-of-Show's EDLoRA trains them;
 - textual-inversion style (``layerwise=False``): one embedding per token, trained with the LoRA (pivotal
   tuning) and saved beside it.
+``token_warmup`` > 0 trains the learned tokens alone for that many steps before the LoRA factors join (their
+learning-rate warm-up starts then): the tokens take as much of the identity as they can, and the LoRA learns the
+rest. A merge keeps every concept's tokens exactly, so identity held there survives merging many concepts.
 New tokens get ids after the base vocabulary; the base embedding table is never touched.
 """
 
