@@ -488,10 +488,13 @@ def _h(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
-def _preset_ridge() -> float:
-    from loraclr.recipe import RECOMMENDED
-
-    return float(RECOMMENDED["loraclr"].get("ridge", 0.0))
+def _ablation_centre(ab: dict) -> str:
+    """The anchor and ridge the converged ablations were run around, from their recorded settings (the preset of
+    the time, not today's): a "layers" row carries them unchanged, any other row minus the setting it varies."""
+    rows = ab["rows"]
+    row = next((r for r in rows if r["group"] == "layers"), rows[0])
+    centre = {k: v for k, v in row["settings"].items() if k != row["group"]}
+    return f"anchor {centre.get('anchor', 'base')}, ridge {float(centre.get('ridge', 0.0)):g}"
 
 
 def render(doc: dict) -> str:
@@ -541,8 +544,8 @@ def render(doc: dict) -> str:
         md += ["", f"## Ablations (Fig. 8): subset {ab['subset']}, LoRACLR mode {ab['mode']}", "",
                ("One setting varied at a time around the official recipe (margin 0.5, lambda_reg 1e-3, 50 steps, all "
                 "layers). " if ab["mode"] == "paper" else
-                "One setting varied at a time around the recommended preset (converged, anchor sum, ridge "
-                f"{_preset_ridge():g}, margin 0.5, lambda_reg 1e-3, all layers). ") + own_line(doc, ab["subset"]) + "Margin 0 switches the contrastive term off. Hinge = mean fraction of active hinge terms per layer of each type "
+                f"One setting varied at a time around the recommended preset (converged, {_ablation_centre(ab)}, "
+                "margin 0.5, lambda_reg 1e-3, all layers). ") + own_line(doc, ab["subset"]) + "Margin 0 switches the contrastive term off. Hinge = mean fraction of active hinge terms per layer of each type "
                "(layers merged by LoRACLR only).", "",
                "| setting | value | identity | text | image | multi identity | all identities | hinge te | "
                "hinge k/v | hinge spatial | merge s | D / sum |",
