@@ -36,6 +36,11 @@ def _resize(images: np.ndarray, side: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(i).resize((side, side), Image.BICUBIC)) for i in images])
 
 
+def _init_embedding(pipe) -> torch.Tensor:
+    """Where learned tokens start: the mean embedding of the init word ("creature", TrainConfig's default)."""
+    return pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("creature").input_ids[1:-1]].mean(0).detach()
+
+
 @pytest.fixture(scope="module")
 def data(pipe):
     side = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -125,7 +130,7 @@ def test_edlora_trains_layerwise_tokens_and_reads_back(tmp_path, pipe, data):
     n_layers = len(cross_attention_modules(pipe.unet))
     dim = pipe.text_encoder.config.hidden_size
     assert [t.name for t in result.tokens] == ["<rubo1>", "<rubo2>"]
-    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("creature").input_ids[1:-1]].mean(0).detach()
+    init = _init_embedding(pipe)
     for t in result.tokens:
         emb = t.embeddings["text_encoder"]
         assert t.layerwise and emb.shape == (n_layers, dim)
@@ -174,7 +179,7 @@ def test_token_warmup_trains_the_tokens_alone_first(pipe, data):
     # no entry can exceed lr, while 4 joint steps go past it
     assert 0 < up_warm <= lr * 1.001, up_warm
     assert up_plain > 1.5 * lr, up_plain
-    init = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer("creature").input_ids[1:-1]].mean(0).detach()
+    init = _init_embedding(pipe)
     assert float((warm.tokens[0].embeddings["text_encoder"][0] - init).abs().max()) > 2 * lr  # 4 token steps
     with pytest.raises(ValueError, match="token_warmup"):
         TrainConfig(steps=4, token_warmup=4, tokens=("<rbx>",))
