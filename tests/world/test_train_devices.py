@@ -59,7 +59,8 @@ def _script():
     return mod
 
 
-SMALL = ["--steps", "1", "--samples", "0", "--n-images", "4", "--prior", "2", "--batch", "2", "--prior-batch", "1"]
+SMALL = ["--steps", "1", "--token-warmup", "1", "--samples", "0", "--n-images", "4", "--prior", "2", "--batch", "2",
+         "--prior-batch", "1"]
 
 
 def test_jobs_need_steps(tmp_path):
@@ -82,6 +83,7 @@ def test_jobs_train_in_children_like_the_sequential_run(tmp_path):
     assert sorted(p.name for p in out_p.iterdir()) == ["manifest.json", "rubo.embeddings", "rubo.safetensors",
                                                         "tavi.embeddings", "tavi.safetensors"]
     assert [e["steps"] for e in par["concepts"]] == [4, 1]  # rubo trains STEP_FACTOR (4) x the steps
+    assert [e["token_warmup"] for e in par["concepts"]] == [1, 1]  # recorded (the children got --token-warmup)
     assert [e["tokens"] for e in par["concepts"]] == [["<rubo1>", "<rubo2>", "<rubo3>"], ["<tavi1>", "<tavi2>", "<tavi3>"]]
     from safetensors.torch import load_file
 
