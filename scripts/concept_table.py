@@ -20,16 +20,21 @@ from pathlib import Path
 BAR, BASE_BAR = 0.8, 0.1
 
 
-def per_concept(path: Path | None) -> dict[str, dict]:
-    """name -> {"identity": {mean, low, high, n}, "text": ..., "image": ...} of a `loraclr evaluate --json` file."""
-    if path is None:
+def per_concept(paths) -> dict[str, dict]:
+    """name -> {"identity": {mean, low, high, n}, "text": ..., "image": ...} of `loraclr evaluate --json` files
+    (one path or several, e.g. runs on groups of concepts; a concept in two files is refused)."""
+    if paths is None:
         return {}
-    doc = json.loads(Path(path).read_text(encoding="utf-8"))
     out: dict[str, dict] = {}
-    for result in doc["results"]:
-        if result.get("suite") != "single":
-            raise ValueError(f"{path}: expected single-suite results, found suite {result.get('suite')!r}")
-        out.update(result["per_concept"])
+    for path in [paths] if isinstance(paths, (str, Path)) else paths:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        for result in doc["results"]:
+            if result.get("suite") != "single":
+                raise ValueError(f"{path}: expected single-suite results, found suite {result.get('suite')!r}")
+            twice = sorted(set(out) & set(result["per_concept"]))
+            if twice:
+                raise ValueError(f"{path}: concepts {twice} are scored in an earlier file too")
+            out.update(result["per_concept"])
     return out
 
 
@@ -83,9 +88,10 @@ def table(manifest: dict, own: dict, validation: dict, base: dict) -> tuple[str,
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", type=Path, default=None, help="concept manifest (default: the built-in world's)")
-    p.add_argument("--own", type=Path, required=True, help="`loraclr evaluate --own-loras --json` results")
-    p.add_argument("--validation", type=Path, help="the same on validation seeds (--seed 100)")
-    p.add_argument("--base", type=Path, help="`loraclr evaluate` results of the base without LoRAs")
+    p.add_argument("--own", type=Path, nargs="+", required=True,
+                   help="`loraclr evaluate --own-loras --json` results (several files: groups of concepts)")
+    p.add_argument("--validation", type=Path, nargs="+", help="the same on validation seeds (--seed 100)")
+    p.add_argument("--base", type=Path, nargs="+", help="`loraclr evaluate` results of the base without LoRAs")
     p.add_argument("--md", type=Path, help="also write the table and summary here")
     args = p.parse_args(argv)
     if args.manifest is None:

@@ -39,11 +39,11 @@ def test_table_rows_and_the_bar(tmp_path):
     mod = _script()
     m = tmp_path / "manifest.json"
     m.write_text(json.dumps(MANIFEST))
-    own = _results(tmp_path / "own.json", {"rubo": 0.875, "tobi": 0.25, "mosaic": 0.0})
+    own = [_results(tmp_path / "own_a.json", {"rubo": 0.875}), _results(tmp_path / "own_b.json", {"tobi": 0.25, "mosaic": 0.0})]
     val = _results(tmp_path / "val.json", {"rubo": 0.75, "tobi": 0.5})
     base = _results(tmp_path / "base.json", {"rubo": 0.0, "tobi": 0.0625, "mosaic": 0.0})
     md = tmp_path / "table.md"
-    assert mod.main(["--manifest", str(m), "--own", str(own), "--validation", str(val), "--base", str(base),
+    assert mod.main(["--manifest", str(m), "--own", *map(str, own), "--validation", str(val), "--base", str(base),
                      "--md", str(md)]) == 0
     text = md.read_text()
     rows = [r for r in text.splitlines() if r.startswith("| ")]
@@ -58,3 +58,10 @@ def test_a_multi_suite_file_is_refused(tmp_path):
     mod = _script()
     with pytest.raises(ValueError, match="single"):
         mod.per_concept(_results(tmp_path / "multi.json", {"rubo": 1.0}, suite="multi"))
+
+
+def test_a_concept_scored_twice_is_refused(tmp_path):
+    mod = _script()
+    files = [_results(tmp_path / "a.json", {"rubo": 1.0}), _results(tmp_path / "b.json", {"rubo": 0.5})]
+    with pytest.raises(ValueError, match="rubo"):
+        mod.per_concept(files)
