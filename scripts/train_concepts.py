@@ -103,6 +103,9 @@ TOKENS = 3  # learned tokens per kohya / diffusers identity (ED-LoRA keeps Mix-o
 # LoRA joins for the plan's steps. Session 9 (bench/results/quality_tokenwarmup.md, stages_tokenwarmup.md): with
 # the warmup the tokens alone draw the identity (stage oracle 0.52 vs 0.21 without), so it survives a 12-concept
 # merge (LoRACLR 0.94x own identity, vs 0.42x on LoRAs trained without it). Styles have no tokens: no warmup.
+# Session 10 shipped these (the whole plan retrained with the warmup, 88 min with both cores; it reproduced session
+# 9's files: the same identity scores image for image). rubo with 600 instead of 2400 LoRA steps after the warmup
+# (`--only rubo --steps 150`) scored less on validation seeds (0.12 against 0.19), so STEP_FACTOR stays.
 TOKEN_WARMUP = 600
 SUFFIX = {"kohya": ".safetensors", "diffusers": ".safetensors", "edlora": ".pth"}
 
