@@ -100,7 +100,7 @@ STEP_FACTOR = {"rubo": 4, "rika": 4, "rono": 2, "gaso": 2, "gilu": 2, "tobi": 2}
 LR_FACTOR = {"tobi": 0.5}
 TOKENS = 3  # learned tokens per kohya / diffusers identity (ED-LoRA keeps Mix-of-Show's two layer-wise tokens)
 # Identities with learned tokens first train the tokens alone for TOKEN_WARMUP steps (pivotal tuning), then the
-# LoRA joins for the plan's steps. Session 9 (bench/results/quality_tokenwarmup.md, stages_tokenwarmup.md): with
+# LoRA joins for the plan's steps. Session 9 (bench/results/quality.md since session 10, stages_tokenwarmup.md): with
 # the warmup the tokens alone draw the identity (stage oracle 0.52 vs 0.21 without), so it survives a 12-concept
 # merge (LoRACLR 0.94x own identity, vs 0.42x on LoRAs trained without it). Styles have no tokens: no warmup.
 # Session 10 shipped these (the whole plan retrained with the warmup, 88 min with both cores; it reproduced session
