@@ -5,10 +5,32 @@ Tests must not modify the session pipelines in place; use ``copy.deepcopy`` or t
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from loraclr.models import build_components, build_pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_script(rel: str, name: str):
+    """Import a repo script (``bench/*.py``, ``scripts/*.py``; path relative to the repo root) as module ``name``,
+    registered in ``sys.modules`` (dataclasses look their module up there). Each call executes it afresh."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def script():
+    """``script(rel, name)``: :func:`load_script` for tests."""
+    return load_script
 
 
 @pytest.fixture(scope="session")

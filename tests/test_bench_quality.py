@@ -5,30 +5,19 @@ has the naive sum's UNet."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "quality.py"
 CONCEPTS = ("rubo", "tavi")
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def bench():
-    return _bench_module()
+def bench(script):
+    return script("bench/quality.py", "bench_quality")
 
 
 @pytest.fixture(scope="module")
@@ -196,13 +185,10 @@ def test_extend_reuses_a_finished_run(bench, world, tmp_path):
                     "--out", str(tmp_path / "c" / "quality")])
 
 
-def test_stages_oracle_and_kept_effect(world, tmp_path):
+def test_stages_oracle_and_kept_effect(world, tmp_path, script):
     """bench/stages.py: the oracle's all-stages row is the own LoRA (the same images as the sweep's reference),
     and the kept-effect error is exactly 0 for one LoRA merged by the sum and exactly 1 for no LoRA weight."""
-    spec = importlib.util.spec_from_file_location("bench_stages", BENCH.with_name("stages.py"))
-    stages = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = stages
-    spec.loader.exec_module(stages)
+    stages = script("bench/stages.py", "bench_stages")
     base, manifest = world
     out = tmp_path / "stages"
     rc = stages.main(["--manifest", str(manifest), "--base", str(base), "--steps", "2", "--prompts", "1",

@@ -3,17 +3,11 @@ with the merge's phase times and a per-process peak RSS."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "merge_speed.py"
 
 
-def test_merge_speed_smoke(tmp_path):
-    spec = importlib.util.spec_from_file_location("merge_speed", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_merge_speed_smoke(tmp_path, script):
+    bench = script("bench/merge_speed.py", "merge_speed")
     out = tmp_path / "res" / "merge_speed"
     rc = bench.main(["--quick", "--size", "tiny", "--methods", "sum", "--threads", "1",
                      "--cache", str(tmp_path / "cache"), "--out", str(out)])

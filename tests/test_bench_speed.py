@@ -4,23 +4,16 @@ measured times, and whole merges with their phases."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
-
 
 @pytest.fixture(scope="module")
-def speed():
-    spec = importlib.util.spec_from_file_location("speed", BENCH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def speed(script):
+    return script("bench/speed.py", "speed")
 
 
 def test_lbfgs_reaches_the_exact_least_squares_solution(speed):

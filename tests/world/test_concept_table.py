@@ -1,19 +1,13 @@
 """scripts/concept_table.py: the concepts README's table from `loraclr evaluate --json` results."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def _script():
-    spec = importlib.util.spec_from_file_location("concept_table_script", ROOT / "scripts" / "concept_table.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+@pytest.fixture
+def mod(script):
+    return script("scripts/concept_table.py", "concept_table_script")
 
 
 def _stat(m):
@@ -35,8 +29,7 @@ MANIFEST = {"concepts": [
 ]}
 
 
-def test_table_rows_and_the_bar(tmp_path):
-    mod = _script()
+def test_table_rows_and_the_bar(tmp_path, mod):
     m = tmp_path / "manifest.json"
     m.write_text(json.dumps(MANIFEST))
     own = [_results(tmp_path / "own_a.json", {"rubo": 0.875}), _results(tmp_path / "own_b.json", {"tobi": 0.25, "mosaic": 0.0})]
@@ -54,14 +47,12 @@ def test_table_rows_and_the_bar(tmp_path):
     assert "Validation seeds: mean 0.62, 0 of 2" in text and "highest identity 0.06" in text
 
 
-def test_a_multi_suite_file_is_refused(tmp_path):
-    mod = _script()
+def test_a_multi_suite_file_is_refused(tmp_path, mod):
     with pytest.raises(ValueError, match="single"):
         mod.per_concept(_results(tmp_path / "multi.json", {"rubo": 1.0}, suite="multi"))
 
 
-def test_a_concept_scored_twice_is_refused(tmp_path):
-    mod = _script()
+def test_a_concept_scored_twice_is_refused(tmp_path, mod):
     files = [_results(tmp_path / "a.json", {"rubo": 1.0}), _results(tmp_path / "b.json", {"rubo": 0.5})]
     with pytest.raises(ValueError, match="rubo"):
         mod.per_concept(files)

@@ -3,9 +3,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +12,6 @@ from PIL import Image
 
 from loraclr.models import build_pipeline
 from loraclr.training import ConceptData, TrainConfig, denoising_loss, train_lora, world_identity_data
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -52,27 +48,23 @@ def test_unknown_device_is_refused(pipe, data):
         train_lora(pipe, data, TrainConfig(steps=1, batch=1), log_every=0, device="nodev")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("train_concepts_script", ROOT / "scripts" / "train_concepts.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+TRAIN_CONCEPTS = ("scripts/train_concepts.py", "train_concepts_script")  # for the `script` fixture
 
 
 SMALL = ["--steps", "1", "--token-warmup", "1", "--samples", "0", "--n-images", "4", "--prior", "2", "--batch", "2",
          "--prior-batch", "1"]
 
 
-def test_jobs_need_steps(tmp_path):
+def test_jobs_need_steps(tmp_path, script):
     with pytest.raises(SystemExit):
-        _script().main(["--only", "rubo", "--jobs", "2", "--out", str(tmp_path / "o"), "--runs", str(tmp_path / "r")])
+        script(*TRAIN_CONCEPTS).main(["--only", "rubo", "--jobs", "2", "--out", str(tmp_path / "o"), "--runs", str(tmp_path / "r")])
 
 
-def test_jobs_train_in_children_like_the_sequential_run(tmp_path):
+def test_jobs_train_in_children_like_the_sequential_run(tmp_path, script):
     out_p, out_s = tmp_path / "par", tmp_path / "seq"
-    assert _script().main(["--only", "tavi", "rubo", "--jobs", "2", *SMALL, "--out", str(out_p),
+    assert script(*TRAIN_CONCEPTS).main(["--only", "tavi", "rubo", "--jobs", "2", *SMALL, "--out", str(out_p),
                            "--runs", str(tmp_path / "runs_p")]) == 0
-    assert _script().main(["--only", "tavi", "rubo", *SMALL, "--out", str(out_s), "--runs", str(tmp_path / "runs_s")]) == 0
+    assert script(*TRAIN_CONCEPTS).main(["--only", "tavi", "rubo", *SMALL, "--out", str(out_s), "--runs", str(tmp_path / "runs_s")]) == 0
     par, seq = (json.loads((d / "manifest.json").read_text()) for d in (out_p, out_s))
     assert [e["name"] for e in par["concepts"]] == ["rubo", "tavi"]  # plan order, whatever finished first
     for doc in (par, seq):
@@ -100,11 +92,11 @@ def test_jobs_train_in_children_like_the_sequential_run(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failed_job_is_reported_and_keeps_the_others(tmp_path, caplog):
+def test_a_failed_job_is_reported_and_keeps_the_others(tmp_path, caplog, script):
     out = tmp_path / "out"
     out.mkdir()
     (out / "rubo.safetensors").write_bytes(b"trained earlier")  # exists: skipped, kept in the manifest
-    rc = _script().main(["--only", "rubo", "tavi", "--jobs", "2", *SMALL, "--device", "nodev", "--out", str(out),
+    rc = script(*TRAIN_CONCEPTS).main(["--only", "rubo", "tavi", "--jobs", "2", *SMALL, "--device", "nodev", "--out", str(out),
                          "--runs", str(tmp_path / "runs")])
     assert rc == 1
     log = tmp_path / "runs" / "jobs" / "tavi.log"
