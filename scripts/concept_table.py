@@ -53,7 +53,7 @@ def table(manifest: dict, own: dict, validation: dict, base: dict) -> tuple[str,
     head = ("| concept | kind | format | rank | steps | token warmup | trigger | identity (own LoRA) | "
             "identity, validation seeds | identity (base) | text own / base | image own / base |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
-    passed, scored, own_ids, base_max = [], [], [], 0.0
+    scored, base_max = [], 0.0  # identities with an own-LoRA score; the base's highest identity
     for e in manifest["concepts"]:
         name = e["name"]
         o, v, b = own.get(name, {}), validation.get(name, {}), base.get(name, {})
@@ -64,18 +64,15 @@ def table(manifest: dict, own: dict, validation: dict, base: dict) -> tuple[str,
             f"{_mean(v.get('identity')) if identity else '-'} | {_ci(b.get('identity')) if identity else '-'} | "
             f"{_mean(o.get('text'))} / {_mean(b.get('text'))} | {_mean(o.get('image'))} / {_mean(b.get('image'))} |")
         if identity and o.get("identity"):
-            m = o["identity"]["mean"]
             scored.append(name)
-            own_ids.append(m)
-            if m >= BAR:
-                passed.append(name)
             if b.get("identity"):
                 base_max = max(base_max, b["identity"]["mean"])
     summary = []
     if scored:
-        failed = [f"{n} {own[n]['identity']['mean']:.2f}" for n in scored if n not in passed]
-        summary.append(f"Identities at or above {BAR} with their own LoRA: {len(passed)} of {len(scored)}; "
-                       f"mean {sum(own_ids) / len(own_ids):.2f}; below: {', '.join(failed) or 'none'}.")
+        ids = {n: own[n]["identity"]["mean"] for n in scored}
+        failed = [f"{n} {m:.2f}" for n, m in ids.items() if m < BAR]
+        summary.append(f"Identities at or above {BAR} with their own LoRA: {len(ids) - len(failed)} of {len(ids)}; "
+                       f"mean {sum(ids.values()) / len(ids):.2f}; below: {', '.join(failed) or 'none'}.")
         val = [validation[n]["identity"]["mean"] for n in scored if validation.get(n, {}).get("identity")]
         if val:
             summary.append(f"Validation seeds: mean {sum(val) / len(val):.2f}, "
