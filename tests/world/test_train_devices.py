@@ -75,7 +75,9 @@ def test_jobs_train_in_children_like_the_sequential_run(tmp_path, script):
     assert sorted(p.name for p in out_p.iterdir()) == ["manifest.json", "rubo.embeddings", "rubo.safetensors",
                                                         "tavi.embeddings", "tavi.safetensors"]
     assert [e["steps"] for e in par["concepts"]] == [4, 1]  # rubo trains STEP_FACTOR (4) x the steps
-    assert [e["token_warmup"] for e in par["concepts"]] == [1, 1]  # recorded (the children got --token-warmup)
+    # recorded (the children got --token-warmup), WARMUP_FACTOR x it for the identities that have one
+    assert [e["token_warmup"] for e in par["concepts"]] == [script(*TRAIN_CONCEPTS).WARMUP_FACTOR.get(n, 1)
+                                                          for n in ("rubo", "tavi")]
     assert [e["tokens"] for e in par["concepts"]] == [["<rubo1>", "<rubo2>", "<rubo3>"], ["<tavi1>", "<tavi2>", "<tavi3>"]]
     from safetensors.torch import load_file
 
