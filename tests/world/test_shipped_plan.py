@@ -1,0 +1,40 @@
+"""The shipped concept manifest records what ``scripts/train_concepts.py``'s PLAN trains now: changing a step,
+warmup or rate factor in the plan without retraining the file (or the reverse) fails here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = ROOT / "src" / "loraclr" / "world" / "assets" / "concepts" / "manifest.json"
+
+
+@pytest.fixture(scope="module")
+def plan(script):
+    return script("scripts/train_concepts.py", "train_concepts_plan")
+
+
+def test_shipped_manifest_matches_the_plan(plan):
+    doc = json.loads(SHIPPED.read_text())
+    steps = doc["budget"]["steps"]
+    entries = {e["name"]: e for e in doc["concepts"]}
+    assert list(entries) == [row[0] for row in plan.PLAN]
+    for name, kind, fmt, rank, alpha in plan.PLAN:
+        e = entries[name]
+        assert (e["kind"], e["format"], e["rank"], e["alpha"]) == (kind, fmt, rank, alpha), name
+        assert e["steps"] == steps * plan.STEP_FACTOR.get(name, 1), name
+        assert e["lr"] == pytest.approx(plan.LR[0] * plan.LR_FACTOR.get(name, 1)), name
+        assert (SHIPPED.parent / e["file"]).is_file(), name
+        if e["tokens"]:  # identities: learned tokens, trained alone first for the plan's warmup
+            assert e["token_warmup"] == plan.TOKEN_WARMUP * plan.WARMUP_FACTOR.get(name, 1), name
+        else:
+            assert "token_warmup" not in e, name
+
+
+def test_warmup_factors_name_identities_of_the_plan(plan):
+    identities = {row[0] for row in plan.PLAN if row[1] == "identity"}
+    assert set(plan.WARMUP_FACTOR) <= identities
+    assert all(isinstance(f, int) and f >= 1 for f in plan.WARMUP_FACTOR.values())
