@@ -62,8 +62,9 @@ def test_jobs_need_steps(tmp_path, script):
 
 def test_jobs_train_in_children_like_the_sequential_run(tmp_path, script):
     out_p, out_s = tmp_path / "par", tmp_path / "seq"
-    assert script(*TRAIN_CONCEPTS).main(["--only", "tavi", "rubo", "--jobs", "2", *SMALL, "--out", str(out_p),
-                           "--runs", str(tmp_path / "runs_p")]) == 0
+    par_script = script(*TRAIN_CONCEPTS)  # a fresh module per run: main() sets its OUT / RUNS
+    assert par_script.main(["--only", "tavi", "rubo", "--jobs", "2", *SMALL, "--out", str(out_p),
+                            "--runs", str(tmp_path / "runs_p")]) == 0
     assert script(*TRAIN_CONCEPTS).main(["--only", "tavi", "rubo", *SMALL, "--out", str(out_s), "--runs", str(tmp_path / "runs_s")]) == 0
     par, seq = (json.loads((d / "manifest.json").read_text()) for d in (out_p, out_s))
     assert [e["name"] for e in par["concepts"]] == ["rubo", "tavi"]  # plan order, whatever finished first
@@ -76,8 +77,7 @@ def test_jobs_train_in_children_like_the_sequential_run(tmp_path, script):
                                                         "tavi.embeddings", "tavi.safetensors"]
     assert [e["steps"] for e in par["concepts"]] == [4, 1]  # rubo trains STEP_FACTOR (4) x the steps
     # recorded (the children got --token-warmup), WARMUP_FACTOR x it for the identities that have one
-    assert [e["token_warmup"] for e in par["concepts"]] == [script(*TRAIN_CONCEPTS).WARMUP_FACTOR.get(n, 1)
-                                                          for n in ("rubo", "tavi")]
+    assert [e["token_warmup"] for e in par["concepts"]] == [par_script.WARMUP_FACTOR.get(n, 1) for n in ("rubo", "tavi")]
     assert [e["tokens"] for e in par["concepts"]] == [["<rubo1>", "<rubo2>", "<rubo3>"], ["<tavi1>", "<tavi2>", "<tavi3>"]]
     from safetensors.torch import load_file
 
