@@ -95,6 +95,20 @@ def test_suites_separate_a_perfect_model_from_a_wrong_one(manifest, tmp_path):
         assert b["overall"]["identity"]["mean"] <= 0.2, b["suite"]
         assert g["overall"]["text"]["mean"] > b["overall"]["text"]["mean"]
         assert g["overall"]["image"]["mean"] > b["overall"]["image"]["mean"]
+    # the distance behind each verdict: recognised images lie within the threshold; the true identity is nearer
+    # on the perfect model than on the wrong one; concepts without identity have none
+    thr = ev.identity.threshold
+    for res in good + bad:
+        for r in res["images"]:
+            for ok, d in zip(r["identity"], r["identity_distance"], strict=True):
+                assert (ok is None) == (d is None)
+                if ok:
+                    assert d < thr
+
+    def mean_distance(res):
+        return np.mean([d for r in res["images"] for d in r["identity_distance"] if d is not None])
+
+    assert mean_distance(good[0]) < thr < mean_distance(bad[0])
     # the style concept has text / image alignment but no identity alignment
     assert good[0]["per_concept"]["mos"]["identity"] is None
     assert good[0]["per_concept"]["mos"]["image"]["n"] == 4

@@ -453,7 +453,28 @@ def test_factored_closed_form_equals_the_dense_path(cfg, n_rows):
     for k in ("pos_dist", "neg_dist"):
         if d.report[k] and d.report[k][0] is not None:
             assert f.report[k] == pytest.approx(d.report[k], rel=1e-4, abs=1e-4), k  # rounding at an exact fit
-    assert f.report["loss_terms"] == pytest.approx(d.report["loss_terms"], rel=1e-4, abs=1e-9)
+    # one concept with the sum anchor: every term is 0 up to float32 rounding of the products with the rows
+    tiny = 1e-5 * float(d.offset.norm())
+    assert f.report["loss_terms"] == pytest.approx(d.report["loss_terms"], rel=1e-4, abs=tiny)
+
+
+@pytest.mark.parametrize("distance", ["block", "token"])
+def test_factored_path_measures_wide_layers_in_reduced_output_coordinates(distance, monkeypatch):
+    """A GEGLU-like layer (outputs 8x the inputs): the hinge check runs in the coordinates of [W0, U] (k =
+    in + R instead of out), with the same distances as the dense path's products over all outputs."""
+    from loraclr.merge import contrastive as C
+
+    calls = []
+    orig = C._output_coordinates
+    monkeypatch.setattr(C, "_output_coordinates", lambda *a: calls.append(a) or orig(*a))
+    low, dense = _factored((40, 40, 40), out=128, inn=16, rank=2)
+    config = make_config("loraclr", mode="converged", anchor="mean", ridge=0.1, distance=distance)
+    f, d = C.merge_loraclr(low, config), C.merge_loraclr(dense, config)
+    assert len(calls) == 1 and "LoRA-factor path" in f.report["note"]
+    Lw, Lu = orig(*calls[0])
+    assert Lw.shape[1] == Lu.shape[1] <= 16 + 3 * 2
+    assert f.report["neg_dist"] == pytest.approx(d.report["neg_dist"], rel=1e-5)
+    assert torch.allclose(f.offset, d.offset, rtol=1e-4, atol=1e-5 * float(d.offset.abs().max()))
 
 
 def test_factored_path_hands_active_hinges_to_the_dense_path():

@@ -166,6 +166,9 @@ class Scorer:
         names = list(prompt.concepts)
         i_al = torch.stack([metrics.cosine(img, self.image_refs[n]) for n in names]).T  # (B, k)
         ident: list[list[bool | None]] = [[None] * len(names) for _ in range(len(images))]
+        # distance to the intended identity: the continuous value behind the recognised/not rate (paired
+        # comparisons between models on the same prompts and seeds have far less noise on it)
+        ident_d: list[list[float | None]] = [[None] * len(names) for _ in range(len(images))]
         if self.gallery is not None:
             for j, (name, slot) in enumerate(zip(prompt.concepts, prompt.slots, strict=True)):
                 if name not in self._gallery_index:
@@ -175,10 +178,12 @@ class Scorer:
                 d = metrics.distances(emb, self.gallery)
                 target = torch.full((len(images),), self._gallery_index[name], dtype=torch.long)
                 ok = metrics.recognised(d, target, self.ev.identity.threshold)
+                own = d.gather(1, target.view(-1, 1)).squeeze(1)
                 for b in range(len(images)):
                     ident[b][j] = bool(ok[b])
+                    ident_d[b][j] = float(own[b])
         return [{"text": float(t_al[b]), "image": [float(v) for v in i_al[b]], "identity": ident[b],
-                 "concepts": names} for b in range(len(images))]
+                 "identity_distance": ident_d[b], "concepts": names} for b in range(len(images))]
 
 
 # --- suites ----------------------------------------------------------------------------------------------

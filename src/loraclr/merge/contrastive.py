@@ -795,6 +795,16 @@ def _lowrank_applies(problem: LayerProblem, cfg: LoraclrConfig) -> bool:
     return 0 < rank < out_dim and sum(int(x.shape[0]) for x in problem.X) >= in_dim
 
 
+def _output_coordinates(W0: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
+    """(L_W (in, k), L_U (R, k)) with ||A W0^T + B U^T|| = ||A L_W + B L_U|| row by row for any A, B: from
+    the eigendecomposition of F^T F, F = [W0, U] (float64), k its positive eigenvalues (at most in + R)."""
+    F = torch.cat([W0, U], 1).double()
+    evals, vecs = torch.linalg.eigh(F.T @ F)
+    keep = evals > 0
+    L = (vecs[:, keep] * evals[keep].sqrt()).to(W0.dtype)
+    return L[: W0.shape[1]], L[W0.shape[1] :]
+
+
 def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, dict] | None:
     """Converged mode when every delta is a LoRA product: the same minimiser as the dense path, cheaper.
 
@@ -822,18 +832,19 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
     V = torch.cat([d.to(device=dev, dtype=dtype) for d in lr.downs], 0)  # (R, in)
     ends = torch.tensor([0] + [int(u.shape[1]) for u in lr.ups]).cumsum(0).tolist()
     blocks = [slice(ends[i], ends[i + 1]) for i in range(n)]
-    # A0 = sum_i a_i G_i and M's own-concept rows a_i V_i G_i, one Gram at a time (no (N, in, in) stack)
+    # A0 = sum_i a_i G_i and M's own-concept rows a_i V_i G_i, one Gram at a time (no (N, in, in) stack).
+    # V_i G_i = (V_i X_i^T) X_i: rank_i x rows x in multiply-adds in the compute dtype instead of
+    # rank_i x in x in in the solve dtype (at SD 1.5's ff.net.2, 5120 inputs: ~10x fewer, and float32),
+    # as exact as the Gram itself, which is accumulated in the compute dtype too.
     A0 = torch.zeros(in_dim, in_dim, dtype=sd, device=dev)
     M = torch.zeros(V.shape[0], in_dim, dtype=sd, device=dev)
     for i, x in enumerate(xs):
-        g = gram_matrix(x).to(sd)
-        A0.add_(g, alpha=a[i])
-        M[blocks[i]] = a[i] * (V[blocks[i]].to(sd) @ g)
-        del g
+        A0.add_(gram_matrix(x).to(sd), alpha=a[i])
+        M[blocks[i]] = (a[i] * ((V[blocks[i]] @ x.T) @ x)).to(sd)
     A0 = symmetrize(A0)
     c = {"sum": 1.0, "mean": 1.0 / n}.get(cfg.anchor, 0.0)  # the anchor is c U V
-    if c:  # C_i = V_i-rows - c V: subtract c V sum_i a_i G_i
-        M -= c * (V.to(sd) @ A0)
+    if c:  # C_i = V_i-rows - c V: subtract c V sum_i a_i G_i (the product in the compute dtype, as above)
+        M -= c * (V @ A0.to(dtype)).to(sd)
     ridge_abs = cfg.ridge * float(torch.diagonal(A0).sum()) / in_dim
     if ridge_abs > 0:
         A0.diagonal().add_(ridge_abs)
@@ -861,11 +872,16 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
     if n > 1:  # exact negative distances (for the report also when lambda_con = 0, like the dense path)
         idx = common_row_index(n_rows, device=dev)
         R = torch.stack([x if len(set(n_rows)) == 1 else x[i] for x, i in zip(xs, idx, strict=True)])
-        base = R @ W0.T  # (N, m, out): the one dense product
-        P = base + (R @ Zp.T) @ U.T
+        # P_i = R_i (W0 + U Zp)^T and T_j = R_j (W0 + U C_j)^T are rows [R, R Y^T] [W0, U]^T; where the layer
+        # has more outputs than inputs + R (GEGLU ff.net.0.proj: 8x), distances are taken in the coordinates
+        # of a factor L of [W0, U]^T [W0, U] instead: ||y [W0, U]^T|| = ||y L|| per row, so every block and
+        # row distance is unchanged and the products shrink by (in + R) / out
+        Wl, Ul = (W0.T, U.T) if in_dim + U.shape[1] >= out_dim else _output_coordinates(W0, U)
+        base = R @ Wl  # (N, m, out or k): the one dense product
+        P = base + (R @ Zp.T) @ Ul
         T = base
         for i in range(n):
-            T[i] += (R[i] @ V[blocks[i]].T) @ U[:, blocks[i]].T
+            T[i] += (R[i] @ V[blocks[i]].T) @ Ul[blocks[i]]
         neg, _ = _block_hardest(P, T, w.mu) if cfg.distance == "block" else _token_hardest(P, T)
         del P, T, base
         if needs_hinge and bool((neg < w.mu).any()):
