@@ -169,6 +169,17 @@ def single_values(records: list[dict]) -> dict[str, list[float]]:
             "identity": [float(x) for r in records for x in r["identity"] if x is not None]}
 
 
+def distance_diffs(records: list[dict], own: list[dict]) -> list[float]:
+    """Per image, the distance to the intended identity minus the own LoRA's on the same prompt and seed
+    (records written before evaluate kept the distance have none: empty list)."""
+    out = []
+    for r, o in zip(records, own, strict=True):
+        a, b = r.get("identity_distance"), o.get("identity_distance")
+        if a and b and a[0] is not None and b[0] is not None:
+            out.append(a[0] - b[0])
+    return out
+
+
 def multi_values(records: list[dict]) -> dict[str, list[float]]:
     out = single_values(records)
     out["all_identities"] = [float(all(r["identity"])) for r in records if r["identity"] and None not in r["identity"]]
@@ -433,6 +444,7 @@ def aggregate(units: list[dict], refs: dict[str, dict]) -> dict:
                 "single": {k: stat(sv[k]) for k in METRICS},
                 "own": {k: stat(ov[k]) for k in METRICS},
                 "identity_ratio": ratio_ci([a for a, _ in pairs], [b for _, b in pairs]),
+                "identity_distance_diff": stat(distance_diffs(recs, own)),
                 "multi": {k: stat(mv[k]) for k in ("identity", "all_identities", "text", "image")} if mv else None,
                 "merge_s": float(np.mean([u["merge_s"] for u in us])),
                 "eval_s": float(np.mean([sum(u["eval_s"].values()) for u in us])),
@@ -484,6 +496,11 @@ def _f(s: dict | None, ci: bool = True) -> str:
     return f"{s['mean']:.3f} [{s['low']:.2f}, {s['high']:.2f}]" if ci else f"{s['mean']:.3f}"
 
 
+def _fd(s: dict | None) -> str:
+    """A signed difference with its interval, three decimals (distances differ in the second)."""
+    return "-" if s is None else f"{s['mean']:+.3f} [{s['low']:+.3f}, {s['high']:+.3f}]"
+
+
 def _h(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
 
@@ -519,20 +536,22 @@ def render(doc: dict) -> str:
         "",
         "Columns: single-concept suite means with bootstrap 95 % intervals over the pooled images of all subsets; "
         "*own* = the same concepts, prompts and seeds drawn with each concept's own LoRA alone (before merging); "
-        "merged/own = identity ratio (paired bootstrap); multi = per-region identity and all identities right per "
+        "merged/own = identity ratio (paired bootstrap); dist - own = mean over images of the identity embedder's "
+        "distance to the intended identity minus the own LoRA's on the same image (paired; lower is better; the "
+        "continuous value behind the recognised rate, so less noisy); multi = per-region identity and all identities right per "
         "image in the pairs / triples suite; merge / eval = mean seconds per subset; D / sum = median over layers "
         "of the Frobenius norm of the merged offset over that of the naive sum of deltas.",
     ]
     if meta.get("notes"):
         md += [""] + [f"- {n}" for n in meta["notes"]]
-    head = ["method", "identity", "own", "merged/own", "text", "own text", "image", "own image", "multi identity",
+    head = ["method", "identity", "own", "merged/own", "dist - own", "text", "own text", "image", "own image", "multi identity",
             "all identities", "merge s", "eval s", "D / sum"]
     for n, by_label in agg.items():
         md += ["", f"## N = {n}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for label, a in by_label.items():
             s, o, mu = a["single"], a["own"], a["multi"] or {}
             md.append(f"| {label} | {_f(s['identity'])} | {_f(o['identity'], False)} | {_f(a['identity_ratio'])} | "
-                      f"{_f(s['text'])} | {_f(o['text'], False)} | {_f(s['image'])} | {_f(o['image'], False)} | "
+                      f"{_fd(a.get('identity_distance_diff'))} | {_f(s['text'])} | {_f(o['text'], False)} | {_f(s['image'])} | {_f(o['image'], False)} | "
                       f"{_f(mu.get('identity'))} | {_f(mu.get('all_identities'))} | {a['merge_s']:.1f} | "
                       f"{a['eval_s']:.1f} | {_h(a['offset_vs_sum_median'])} |")
     errors = [u for u in doc["units"] if "error" in u]

@@ -107,6 +107,11 @@ def test_quick_run(bench, world, tmp_path):
             (b["scored_text"], b["seed"], b["text"], b["image"], b["identity"])
     s1 = doc["aggregate"]["1"]["sum"]
     assert s1["single"] == s1["own"]
+    # ... so its paired identity distances differ by exactly 0; other rows carry a difference of distances
+    assert s1["identity_distance_diff"]["mean"] == 0.0 and s1["identity_distance_diff"]["n"] == 2
+    for by_label in doc["aggregate"].values():
+        for a in by_label.values():
+            _check_stat(a["identity_distance_diff"], -2, 2)
 
     ab = doc["ablations"]
     assert ab["subset"] == list(CONCEPTS) and ab["mode"] == "converged"
