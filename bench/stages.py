@@ -15,7 +15,14 @@ tokens alone. This script measures the two things that explain it.
    evaluation's settings ("at the beach", "in a forest", "in the snow", "in the city"; seed 1: *held-out*).
    Median over the layers of a stage of the mean over concepts.
 
-    python bench/stages.py                                   # both parts, the shipped world (~20 min, 1 core)
+3. **Swap oracle** (``--swap``; merged model, N = all identities by default): the merged model with one stage's
+   layers replaced by the concept's own LoRA (W0 + dW_i, everything else merged), scored on that concept's single
+   suite: which stage's merged layers lose the identity. Rows: merged (no swap), own spatial layers, own text
+   encoder + cross-attention k, v, the own LoRA alone; identity, text, image and the identity embedder's distance
+   to the intended identity, with its paired difference to the own LoRA on the same images.
+
+    python bench/stages.py                                   # parts 1 and 2, the shipped world (~20 min, 1 core)
+    python bench/stages.py --skip-oracle --skip-kept --swap --prompts 4 --out runs/x/swap   # part 3 (~15 min)
     python bench/stages.py --skip-kept --manifest runs/x/manifest.json --out runs/x/stages
 
 Writes ``<out>.json`` (every number) and ``<out>.md`` (default ``bench/results/stages``).
@@ -136,6 +143,53 @@ def kept(bench: Q.Bench, subsets: dict[int, list[str]], labels: list[str]) -> li
     return rows
 
 
+SWAP = {  # row label -> the stages whose layers come from the concept's own LoRA instead of the merge
+    "merged (no swap)": (),
+    "merged, own spatial layers": ("spatial",),
+    "merged, own text encoder + cross-attention k, v": ("text_encoder", "cross_attention"),
+}
+
+
+def swap(bench: Q.Bench, names: list[str], label: str) -> dict:
+    """Part 3: per row, the single suite of each concept on the merged model with some stages swapped back."""
+    from loraclr.merging import merge_model
+    from loraclr.models import find_module
+
+    method, settings = Q.METHODS[label]
+    m = merge_model(bench.recipe(names, method, settings), progress=False)
+    stages = stage_of(m.pipe, m.offsets)
+    merged_w = {k: find_module(m.pipe, k).weight.detach().clone() for k in stages}
+    images: dict[str, list] = {"own LoRA alone": []}
+    for name in names:
+        images["own LoRA alone"] += bench.reference(name)["single"]["images"]
+    for row, own_stages in SWAP.items():
+        images[row] = []
+        for name in names:
+            if own_stages:
+                own = bench.merge([name], "sum", {})  # the base plus exactly this LoRA
+                with torch.no_grad():
+                    for k, st in stages.items():
+                        if st in own_stages:
+                            find_module(m.pipe, k).weight.copy_(find_module(own.pipe, k).weight)
+            res, _ = bench.suite(bench.source(m.model(), f"{row} {name}"), [name], "single")
+            images[row] += res["images"]
+            with torch.no_grad():
+                for k in stages:
+                    find_module(m.pipe, k).weight.copy_(merged_w[k])
+        print(f"{row}: identity {statistics.mean(Q.single_values(images[row])['identity']):.3f}", flush=True)
+    ref = {Q.image_key(r): r for r in images["own LoRA alone"]}
+    out = {"method": label, "n": len(names), "subset": names, "rows": {}}
+    for row, recs in images.items():
+        v = Q.single_values(recs)
+        per = {n: statistics.mean(float(r["identity"][0]) for r in recs if r["concepts"][0] == n) for n in names}
+        dist = [r["identity_distance"][0] for r in recs]
+        out["rows"][row] = {"per_concept_identity": per, **{k: Q.stat(v[k]) for k in Q.METRICS},
+                            "identity_distance": statistics.mean(dist),
+                            "distance_minus_own": Q.stat(Q.distance_diffs(recs, [ref[Q.image_key(r)] for r in recs])),
+                            "images": recs}
+    return out
+
+
 def render(doc: dict) -> str:
     lines = ["# Where identity lives in the miniature world, and how much of each LoRA a merged layer keeps", "",
              f"`{doc['command']}` ({doc['date']}, commit {doc['commit'][:10]}{' + changes' if doc['dirty'] else ''}, "
@@ -167,6 +221,21 @@ def render(doc: dict) -> str:
             lines.append(f"| {r['n']} | {r['method']} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in cells)
                          + " |")
         lines.append("")
+    if doc.get("swap"):
+        sw = doc["swap"]
+        names = sw["subset"]
+        lines += [f"## 3. Swap oracle: the {sw['n']}-concept merge ({sw['method']}) with one stage's layers swapped back "
+                  "to each concept's own LoRA", "",
+                  "Identity alignment per concept on its single suite; means with 95 % intervals; distance = the identity "
+                  "embedder's mean distance to the intended identity (lower is better), and its paired difference to "
+                  "the own LoRA alone on the same images.", "",
+                  "| model | " + " | ".join(names) + " | identity | text | image | distance | distance - own |",
+                  "|---|" + "---|" * (len(names) + 5)]
+        for row, r in sw["rows"].items():
+            lines.append(f"| {row} | " + " | ".join(f"{r['per_concept_identity'][c]:.2f}" for c in names)
+                         + f" | **{Q._f(r['identity'])}** | {Q._f(r['text'])} | {Q._f(r['image'])} | "
+                         f"{r['identity_distance']:.4f} | {Q._fd(r['distance_minus_own'])} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -181,10 +250,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=2, help="seeds per prompt (oracle)")
     ap.add_argument("--skip-oracle", action="store_true")
     ap.add_argument("--skip-kept", action="store_true")
+    ap.add_argument("--swap", action="store_true", help="part 3, the swap oracle on a merged model")
+    ap.add_argument("--swap-n", type=int, default=12, help="concepts merged for part 3 (first N of the manifest)")
+    ap.add_argument("--swap-method", default="loraclr-conv-mean-ridge1e-1", help="bench/quality.py label, part 3")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(Q.ROOT / "bench" / "results" / "stages"))
     args = ap.parse_args(argv)
-    unknown = [m for m in args.methods if m not in Q.METHODS]
+    unknown = [m for m in args.methods + [args.swap_method] if m not in Q.METHODS]
     if unknown:
         ap.error(f"unknown method(s) {unknown}; choose from {list(Q.METHODS)}")
     torch.set_num_threads(args.threads)
@@ -212,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             doc["oracle"] = oracle(bench, names)
         if not args.skip_kept:
             doc["kept"] = kept(bench, subsets, args.methods)
+        if args.swap:
+            doc["swap"] = swap(bench, names[: args.swap_n], args.swap_method)
     doc["minutes"] = (time.perf_counter() - t0) / 60
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

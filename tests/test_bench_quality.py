@@ -197,7 +197,8 @@ def test_stages_oracle_and_kept_effect(world, tmp_path, script):
     base, manifest = world
     out = tmp_path / "stages"
     rc = stages.main(["--manifest", str(manifest), "--base", str(base), "--steps", "2", "--prompts", "1",
-                      "--seeds", "1", "--ns", "1", "2", "--methods", "sum", "none", "--out", str(out)])
+                      "--seeds", "1", "--ns", "1", "2", "--methods", "sum", "none", "--swap", "--swap-n", "1",
+                      "--swap-method", "sum", "--out", str(out)])
     assert rc == 0
     doc = json.loads(out.with_suffix(".json").read_text())
     assert set(doc["oracle"]) == set(stages.ORACLE)
@@ -211,6 +212,15 @@ def test_stages_oracle_and_kept_effect(world, tmp_path, script):
         assert rows[(2, "none")][key] == pytest.approx(1.0, abs=1e-5), key
         assert rows[(2, "sum")][key] > 1e-3, key  # the other concept's delta is an error for this one
     assert "## 2. Kept effect" in out.with_suffix(".md").read_text()
+    # part 3 on one LoRA merged by the sum: the merge is that LoRA, so every swap row draws the own LoRA's images
+    sw = doc["swap"]
+    assert sw["subset"] == [next(iter(CONCEPTS))] and set(sw["rows"]) == {"own LoRA alone", *stages.SWAP}
+    own_imgs = sw["rows"]["own LoRA alone"]["images"]
+    for row, r in sw["rows"].items():
+        assert [(a["text"], a["identity_distance"]) for a in r["images"]] == \
+            [(a["text"], a["identity_distance"]) for a in own_imgs], row
+        assert r["distance_minus_own"]["mean"] == 0.0
+    assert "## 3. Swap oracle" in out.with_suffix(".md").read_text()
 
 
 def _reference(Q, base, manifest, name):
