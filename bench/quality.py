@@ -81,6 +81,12 @@ METHODS: dict[str, tuple[str, dict]] = {
     # anchored at the mean of the deltas (= average merging): ridge pulls towards averaging
     "loraclr-conv-mean-ridge1e-1": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1}),
     "loraclr-conv-mean-ridge1": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1.0}),
+    # the same with another feature run: "features" (popped by Bench.recipe) overrides the recipe's feature
+    # settings; fs5 = 5 steps instead of the sizes' feature_steps, sp2 = both feature prompts drive it
+    "loraclr-conv-mean-ridge1e-1-fs5": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1,
+                                                    "features": {"steps": 5}}),
+    "loraclr-conv-mean-ridge1e-1-fs5-sp2": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1,
+                                                        "features": {"steps": 5, "spatial_prompts": 2}}),
     "loraclr-conv-token": ("loraclr", {**CONV, "distance": "token"}),
     "loraclr-conv-norm": ("loraclr", {**CONV, "normalize": True}),
     "lstsq": ("lstsq", {}),
@@ -233,11 +239,13 @@ class Bench:
         from loraclr.recipe import recipe_from_dict
 
         specs = [self.specs[n] for n in names]
+        settings = dict(settings)
+        features = settings.pop("features", {})
         return recipe_from_dict({
             "base": str(self.base_dir), "method": {"name": method, **settings}, "allow_pickle": self.allow_pickle,
             "concepts": [{"name": s.name, "lora": str(s.file), "trigger": s.trigger,
                           "prompts": [s.prompt_phrase("{trigger}"), "{trigger}"]} for s in specs],
-            "features": {"steps": self.sizes.feature_steps, "seed": self.sizes.seed},
+            "features": {"steps": self.sizes.feature_steps, "seed": self.sizes.seed, **features},
         }, source=f"bench recipe ({method})")
 
     def merge(self, names, method: str, settings: dict, layers: str = "all"):

@@ -229,3 +229,22 @@ def _reference(Q, base, manifest, name):
     specs = [s for s in load_manifest(manifest) if s.kind == "identity"]
     bench = Q.Bench(base, specs, load_evaluators(), Q.Sizes(steps=2, prompts=1, seeds=1, pairs=0, triples=0))
     return bench.reference(name)
+
+
+def test_method_labels_may_override_the_feature_run(bench, world):
+    """A label's "features" entry changes the recipe's feature settings, never reaches the method's settings, and
+    leaves the METHODS table untouched (labels are reused by every unit)."""
+    from types import SimpleNamespace
+
+    from loraclr.evaluate import load_manifest
+
+    base, manifest = world
+    specs = {s.name: s for s in load_manifest(manifest)}
+    fake = SimpleNamespace(base_dir=base, specs=specs, allow_pickle=False, sizes=bench.Sizes(feature_steps=7))
+    method, settings = bench.METHODS["loraclr-conv-mean-ridge1e-1-fs5-sp2"]
+    r = bench.Bench.recipe(fake, list(CONCEPTS), method, settings)
+    assert (r.features.steps, r.features.spatial_prompts) == (5, 2)
+    assert "features" not in r.method.settings and r.method.settings["ridge"] == 0.1
+    assert "features" in bench.METHODS["loraclr-conv-mean-ridge1e-1-fs5-sp2"][1]
+    plain = bench.Bench.recipe(fake, list(CONCEPTS), *bench.METHODS["loraclr-conv-mean-ridge1e-1"])
+    assert (plain.features.steps, plain.features.spatial_prompts) == (7, 1)
