@@ -397,8 +397,10 @@ class Run:
         """A unit's identity: subset, method, the resolved config (a row that repeats a default is merged once)."""
         from loraclr.merge.methods import make_config
 
+        settings = dict(settings)
+        features = settings.pop("features", None)  # the feature run's overrides (Bench.recipe) are part of it
         config = dataclasses.asdict(make_config(method, **settings))
-        return json.dumps([list(names), method, config, layers], sort_keys=True)
+        return json.dumps([list(names), method, config, layers] + ([features] if features else []), sort_keys=True)
 
     def references(self, names) -> None:
         for name in names:

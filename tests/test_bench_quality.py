@@ -248,3 +248,8 @@ def test_method_labels_may_override_the_feature_run(bench, world):
     assert "features" in bench.METHODS["loraclr-conv-mean-ridge1e-1-fs5-sp2"][1]
     plain = bench.Bench.recipe(fake, list(CONCEPTS), *bench.METHODS["loraclr-conv-mean-ridge1e-1"])
     assert (plain.features.steps, plain.features.spatial_prompts) == (7, 1)
+    # the unit key (resume, --extend) accepts the override and tells the feature runs apart
+    keys = {bench.Run.key(list(CONCEPTS), *bench.METHODS[label], "all")
+            for label in ("loraclr-conv-mean-ridge1e-1", "loraclr-conv-mean-ridge1e-1-fs5",
+                          "loraclr-conv-mean-ridge1e-1-fs5-sp2")}
+    assert len(keys) == 3
