@@ -82,9 +82,13 @@ METHODS: dict[str, tuple[str, dict]] = {
     "loraclr-conv-mean-ridge1e-1": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1}),
     "loraclr-conv-mean-ridge1": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1.0}),
     # the same with another feature run: "features" (popped by Bench.recipe) overrides the recipe's feature
-    # settings; fs5 = 5 steps instead of the sizes' feature_steps, sp2 = both feature prompts drive it
+    # settings; fsK = K steps, sp1 / sp2 = one / both feature prompts drive it. The merge's default since session
+    # 12 is fs5-sp2; fs10 is the default of sessions 9-11 (in bench/results/quality_defaults.md, which ran with
+    # the sizes' feature_steps at 10, the plain label is fs10 and fs5 is fs5-sp1)
+    "loraclr-conv-mean-ridge1e-1-fs10": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1,
+                                                     "features": {"steps": 10, "spatial_prompts": 1}}),
     "loraclr-conv-mean-ridge1e-1-fs5": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1,
-                                                    "features": {"steps": 5}}),
+                                                    "features": {"steps": 5, "spatial_prompts": 1}}),
     "loraclr-conv-mean-ridge1e-1-fs5-sp2": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1,
                                                         "features": {"steps": 5, "spatial_prompts": 2}}),
     "loraclr-conv-token": ("loraclr", {**CONV, "distance": "token"}),
@@ -129,7 +133,7 @@ class Sizes:
     pairs: int = 3
     triples: int = 1
     seed: int = 0
-    feature_steps: int = 10
+    feature_steps: int | None = None  # None: the merge's default (loraclr.recipe.FeatureSettings.steps)
 
 
 QUICK_SIZES = Sizes(steps=10, prompts=1, seeds=2, pairs=1, triples=0, feature_steps=2)
@@ -245,7 +249,8 @@ class Bench:
             "base": str(self.base_dir), "method": {"name": method, **settings}, "allow_pickle": self.allow_pickle,
             "concepts": [{"name": s.name, "lora": str(s.file), "trigger": s.trigger,
                           "prompts": [s.prompt_phrase("{trigger}"), "{trigger}"]} for s in specs],
-            "features": {"steps": self.sizes.feature_steps, "seed": self.sizes.seed, **features},
+            "features": {"seed": self.sizes.seed, **({"steps": self.sizes.feature_steps}
+                                                       if self.sizes.feature_steps is not None else {}), **features},
         }, source=f"bench recipe ({method})")
 
     def merge(self, names, method: str, settings: dict, layers: str = "all"):
@@ -535,8 +540,8 @@ def render(doc: dict) -> str:
         f"{meta['n_identities']} identity concepts; N = "
         f"{', '.join(agg) or '-'} with subsets {json.dumps(meta['subsets'])}. Sampling: {z['steps']} steps, guidance "
         f"{z['guidance']:g}; single suite {z['prompts']} prompts x {z['seeds']} seeds per concept, multi suite up to "
-        f"{z['pairs']} pairs + {z['triples']} triples x {z['seeds']} seeds; merge feature run {z['feature_steps']} "
-        f"steps; seed {z['seed']}. Evaluators: {ev['text_image']} / {ev['identity']} (identity threshold "
+        f"{z['pairs']} pairs + {z['triples']} triples x {z['seeds']} seeds; merge feature run "
+        f"{z['feature_steps'] if z['feature_steps'] is not None else 'the merge default'} steps; seed {z['seed']}. Evaluators: {ev['text_image']} / {ev['identity']} (identity threshold "
         f"{ev['identity_threshold']}). Commit {meta['git_commit']}"
         f"{' (dirty)' if meta['git_dirty'] else ''}; `{meta['command']}` ({meta['date_utc']} UTC, "
         f"{meta['threads']} torch thread(s), {meta['nproc']} cores, load average at the end "

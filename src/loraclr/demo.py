@@ -105,7 +105,7 @@ class DemoConfig:
     steps: int = 20
     guidance: float = 7.5
     seed: int = 0
-    feature_steps: int = 10
+    feature_steps: int | None = None  # None: the merge's default (loraclr.recipe.FeatureSettings)
     evaluators: str | None = None
 
     def validate(self) -> None:
@@ -464,7 +464,8 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
                 "base": str(base_dir), "method": method, "allow_pickle": allow_pickle,
                 "concepts": [{"name": s.name, "lora": str(s.file), "trigger": s.trigger,
                               "prompts": [_phrase_template(s), "{trigger}"]} for s in specs],
-                "features": {"steps": config.feature_steps, "seed": config.seed},
+                "features": {"seed": config.seed,
+                             **({"steps": config.feature_steps} if config.feature_steps is not None else {})},
                 "output": {"lora_formats": ["kohya"]},
             }, source="demo recipe")
             summary = merge(recipe, tmp / f"merged-{method}", progress=progress)
