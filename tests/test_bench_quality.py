@@ -247,9 +247,35 @@ def test_method_labels_may_override_the_feature_run(bench, world):
     assert "features" not in r.method.settings and r.method.settings["ridge"] == 0.1
     assert "features" in bench.METHODS["loraclr-conv-mean-ridge1e-1-fs5-sp2"][1]
     plain = bench.Bench.recipe(fake, list(CONCEPTS), *bench.METHODS["loraclr-conv-mean-ridge1e-1"])
-    assert (plain.features.steps, plain.features.spatial_prompts) == (7, 1)
+    assert (plain.features.steps, plain.features.spatial_prompts) == (7, 2)  # the merge's default prompts
+    fs10 = bench.Bench.recipe(fake, list(CONCEPTS), *bench.METHODS["loraclr-conv-mean-ridge1e-1-fs10"])
+    assert (fs10.features.steps, fs10.features.spatial_prompts) == (10, 1)  # the sessions-9-11 default
     # the unit key (resume, --extend) accepts the override and tells the feature runs apart
     keys = {bench.Run.key(list(CONCEPTS), *bench.METHODS[label], "all")
             for label in ("loraclr-conv-mean-ridge1e-1", "loraclr-conv-mean-ridge1e-1-fs5",
                           "loraclr-conv-mean-ridge1e-1-fs5-sp2")}
     assert len(keys) == 3
+
+
+def test_paired_differences_use_twin_images_only(script, tmp_path):
+    """bench/paired.py: differences are taken image by image between twins (same subset, concept, prompt, seed);
+    an image without a twin in the reference is left out; the file is written beside the results."""
+    paired = script("bench/paired.py", "bench_paired")
+
+    def rec(concept, seed, dist, ok):
+        return {"concepts": [concept], "scored_text": f"{concept} at the beach", "seed": seed,
+                "identity_distance": [dist], "identity": [ok]}
+
+    units = [
+        {"label": "ref", "subset": ["a", "b"], "single": {"images": [rec("a", 0, 0.2, False), rec("b", 0, 0.1, True)]}},
+        {"label": "new", "subset": ["a", "b"], "single": {"images": [rec("a", 0, 0.1, True), rec("b", 0, 0.1, True),
+                                                                      rec("b", 9, 0.0, True)]}},
+        {"label": "broken", "subset": ["a", "b"], "error": "boom"},
+    ]
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"units": units}))
+    assert paired.main([str(path), "--reference", "ref"]) == 0
+    (row,) = paired.paired(json.loads(path.read_text()), "ref")
+    assert row["label"] == "new" and row["pairs"] == 2
+    assert row["distance"][0] == pytest.approx(-0.05) and row["identity"][0] == pytest.approx(0.5)
+    assert "| new | 2 |" in (tmp_path / "q_paired_ref.md").read_text()
