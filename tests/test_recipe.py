@@ -38,7 +38,8 @@ concepts:
     # no method named: loraclr with the preset the quality benchmark found best
     assert r.method.name == "loraclr" and r.method.settings == {}
     assert r.method.resolved == {"mode": "converged", "anchor": "mean", "ridge": 0.1}
-    assert r.features.steps == 10 and r.features.max_rows == 2048 and r.features.precision == "float32"
+    assert r.features.steps == 5 and r.features.spatial_prompts == 2  # the session-12 feature run
+    assert r.features.max_rows == 2048 and r.features.precision == "float32"
     assert r.features.resolution is None and r.features.max_resolution == 256
     assert r.output.lora_formats == ("kohya", "diffusers")
 
@@ -113,7 +114,7 @@ def test_replace_overrides_and_round_trip(tmp_path):
     r2 = r.replace(**{"features.steps": 3, "output.rank": 4, "method.margin": 0.1, "features.seed": None})
     assert r2.features.steps == 3 and r2.output.rank == 4 and r2.features.seed == r.features.seed
     assert r2.method.settings == {"mode": "paper", "margin": 0.1}
-    assert r.features.steps == 10  # frozen original untouched
+    assert r.features.steps == 5  # frozen original untouched
     with pytest.raises(ValueError, match="features.steps must be >= 1"):
         r.replace(**{"features.steps": 0})
     # the resolved recipe written beside outputs reads back to the same recipe

@@ -146,7 +146,7 @@ def test_spatial_rows_reproduce_outputs_and_are_deterministic(tiny_sd1):
     pipe = tiny_sd1
     concepts = _concepts(pipe)
     table = TokenTable(n_layers=len(cross_attention_modules(pipe.unet)))
-    settings = FeatureSettings(steps=2, max_rows=0)
+    settings = FeatureSettings(steps=2, max_rows=0, spatial_prompts=1)  # one prompt: the run re-done below
     key = "unet.down_blocks.0.attentions.0.proj_in"  # a 1x1 conv in the tiny SD1 UNet
     module = find_module(pipe, key)
     feats = collect_spatial(pipe, concepts[:2], table, settings)
@@ -170,7 +170,8 @@ def test_spatial_rows_reproduce_outputs_and_are_deterministic(tiny_sd1):
     again = collect_spatial(pipe, small, table, FeatureSettings(steps=2, max_rows=40))
     p1 = next(p for p in capped.problems() if p.key == key)
     p2 = next(p for p in again.problems() if p.key == key)
-    assert p1.X[0].shape == (40, module.in_channels) and p1.n_rows == [128, 128]
+    # 2 steps x 64 positions x the default's 2 feature prompts (one batch), capped at 40 kept rows
+    assert p1.X[0].shape == (40, module.in_channels) and p1.n_rows == [256, 256]
     assert torch.equal(p1.X[0], p2.X[0]) and torch.equal(p1.X[1], p2.X[1])
     # the kept rows are rows of the full recording (of the same one-layer concepts)
     full = next(collect_spatial(pipe, small, table, FeatureSettings(steps=2, max_rows=0)).problems()).X[0]
