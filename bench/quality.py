@@ -179,6 +179,13 @@ def single_values(records: list[dict]) -> dict[str, list[float]]:
             "identity": [float(x) for r in records for x in r["identity"] if x is not None]}
 
 
+def split_features(settings: dict) -> tuple[dict, dict | None]:
+    """A label's settings -> (the method's settings, the feature-run overrides or None): METHODS entries may
+    carry a "features" entry for the recipe (Bench.recipe), which the method's config does not take."""
+    settings = dict(settings)
+    return settings, settings.pop("features", None)
+
+
 def distance_diffs(records: list[dict], own: list[dict]) -> list[float]:
     """Per image, the distance to the intended identity minus the own LoRA's on the same prompt and seed
     (records written before evaluate kept the distance have none: empty list)."""
@@ -243,14 +250,13 @@ class Bench:
         from loraclr.recipe import recipe_from_dict
 
         specs = [self.specs[n] for n in names]
-        settings = dict(settings)
-        features = settings.pop("features", {})
+        settings, features = split_features(settings)
         return recipe_from_dict({
             "base": str(self.base_dir), "method": {"name": method, **settings}, "allow_pickle": self.allow_pickle,
             "concepts": [{"name": s.name, "lora": str(s.file), "trigger": s.trigger,
                           "prompts": [s.prompt_phrase("{trigger}"), "{trigger}"]} for s in specs],
             "features": {"seed": self.sizes.seed, **({"steps": self.sizes.feature_steps}
-                                                       if self.sizes.feature_steps is not None else {}), **features},
+                                                       if self.sizes.feature_steps is not None else {}), **(features or {})},
         }, source=f"bench recipe ({method})")
 
     def merge(self, names, method: str, settings: dict, layers: str = "all"):
@@ -402,8 +408,7 @@ class Run:
         """A unit's identity: subset, method, the resolved config (a row that repeats a default is merged once)."""
         from loraclr.merge.methods import make_config
 
-        settings = dict(settings)
-        features = settings.pop("features", None)  # the feature run's overrides (Bench.recipe) are part of it
+        settings, features = split_features(settings)  # the feature run's overrides are part of the unit
         config = dataclasses.asdict(make_config(method, **settings))
         return json.dumps([list(names), method, config, layers] + ([features] if features else []), sort_keys=True)
 
