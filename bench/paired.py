@@ -18,7 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality as Q  # noqa: E402  (the sweep's image key and bootstrap statistics)
 
 
 def twins(doc: dict) -> dict[str, dict[tuple, dict]]:
@@ -28,14 +29,8 @@ def twins(doc: dict) -> dict[str, dict[tuple, dict]]:
         if "error" in u:
             continue
         for r in u["single"]["images"]:
-            out.setdefault(u["label"], {})[(tuple(u["subset"]), r["concepts"][0], r["scored_text"], r["seed"])] = r
+            out.setdefault(u["label"], {})[(tuple(u["subset"]), *Q.image_key(r))] = r
     return out
-
-
-def interval(x: np.ndarray, n_boot: int = 4000, seed: int = 0) -> tuple[float, float, float]:
-    idx = np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))
-    m = x[idx].mean(1)
-    return float(x.mean()), float(np.quantile(m, 0.025)), float(np.quantile(m, 0.975))
 
 
 def paired(doc: dict, reference: str) -> list[dict]:
@@ -50,9 +45,9 @@ def paired(doc: dict, reference: str) -> list[dict]:
         keys = [k for k in recs if k in ref and recs[k].get("identity_distance") and ref[k].get("identity_distance")]
         if not keys:
             continue
-        d = np.array([recs[k]["identity_distance"][0] - ref[k]["identity_distance"][0] for k in keys])
-        i = np.array([float(recs[k]["identity"][0]) - float(ref[k]["identity"][0]) for k in keys])
-        rows.append({"label": label, "pairs": len(keys), "distance": interval(d), "identity": interval(i)})
+        d = [recs[k]["identity_distance"][0] - ref[k]["identity_distance"][0] for k in keys]
+        i = [float(recs[k]["identity"][0]) - float(ref[k]["identity"][0]) for k in keys]
+        rows.append({"label": label, "pairs": len(keys), "distance": Q.stat(d), "identity": Q.stat(i)})
     return rows
 
 
@@ -63,9 +58,9 @@ def render(rows: list[dict], reference: str, source: str) -> str:
           "(negative = closer = better). Identity: recognised (1) or not (0).", "",
           "| label | pairs | distance - reference | identity - reference |", "|---|---|---|---|"]
     for r in rows:
-        d, i = r["distance"], r["identity"]
-        md.append(f"| {r['label']} | {r['pairs']} | {d[0]:+.4f} [{d[1]:+.4f}, {d[2]:+.4f}] | "
-                  f"{i[0]:+.3f} [{i[1]:+.3f}, {i[2]:+.3f}] |")
+        d = r["distance"]
+        md.append(f"| {r['label']} | {r['pairs']} | {d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] | "
+                  f"{Q._fd(r['identity'])} |")
     return "\n".join(md) + "\n"
 
 

@@ -277,5 +277,5 @@ def test_paired_differences_use_twin_images_only(script, tmp_path):
     assert paired.main([str(path), "--reference", "ref"]) == 0
     (row,) = paired.paired(json.loads(path.read_text()), "ref")
     assert row["label"] == "new" and row["pairs"] == 2
-    assert row["distance"][0] == pytest.approx(-0.05) and row["identity"][0] == pytest.approx(0.5)
+    assert row["distance"]["mean"] == pytest.approx(-0.05) and row["identity"]["mean"] == pytest.approx(0.5)
     assert "| new | 2 |" in (tmp_path / "q_paired_ref.md").read_text()

@@ -85,7 +85,7 @@ class FeatureSettings:
         every step is recorded). 5 by default, with ``spatial_prompts`` 2: the same UNet forwards as the
         official single prompt at 10 steps, spent on two layouts instead of finer steps. Why (session 12,
         bench/results/quality_defaults.md, N = 5 / 8 / 12, 408 paired images): 5 steps x 2 prompts kept more
-        identity than 10 steps x 1 prompt (+0.049 recognised, interval +0.017 to +0.078; distance to the
+        identity than 10 steps x 1 prompt (+0.049 recognised, interval +0.020 to +0.078; distance to the
         identity -0.003); 5 steps x 1 prompt scored the same as 10 x 1 (+0.007), 20 x 1 no better (N = 12).
         Rows beyond ``max_rows`` are subsampled anyway, so more steps mostly cost time.
     resolution: image side in pixels for that run; None = the model's native size (unet sample_size x VAE
