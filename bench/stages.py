@@ -159,23 +159,21 @@ def swap(bench: Q.Bench, names: list[str], label: str) -> dict:
     m = merge_model(bench.recipe(names, method, settings), progress=False)
     stages = stage_of(m.pipe, m.offsets)
     merged_w = {k: find_module(m.pipe, k).weight.detach().clone() for k in stages}
-    images: dict[str, list] = {"own LoRA alone": []}
-    for name in names:
+    images: dict[str, list] = {"own LoRA alone": [], **{row: [] for row in SWAP}}
+    for name in names:  # concept by concept: its own LoRA is merged once for every row
         images["own LoRA alone"] += bench.reference(name)["single"]["images"]
-    for row, own_stages in SWAP.items():
-        images[row] = []
-        for name in names:
-            if own_stages:
-                own = bench.merge([name], "sum", {})  # the base plus exactly this LoRA
-                with torch.no_grad():
-                    for k, st in stages.items():
-                        if st in own_stages:
-                            find_module(m.pipe, k).weight.copy_(find_module(own.pipe, k).weight)
+        own = bench.merge([name], "sum", {})  # the base plus exactly this LoRA
+        for row, own_stages in SWAP.items():
+            swapped = [k for k, st in stages.items() if st in own_stages]
+            with torch.no_grad():
+                for k in swapped:
+                    find_module(m.pipe, k).weight.copy_(find_module(own.pipe, k).weight)
             res, _ = bench.suite(bench.source(m.model(), f"{row} {name}"), [name], "single")
             images[row] += res["images"]
             with torch.no_grad():
-                for k in stages:
+                for k in swapped:
                     find_module(m.pipe, k).weight.copy_(merged_w[k])
+    for row in SWAP:
         print(f"{row}: identity {statistics.mean(Q.single_values(images[row])['identity']):.3f}", flush=True)
     ref = {Q.image_key(r): r for r in images["own LoRA alone"]}
     out = {"method": label, "n": len(names), "subset": names, "rows": {}}
