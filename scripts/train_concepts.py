@@ -6,6 +6,7 @@
     python scripts/train_concepts.py --minutes 45    # size the steps per concept to a time budget (default)
     python scripts/train_concepts.py --steps 400     # or fix them
     python scripts/train_concepts.py --steps 1000 --device cuda --jobs 7   # on a GPU, 7 concepts at a time
+    python scripts/train_concepts.py --bake-strength # rescale trained files to STRENGTH (no training)
 
 Steps per concept: a first run times a few LoRA and ED-LoRA steps on this machine and picks the number of
 steps that fits ``--minutes`` for the whole plan; the choice and the measurement are written into the
@@ -28,7 +29,8 @@ Manifest schema (read by the evaluators)::
 
     {"base": "mini", "base_step": <base training step>, "budget": {"steps", "how", ...}, "concepts": [{"name", "kind": "identity"|"style",
      "identity": <scenes.CONCEPTS key or null>, "style": <style or null>, "trigger", "phrase", "file",
-     "format", "rank", "alpha", "steps", "seed", "tokens", "loss_first", "loss_last", "seconds"}]}
+     "format", "rank", "alpha", "steps", "seed", "tokens", "loss_first", "loss_last", "seconds",
+     "strength" (only where the file holds STRENGTH x the trained delta)}]}
 
 ``trigger`` is the word(s) to put in prompts; ``phrase`` is how the training captions used it, as a template
 (identity: "a {trigger} creature" in place of the identity's trait words; style: "as a {trigger}" at the end
@@ -113,6 +115,17 @@ TOKEN_WARMUP = 600
 #   pemi 0.25 (0.31) -> 0.50 (0.56) / 0.81 (0.94);  tavi 0.56 (0.75) -> 0.94 (0.62) / 0.56 (0.56);  rubo 0.19 (0.31) -> 0.25 (0.38)
 # Session 12: tobi (ED-LoRA) 600 -> 1800 (`--only tobi --token-warmup 1800`): 0.38 (0.25) -> 0.56 (0.38), shipped.
 WARMUP_FACTOR = {"rubo": 3, "tavi": 3, "pemi": 6, "tobi": 3}
+# Some files are saved at STRENGTH x the trained delta (alpha scaled; the learned tokens as trained): a recommended
+# weight baked into the file, as community LoRAs publish one. Session 13 evaluated the shipped files at several
+# weights (`loraclr evaluate mini --lora rubo.safetensors:W --concepts rubo --suite single --prompts 4 --seeds 8
+# [--seed 100]`, 32 images per seed set; identity on validation seeds 100-107, seeds 0-7 in brackets): rubo's
+# learned tokens carry the identity and its full delta draws over them:
+#   weight 1.25 0.22 (0.12), 1.0 0.44 (0.41), 0.75 0.50 (0.53), 0.5 0.72 (0.78), 0.375 0.75 (0.94), 0.25 0.78 (0.97),
+#   0.125 0.91 (0.97), 0 (tokens alone) 0.97 (0.94); text alignment rises as the weight falls (0.87 -> 0.93).
+# STRENGTH is the best weight on the validation seeds that keeps a LoRA (> 0). tobi (ED-LoRA): 1.0 0.41 (0.31),
+# 0.75 0.56 (0.47), 0.5 0.62 (0.41); tavi: 1.0 0.91 (0.81), 0.75 0.88 (0.88), left at 1.
+# `--bake-strength` rescales an already trained file to its STRENGTH (what training it again would write).
+STRENGTH = {"rubo": 0.125}
 SUFFIX = {"kohya": ".safetensors", "diffusers": ".safetensors", "edlora": ".pth"}
 
 
@@ -185,10 +198,58 @@ def size_budget(pipe, triggers: dict, args) -> dict:
 
 
 def write_manifest(entries: list[dict], base: str, base_step, budget: dict) -> None:
-    tmp = OUT / ".manifest.json.tmp"
-    doc = {"base": base, "base_step": base_step, "budget": budget, "concepts": entries}
+    write_manifest_doc(OUT, {"base": base, "base_step": base_step, "budget": budget, "concepts": entries})
+
+
+def bake_strength(out: Path, only=None) -> int:
+    """Rescale trained files of ``out`` to STRENGTH (relative to the strength their manifest entry records, 1 if
+    none), as training them with STRENGTH would have saved them; the manifest records the new strength. Each file
+    is rewritten atomically: kohya files by their ``.alpha`` tensors (and ``loraclr.strength`` metadata), ED-LoRA
+    files by their ``lora_up`` tensors (alpha is folded there). Returns 0, or 2 where nothing could be done."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from loraclr.io.safe import atomic_write, check_finite
+
+    log = logging.getLogger("train_concepts")
+    doc = json.loads((out / "manifest.json").read_text())
+    fmt_of = {row[0]: row[2] for row in PLAN}
+    for e in doc["concepts"]:
+        name = e["name"]
+        want, have = STRENGTH.get(name, 1.0), float(e.get("strength", 1.0))
+        if (only and name not in only) or want == have:
+            continue
+        path, factor = out / e["file"], want / have
+        if fmt_of[name] == "kohya":
+            with safe_open(path, "pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: (v.float() * factor).to(v.dtype) if k.endswith(".alpha") else v for k, v in tensors.items()}
+            meta["loraclr.strength"] = repr(float(want))
+            check_finite(tensors, str(path))
+            with atomic_write(path) as tmp:
+                save_file(tensors, str(tmp), metadata=meta)
+        elif fmt_of[name] == "edlora":
+            raw = torch.load(path, weights_only=True)
+            for comp in ("text_encoder", "unet"):
+                raw["params"][comp] = {k: v * factor if k.endswith("lora_up.weight") else v
+                                       for k, v in raw["params"][comp].items()}
+            with atomic_write(path) as tmp:
+                torch.save(raw, tmp)
+        else:
+            log.error("%s: %s files keep alpha in their adapter config; retrain %s to change its strength",
+                      path, fmt_of[name], name)
+            return 2
+        e["strength"] = want
+        write_manifest_doc(out, doc)
+        log.info("%s: strength %g -> %g (x%g)", path.name, have, want, factor)
+    return 0
+
+
+def write_manifest_doc(out: Path, doc: dict) -> None:
+    tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, OUT / "manifest.json")
+    os.replace(tmp, out / "manifest.json")
 
 
 def main(argv=None) -> int:
@@ -217,6 +278,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help=f"output folder (default {OUT.relative_to(ROOT)})")
     p.add_argument("--runs", type=Path, default=RUNS, help="folder for logs and sample grids")
     p.add_argument("--device", default="cpu", help="where the LoRAs train: cpu (default), cuda, cuda:1 ...")
+    p.add_argument("--bake-strength", action="store_true",
+                   help="rescale the trained files of STRENGTH's concepts to their strength (no training) and exit")
     p.add_argument("--jobs", type=int, default=1,
                    help="train up to N concepts at once in child processes (needs --steps or a manifest's)")
     args = p.parse_args(argv)
@@ -229,6 +292,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
                         handlers=[logging.StreamHandler(sys.stdout), logging.FileHandler(RUNS / "train.log")])
     log = logging.getLogger("train_concepts")
+    if args.bake_strength:
+        return bake_strength(OUT, args.only)
     torch.set_num_threads(args.threads)
 
     from loraclr.pipeline import family_of, load_base, resolve_base
@@ -262,6 +327,7 @@ def main(argv=None) -> int:
                 "steps": args.steps * STEP_FACTOR.get(name, 1) if args.steps else args.steps,
                 "seed": args.seed, "tokens": t["tokens"], "lr": args.lr * lr_f, "text_lr": args.text_lr * lr_f,
                 "embedding_lr": args.embedding_lr * lr_f, "prior": args.prior,
+                **({"strength": STRENGTH[name]} if name in STRENGTH else {}),
                 **({"token_warmup": args.token_warmup * WARMUP_FACTOR.get(name, 1)}
                    if args.token_warmup and t["tokens"] else {})}
 
@@ -305,7 +371,8 @@ def main(argv=None) -> int:
                  e["steps"], f" after {tw} token-only steps" if tw else "", data.captions[0])
         result = train_lora(pipe, data, cfg, device=args.device)
         save_trained(result, path, format=fmt, family=family_of(pipe), trigger=t["trigger"],
-                     metadata={"loraclr.concept": name, "loraclr.base_step": str(base_step)})
+                     metadata={"loraclr.concept": name, "loraclr.base_step": str(base_step)},
+                     strength=STRENGTH.get(name, 1.0))
         k = min(50, len(result.losses))
         e.update(loss_first=round(sum(result.losses[:k]) / k, 5), loss_last=round(sum(result.losses[-k:]) / k, 5),
                  seconds=round(result.seconds, 1))

@@ -120,6 +120,20 @@ def test_saved_file_reads_back_to_the_same_deltas(tmp_path, trained, fmt):
         torch.testing.assert_close(got.delta(), layer.delta(), rtol=2e-2, atol=1e-4)
 
 
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers", "edlora"])
+def test_strength_scales_the_saved_deltas_and_not_the_tokens(tmp_path, trained, fmt):
+    result, _ = trained
+    path = tmp_path / ("s.pth" if fmt == "edlora" else "s.safetensors")
+    save_trained(result, path, format=fmt, family="sd1", strength=0.5)
+    lora = load_lora(path, allow_pickle=fmt == "edlora")
+    if fmt != "edlora":
+        assert lora.metadata["loraclr.strength"] == "0.5"
+    for key, layer in result.layers.items():
+        torch.testing.assert_close(lora.layers[key].delta(), 0.5 * layer.delta(), rtol=2e-2, atol=1e-4)
+    with pytest.raises(ValueError, match="strength"):
+        save_trained(result, tmp_path / "bad.safetensors", format="kohya", strength=0.0)
+
+
 def test_edlora_trains_layerwise_tokens_and_reads_back(tmp_path, pipe, data):
     captions = [c.replace("a rubox creature", "a <rubo1> <rubo2> creature") for c in data.captions]
     # with prior images: their rows skip the per-layer expansion and are shared by every layer
@@ -160,6 +174,10 @@ def test_learned_token_is_saved_beside_a_kohya_lora(tmp_path, pipe, data):
     assert [t.name for t in lora.tokens] == ["<rbx>"] and not lora.tokens[0].layerwise
     torch.testing.assert_close(lora.tokens[0].embeddings["text_encoder"].float(),
                                result.tokens[0].embeddings["text_encoder"], rtol=0, atol=0)
+    # a baked-in strength scales the LoRA only: the learned token is the trained one
+    half = load_lora(save_trained(result, tmp_path / "rbx-half.safetensors", format="kohya", strength=0.5))
+    torch.testing.assert_close(half.tokens[0].embeddings["text_encoder"], lora.tokens[0].embeddings["text_encoder"],
+                               rtol=0, atol=0)
 
 
 def test_token_warmup_trains_the_tokens_alone_first(pipe, data):

@@ -28,6 +28,12 @@ def test_shipped_manifest_matches_the_plan(plan):
         assert e["steps"] == steps * plan.STEP_FACTOR.get(name, 1), name
         assert e["lr"] == pytest.approx(plan.LR[0] * plan.LR_FACTOR.get(name, 1)), name
         assert (SHIPPED.parent / e["file"]).is_file(), name
+        assert e.get("strength", 1.0) == plan.STRENGTH.get(name, 1.0), name
+        if e["format"] == "kohya" and name in plan.STRENGTH:  # the file says it too
+            from safetensors import safe_open
+
+            with safe_open(SHIPPED.parent / e["file"], "pt") as f:
+                assert float(f.metadata()["loraclr.strength"]) == plan.STRENGTH[name], name
         if e["tokens"]:  # identities: learned tokens, trained alone first for the plan's warmup
             assert e["token_warmup"] == plan.TOKEN_WARMUP * plan.WARMUP_FACTOR.get(name, 1), name
         else:
@@ -38,3 +44,4 @@ def test_warmup_factors_name_identities_of_the_plan(plan):
     identities = {row[0] for row in plan.PLAN if row[1] == "identity"}
     assert set(plan.WARMUP_FACTOR) <= identities
     assert all(isinstance(f, int) and f >= 1 for f in plan.WARMUP_FACTOR.values())
+    assert set(plan.STRENGTH) <= identities and all(0 < s <= 1 for s in plan.STRENGTH.values())

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -68,8 +69,12 @@ def check_save_path(path: str | Path, format: str) -> Path:
 
 def save_trained(result, path: str | Path, *, format: str = "kohya", family: str = "sd1",
                  trigger: str | None = None, dtype: torch.dtype = torch.float16,
-                 metadata: dict[str, str] | None = None) -> Path:
+                 metadata: dict[str, str] | None = None, strength: float = 1.0) -> Path:
     """Save a :class:`~loraclr.training.trainer.TrainResult` as ``format`` (kohya / diffusers / edlora).
+
+    ``strength`` scales every layer's alpha (the delta, not the learned tokens), i.e. the file at weight 1 acts
+    like the trained LoRA at weight ``strength``: a recommended weight baked into the file. Recorded in the
+    metadata as ``loraclr.strength`` (kohya / diffusers).
 
     kohya and diffusers files are written in ``dtype`` (fp16, as community files are) with kohya-style
     training metadata (``ss_*``, ``modelspec.trigger_phrase``); learned tokens, if any, go to an embedding file
@@ -78,8 +83,11 @@ def save_trained(result, path: str | Path, *, format: str = "kohya", family: str
     from loraclr.io import save_lora
 
     path = check_save_path(path, format)
+    if not (strength > 0 and math.isfinite(strength)):
+        raise ValueError(f"{path}: strength must be a positive finite number, got {strength!r}")
     if format == "edlora":
-        return save_edlora(result.layers, result.tokens, path)
+        layers = {k: LoraLayer(v.down, v.up, v.alpha * strength) for k, v in result.layers.items()}
+        return save_edlora(layers, result.tokens, path)
     cfg = result.config
     meta = {
         "ss_training_comment": "trained by loraclr train-lora (DreamBooth-LoRA style)",
@@ -96,9 +104,11 @@ def save_trained(result, path: str | Path, *, format: str = "kohya", family: str
     if trigger:
         meta["modelspec.trigger_phrase"] = trigger
         meta["ss_tag_frequency"] = json.dumps({"concept": {trigger: result.n_images}})
+    if strength != 1.0:
+        meta["loraclr.strength"] = repr(float(strength))
     meta.update(metadata or {})
     # files are written from CPU tensors, wherever the result was trained
-    layers = {k: LoraLayer(v.down.detach().cpu().to(dtype), v.up.detach().cpu().to(dtype), v.alpha)
+    layers = {k: LoraLayer(v.down.detach().cpu().to(dtype), v.up.detach().cpu().to(dtype), v.alpha * strength)
               for k, v in result.layers.items()}
     tokens = [LearnedToken(t.name, {c: e.detach().cpu() for c, e in t.embeddings.items()}, layerwise=t.layerwise)
               for t in result.tokens]
