@@ -213,35 +213,43 @@ def bake_strength(out: Path, only=None) -> int:
     from safetensors.torch import save_file
 
     from loraclr.io.safe import atomic_write, check_finite
+    from loraclr.io.write import kohya_network_value
 
     log = logging.getLogger("train_concepts")
     doc = json.loads((out / "manifest.json").read_text())
-    fmt_of = {row[0]: row[2] for row in PLAN}
     for e in doc["concepts"]:
         name = e["name"]
         want, have = STRENGTH.get(name, 1.0), float(e.get("strength", 1.0))
         if (only and name not in only) or want == have:
             continue
         path, factor = out / e["file"], want / have
-        if fmt_of[name] == "kohya":
+        if e["format"] == "kohya":
             with safe_open(path, "pt") as f:
                 meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
             tensors = {k: (v.float() * factor).to(v.dtype) if k.endswith(".alpha") else v for k, v in tensors.items()}
+            if "conv_alpha" in meta.get("ss_network_args", ""):
+                log.error("%s: conv alphas in ss_network_args are not rescaled; retrain %s to change its strength",
+                          path, name)
+                return 2
+            # the metadata as the kohya writer (save_trained with STRENGTH) would write it
+            meta["ss_network_alpha"] = kohya_network_value(float(v) for k, v in tensors.items() if k.endswith(".alpha"))
             meta["loraclr.strength"] = repr(float(want))
             check_finite(tensors, str(path))
             with atomic_write(path) as tmp:
                 save_file(tensors, str(tmp), metadata=meta)
-        elif fmt_of[name] == "edlora":
+        elif e["format"] == "edlora":
             raw = torch.load(path, weights_only=True)
             for comp in ("text_encoder", "unet"):
                 raw["params"][comp] = {k: v * factor if k.endswith("lora_up.weight") else v
                                        for k, v in raw["params"][comp].items()}
+            check_finite({f"{c}.{k}": v for c in ("text_encoder", "unet") for k, v in raw["params"][c].items()},
+                         str(path))
             with atomic_write(path) as tmp:
                 torch.save(raw, tmp)
         else:
             log.error("%s: %s files keep alpha in their adapter config; retrain %s to change its strength",
-                      path, fmt_of[name], name)
+                      path, e["format"], name)
             return 2
         e["strength"] = want
         write_manifest_doc(out, doc)

@@ -32,8 +32,12 @@ def test_shipped_manifest_matches_the_plan(plan):
         if e["format"] == "kohya" and name in plan.STRENGTH:  # the file says it too
             from safetensors import safe_open
 
+            from loraclr.io.write import kohya_network_value
+
             with safe_open(SHIPPED.parent / e["file"], "pt") as f:
                 assert float(f.metadata()["loraclr.strength"]) == plan.STRENGTH[name], name
+                alphas = (float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha"))
+                assert f.metadata()["ss_network_alpha"] == kohya_network_value(alphas), name  # as the writer says
         if e["tokens"]:  # identities: learned tokens, trained alone first for the plan's warmup
             assert e["token_warmup"] == plan.TOKEN_WARMUP * plan.WARMUP_FACTOR.get(name, 1), name
         else:

@@ -160,14 +160,23 @@ def _diffusers_tensors(layers: dict[str, LoraLayer]) -> tuple[dict[str, Tensor],
     return out, adapter
 
 
+def kohya_number(value) -> str:
+    """A rank or alpha as kohya's ``ss_*`` metadata writes it: ``"4"``, ``"0.5"``."""
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def kohya_network_value(values) -> str:
+    """``ss_network_dim`` / ``ss_network_alpha`` of layers with these ranks / alphas: the common value, or
+    ``"Dynamic"`` where they differ."""
+    distinct = set(values)
+    return kohya_number(next(iter(distinct))) if len(distinct) == 1 else "Dynamic"
+
+
 def kohya_metadata(layers: dict[str, LoraLayer], family: str, title: str, merged_from: list[str] | None) -> dict:
-    ranks = {layer.rank for layer in layers.values()}
-    alphas = {layer.alpha for layer in layers.values()}
-    fmt = lambda v: str(int(v)) if float(v).is_integer() else str(v)  # noqa: E731
     meta = {
         "ss_network_module": "networks.lora",
-        "ss_network_dim": fmt(next(iter(ranks))) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": fmt(next(iter(alphas))) if len(alphas) == 1 else "Dynamic",
+        "ss_network_dim": kohya_network_value(layer.rank for layer in layers.values()),
+        "ss_network_alpha": kohya_network_value(layer.alpha for layer in layers.values()),
         "ss_base_model_version": BASE_MODEL_VERSION[family],
         "ss_v2": str(family == "sd2"),
         "modelspec.sai_model_spec": "1.0.0",
@@ -178,8 +187,8 @@ def kohya_metadata(layers: dict[str, LoraLayer], family: str, title: str, merged
     }
     if any(layer.is_conv and layer.down.shape[-1] > 1 for layer in layers.values()):
         conv = [layer for layer in layers.values() if layer.is_conv and layer.down.shape[-1] > 1]
-        meta["ss_network_args"] = json.dumps({"conv_dim": fmt(_common([c.rank for c in conv])),
-                                              "conv_alpha": fmt(_common([c.alpha for c in conv]))})
+        meta["ss_network_args"] = json.dumps({"conv_dim": kohya_number(_common([c.rank for c in conv])),
+                                              "conv_alpha": kohya_number(_common([c.alpha for c in conv]))})
     if merged_from:
         meta["modelspec.merged_from"] = ", ".join(merged_from)
         meta["loraclr.merged_from"] = json.dumps(list(merged_from))
