@@ -100,9 +100,10 @@ STEP_FACTOR = {"rubo": 4, "rika": 4, "rono": 2, "gaso": 2, "gilu": 2, "tobi": 2}
 # drew other colours and eyes), so session 8 trains it at 2x the defaults (still 0.00: the body comes out
 # striped in several colours instead of blue with orange stripes).
 LR_FACTOR = {"tobi": 0.5}
-# Session 14 tried more LoRA training for tobi (3600-step warmup; identity on 64 validation images, seeds 100-107 and
-# 200-207, weight 1; the shipped file 0.56): STEP_FACTOR 4 (2400 LoRA steps) 0.06; LR_FACTOR 1 0.31 (seeds 100-107).
-# Both drew its orange stripes as yellow / green / blue bands, as the world's VAE does to tobi's own renders: kept.
+# Session 14 tried other LoRA training for tobi (3600-step warmup; identity on 64 validation images, seeds 100-107 and
+# 200-207, weight 1; the shipped file 0.56): STEP_FACTOR 4 (2400 LoRA steps) 0.06, STEP_FACTOR 1 (600) 0.36; LR_FACTOR 1
+# 0.31 (seeds 100-107).
+# The longer runs drew its orange stripes as yellow / green / blue bands, as the VAE does to its renders: kept.
 TOKENS = 3  # learned tokens per kohya / diffusers identity (ED-LoRA keeps Mix-of-Show's two layer-wise tokens)
 # Identities with learned tokens first train the tokens alone for TOKEN_WARMUP steps (pivotal tuning), then the
 # LoRA joins for the plan's steps. Session 9 (bench/results/quality.md since session 10, stages_tokenwarmup.md): with
