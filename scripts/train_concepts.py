@@ -235,11 +235,11 @@ def bake_strength(out: Path, only=None) -> int:
             with safe_open(path, "pt") as f:
                 meta = dict(f.metadata() or {})
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
-            tensors = {k: (v.float() * factor).to(v.dtype) if k.endswith(".alpha") else v for k, v in tensors.items()}
             if "conv_alpha" in meta.get("ss_network_args", ""):
                 log.error("%s: conv alphas in ss_network_args are not rescaled; retrain %s to change its strength",
                           path, name)
                 return 2
+            tensors = {k: (v.float() * factor).to(v.dtype) if k.endswith(".alpha") else v for k, v in tensors.items()}
             # the metadata as the kohya writer (save_trained with STRENGTH) would write it
             meta["ss_network_alpha"] = kohya_network_value(float(v) for k, v in tensors.items() if k.endswith(".alpha"))
             meta["loraclr.strength"] = repr(float(want))
