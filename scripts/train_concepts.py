@@ -299,6 +299,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="where the LoRAs train: cpu (default), cuda, cuda:1 ...")
     p.add_argument("--bake-strength", action="store_true",
                    help="rescale the trained files of STRENGTH's concepts to their strength (no training) and exit")
+    p.add_argument("--snapshots", type=int, nargs="*", default=[], metavar="K",
+                   help="also save each concept after K LoRA steps (after its token warmup; below its steps) "
+                        "as NAME-sK beside its file: the candidates of shorter runs, from one run")
     p.add_argument("--jobs", type=int, default=1,
                    help="train up to N concepts at once in child processes (needs --steps or a manifest's)")
     args = p.parse_args(argv)
@@ -388,10 +391,19 @@ def main(argv=None) -> int:
                           tokens=tuple(t["tokens"]), layerwise=fmt == "edlora", seed=args.seed, targets=TARGETS)
         log.info("%s: training %s (%s, rank %d, alpha %g, %d steps%s), e.g. %r", name, path.name, fmt, rank, alpha,
                  e["steps"], f" after {tw} token-only steps" if tw else "", data.captions[0])
-        result = train_lora(pipe, data, cfg, device=args.device)
-        save_trained(result, path, format=fmt, family=family_of(pipe), trigger=t["trigger"],
-                     metadata={"loraclr.concept": name, "loraclr.base_step": str(base_step)},
-                     strength=STRENGTH.get(name, 1.0))
+        def save(result, path=path, name=name, fmt=fmt, trigger=t["trigger"]):
+            save_trained(result, path, format=fmt, family=family_of(pipe), trigger=trigger,
+                         metadata={"loraclr.concept": name, "loraclr.base_step": str(base_step)},
+                         strength=STRENGTH.get(name, 1.0))
+
+        def snapshot(result, path=path, tw=tw, save=save):
+            k = result.config.steps - tw
+            save(result, path.with_name(f"{path.stem}-s{k}{path.suffix}"))
+            log.info("%s: snapshot after %d LoRA steps saved", path.stem, k)
+
+        snaps = [tw + k for k in args.snapshots if k < e["steps"]]
+        result = train_lora(pipe, data, cfg, device=args.device, snapshots=snaps, on_snapshot=snapshot)
+        save(result)
         k = min(50, len(result.losses))
         e.update(loss_first=round(sum(result.losses[:k]) / k, 5), loss_last=round(sum(result.losses[-k:]) / k, 5),
                  seconds=round(result.seconds, 1))
@@ -413,7 +425,7 @@ def _child_command(args, name: str, out: Path, runs: Path) -> list[str]:
            "--n-images", str(args.n_images), "--seed", str(args.seed), "--lr", str(args.lr),
            "--text-lr", str(args.text_lr), "--embedding-lr", str(args.embedding_lr), "--threads", str(args.threads),
            "--token-warmup", str(args.token_warmup),
-           "--base", args.base, "--jobs", "1"]
+           "--base", args.base, "--jobs", "1", "--snapshots", *map(str, args.snapshots)]
     return cmd
 
 

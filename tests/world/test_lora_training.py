@@ -205,6 +205,32 @@ def test_token_warmup_trains_the_tokens_alone_first(pipe, data):
         TrainConfig(steps=4, token_warmup=2)
 
 
+def test_snapshot_holds_what_the_shorter_run_trains(pipe, data):
+    captions = [c.replace("a rubox creature", "a <rbx> creature") for c in data.captions]
+    d = ConceptData(data.images, captions, description="rubo snapshots")
+
+    def cfg(steps: int) -> TrainConfig:
+        return TrainConfig(steps=steps, batch=2, prior_batch=0, lr=1e-2, text_lr=1e-2, embedding_lr=1e-2, warmup=1,
+                           tokens=("<rbx>",), token_warmup=1, autocast=False, seed=5)
+
+    got = []
+    full = train_lora(pipe, d, cfg(5), log_every=0, snapshots=[3, 2], on_snapshot=got.append)
+    short = train_lora(pipe, d, cfg(3), log_every=0)
+    assert [r.config.steps for r in got] == [2, 3]
+    snap = got[1]
+    assert snap.losses == short.losses == full.losses[:3]
+    for key, layer in short.layers.items():
+        assert torch.equal(snap.layers[key].up, layer.up), key
+        assert torch.equal(snap.layers[key].down, layer.down), key
+    assert torch.equal(snap.tokens[0].embeddings["text_encoder"], short.tokens[0].embeddings["text_encoder"])
+    # the snapshot is a copy: the run went on training after it
+    assert any(not torch.equal(snap.layers[k].up, full.layers[k].up) for k in full.layers)
+    with pytest.raises(ValueError, match="snapshots"):  # a LoRA that has not trained yet is no candidate
+        train_lora(pipe, d, cfg(5), log_every=0, snapshots=[1], on_snapshot=got.append)
+    with pytest.raises(ValueError, match="on_snapshot"):
+        train_lora(pipe, d, cfg(5), log_every=0, snapshots=[3])
+
+
 def test_captions_swap_only_the_concept_and_triggers_are_rare(pipe):
     phrases = ["a round red creature with two eyes", "a round red creature with two eyes and a hat"]
     cap = f"{phrases[0]} on the left and {phrases[1]} on the right at the beach"
@@ -233,10 +259,13 @@ def test_cli_trains_from_a_folder(tmp_path, pipe, data):
         (imgs / f"{i}.txt").write_text(cap, encoding="utf-8")
     out = tmp_path / "out.safetensors"
     rc = main(["train-lora", "--images", str(imgs), "--base", str(base), "-o", str(out), "--steps", "2",
-               "--batch", "2", "--rank", "2", "--alpha", "1", "--trigger", "rubox", "--no-autocast"])
+               "--batch", "2", "--rank", "2", "--alpha", "1", "--trigger", "rubox", "--no-autocast",
+               "--snapshots", "1"])
     assert rc == 0
     lora = load_lora(out)
     assert lora.metadata["modelspec.trigger_phrase"] == "rubox" and lora.metadata["ss_steps"] == "2"
+    snap = load_lora(tmp_path / "out-s1.safetensors")  # the run after its first step
+    assert snap.metadata["ss_steps"] == "1" and snap.layers.keys() == lora.layers.keys()
     assert {layer.rank for layer in lora.layers.values()} == {2}
     assert {layer.alpha for layer in lora.layers.values()} == {1.0}
 

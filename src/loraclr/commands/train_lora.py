@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-warmup", type=int, default=0,
                    help="the first N of --steps train only the learned tokens (--edlora / --learned-token), then "
                         "the LoRA joins: identity goes into the tokens first (pivotal tuning)")
+    p.add_argument("--snapshots", type=int, nargs="+", default=[], metavar="K",
+                   help="also save the LoRA after K of --steps (above --token-warmup) as STEM-sK beside --out: "
+                        "what a K-step run would write, from one run (the learning rate is constant after warm-up)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -108,12 +111,19 @@ def run(args) -> int:
         embedding_lr=args.embedding_lr, tokens=tokens, layerwise=args.edlora, init_word=args.init_word,
         seed=args.seed, autocast=not args.no_autocast, token_warmup=args.token_warmup,
     )
-    result = train_lora(pipe, data, cfg, device=args.device)
+    snapshots = []
+
+    def snapshot(r) -> None:
+        path = out.with_name(f"{out.stem}-s{r.config.steps}{out.suffix}")
+        snapshots.append(str(save_trained(r, path, format=fmt, family=family_of(pipe), trigger=trigger)))
+
+    result = train_lora(pipe, data, cfg, device=args.device, snapshots=args.snapshots, on_snapshot=snapshot)
     save_trained(result, out, format=fmt, family=family_of(pipe), trigger=trigger)
     summary = {"file": str(out), "format": fmt, "trigger": trigger, "tokens": list(tokens), "rank": cfg.rank,
                "alpha": cfg.alpha, "steps": cfg.steps, "seed": cfg.seed, "layers": len(result.layers),
                "loss_first_50": sum(result.losses[:50]) / len(result.losses[:50]),
                "loss_last_50": sum(result.losses[-50:]) / len(result.losses[-50:]),
-               "seconds": round(result.seconds, 1), "example_caption": data.captions[0]}
+               "seconds": round(result.seconds, 1), "example_caption": data.captions[0],
+               **({"snapshots": snapshots} if snapshots else {})}
     print(json.dumps(summary, indent=2))
     return 0

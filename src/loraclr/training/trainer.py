@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -205,7 +206,8 @@ def _check_resolution(pipe, images: np.ndarray, source: str) -> None:
 
 def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
                callback: Callable[[int, float], None] | None = None, log_every: int = 50,
-               device: str | torch.device | None = None) -> TrainResult:
+               device: str | torch.device | None = None, snapshots: Iterable[int] = (),
+               on_snapshot: Callable[[TrainResult], None] | None = None) -> TrainResult:
     """Train a concept LoRA (and learned tokens if ``config.tokens``) on ``data``; ``pipe`` is left as it was.
 
     Loss: epsilon- (or v-) prediction MSE on the concept's images, plus ``prior_weight`` x the same on prior
@@ -215,6 +217,11 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
     latents are encoded by ``pipe.vae`` where it is, and every random draw (batch rows, noise, timesteps) is
     made on the CPU from the seeded generator and then moved, so a run draws the same batches on any device.
     The result's layers and tokens are always CPU tensors.
+
+    ``snapshots``: step counts (1 .. steps - 1) after which ``on_snapshot`` gets the run so far as a
+    :class:`TrainResult` whose config says that many steps (as kohya's ``--save_every_n_steps``). The learning
+    rate is constant after its warm-up, so a snapshot after k steps holds what a k-step run of the same seed
+    would have trained; one run gives every shorter candidate.
     """
     from diffusers import DDPMScheduler
     from peft import LoraConfig, inject_adapter_in_model
@@ -225,6 +232,13 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
         raise ValueError("training LoRAs for SDXL pipelines is not supported yet (SD 1.x / 2.x only)")
     _check_resolution(pipe, data.images, data.description)
     cfg = config
+    snapshots = {int(k) for k in snapshots}
+    if snapshots and on_snapshot is None:
+        raise ValueError("snapshots given without on_snapshot: nothing would receive them")
+    bad = [k for k in sorted(snapshots) if not cfg.token_warmup < k < cfg.steps]
+    if bad:
+        raise ValueError(f"snapshots {bad}: each must be above token_warmup={cfg.token_warmup} (the LoRA trains "
+                         f"from there) and below steps={cfg.steps} (the run's own result)")
     dev = resolve_device(device)
     t0 = time.time()
     torch.manual_seed(cfg.seed)
@@ -309,6 +323,25 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     n_train_t = int(noise_sched.config.num_train_timesteps)
     prediction = noise_sched.config.prediction_type
+    def result_now(run_cfg: TrainConfig) -> TrainResult:
+        """The factors and tokens as they are now, on the CPU."""
+        layers = {}
+        for key, (comp, name) in targets.items():
+            mod = models[comp].get_submodule(name)
+            down = mod.lora_A["default"].weight.detach().float().cpu().clone()
+            up = mod.lora_B["default"].weight.detach().float().cpu().clone()
+            alpha = float(mod.scaling["default"] * cfg.rank)  # peft: scaling = lora_alpha / r
+            layers[key] = LoraLayer(down=down, up=up, alpha=alpha)
+        tokens = []
+        if extra is not None:
+            table = extra.detach().float().cpu().reshape(len(cfg.tokens), n_layers, -1)
+            tokens = [LearnedToken(name, {"text_encoder": table[k].clone()}, layerwise=cfg.layerwise)
+                      for k, name in enumerate(cfg.tokens)]
+        return TrainResult(layers=layers, tokens=tokens, losses=list(losses), seconds=time.time() - t0,
+                           config=run_cfg, n_images=len(latents),
+                           n_prior=0 if prior_latents is None else len(prior_latents),
+                           captions=list(data.captions[:5]))
+
     unet.train()
     te.train()
     losses: list[float] = []
@@ -364,26 +397,12 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
             raise FloatingPointError(f"{data.description}: loss is {losses[-1]} at step {step}; lower the lr")
         if callback is not None:
             callback(step, losses[-1])
+        if step + 1 in snapshots:
+            on_snapshot(result_now(dataclasses.replace(cfg, steps=step + 1)))
         if log_every and ((step + 1) % log_every == 0 or step + 1 == cfg.steps):
             log.info("%s: step %d/%d loss %.4f (mean of last %d) %.2f steps/s", data.description, step + 1,
                      cfg.steps, float(np.mean(losses[-log_every:])), log_every, (step + 1) / (time.time() - t_train))
-    seconds = time.time() - t0
-
-    layers = {}
-    for key, (comp, name) in targets.items():
-        mod = models[comp].get_submodule(name)
-        down = mod.lora_A["default"].weight.detach().float().cpu().clone()
-        up = mod.lora_B["default"].weight.detach().float().cpu().clone()
-        alpha = float(mod.scaling["default"] * cfg.rank)  # peft: scaling = lora_alpha / r
-        layers[key] = LoraLayer(down=down, up=up, alpha=alpha)
-    tokens = []
-    if extra is not None:
-        table = extra.detach().float().cpu().reshape(len(cfg.tokens), n_layers, -1)
-        tokens = [LearnedToken(name, {"text_encoder": table[k].clone()}, layerwise=cfg.layerwise)
-                  for k, name in enumerate(cfg.tokens)]
-    return TrainResult(layers=layers, tokens=tokens, losses=losses, seconds=seconds, config=cfg,
-                       n_images=len(latents), n_prior=0 if prior_latents is None else len(prior_latents),
-                       captions=list(data.captions[:5]))
+    return result_now(cfg)
 
 
 @torch.no_grad()
