@@ -299,6 +299,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", help="where the LoRAs train: cpu (default), cuda, cuda:1 ...")
     p.add_argument("--bake-strength", action="store_true",
                    help="rescale the trained files of STRENGTH's concepts to their strength (no training) and exit")
+    p.add_argument("--no-text-encoder", action="store_true",
+                   help="train no text-encoder LoRA (UNet LoRA and learned tokens only) for every concept trained")
     p.add_argument("--snapshots", type=int, nargs="*", default=[], metavar="K",
                    help="also save each concept after K LoRA steps (after its token warmup; below its steps) "
                         "as NAME-sK beside its file: the candidates of shorter runs, from one run")
@@ -350,6 +352,7 @@ def main(argv=None) -> int:
                 "seed": args.seed, "tokens": t["tokens"], "lr": args.lr * lr_f, "text_lr": args.text_lr * lr_f,
                 "embedding_lr": args.embedding_lr * lr_f, "prior": args.prior,
                 **({"strength": STRENGTH[name]} if name in STRENGTH else {}),
+                **({"text_encoder_lora": False} if args.no_text_encoder else {}),
                 **({"token_warmup": args.token_warmup * WARMUP_FACTOR.get(name, 1)}
                    if args.token_warmup and t["tokens"] else {})}
 
@@ -388,7 +391,8 @@ def main(argv=None) -> int:
         cfg = TrainConfig(rank=rank, alpha=alpha, steps=e["steps"] + tw, token_warmup=tw, batch=args.batch,
                           prior_batch=args.prior_batch,
                           lr=e["lr"], text_lr=e["text_lr"], embedding_lr=e["embedding_lr"],
-                          tokens=tuple(t["tokens"]), layerwise=fmt == "edlora", seed=args.seed, targets=TARGETS)
+                          tokens=tuple(t["tokens"]), layerwise=fmt == "edlora", seed=args.seed, targets=TARGETS,
+                          train_text_encoder=e.get("text_encoder_lora", True))
         log.info("%s: training %s (%s, rank %d, alpha %g, %d steps%s), e.g. %r", name, path.name, fmt, rank, alpha,
                  e["steps"], f" after {tw} token-only steps" if tw else "", data.captions[0])
         def save(result, path=path, name=name, fmt=fmt, trigger=t["trigger"]):
@@ -425,7 +429,8 @@ def _child_command(args, name: str, out: Path, runs: Path) -> list[str]:
            "--n-images", str(args.n_images), "--seed", str(args.seed), "--lr", str(args.lr),
            "--text-lr", str(args.text_lr), "--embedding-lr", str(args.embedding_lr), "--threads", str(args.threads),
            "--token-warmup", str(args.token_warmup),
-           "--base", args.base, "--jobs", "1", "--snapshots", *map(str, args.snapshots)]
+           "--base", args.base, "--jobs", "1", *(["--no-text-encoder"] if args.no_text_encoder else []),
+           "--snapshots", *map(str, args.snapshots)]
     return cmd
 
 
