@@ -38,6 +38,12 @@ def test_shipped_manifest_matches_the_plan(plan):
                 assert float(f.metadata()["loraclr.strength"]) == plan.STRENGTH[name], name
                 alphas = (float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha"))
                 assert f.metadata()["ss_network_alpha"] == kohya_network_value(alphas), name  # as the writer says
+        assert e.get("text_encoder_lora", True) == (name not in plan.NO_TEXT_LORA), name
+        if e["format"] == "edlora":  # the file holds a text-encoder LoRA exactly when the plan trains one
+            import torch
+
+            raw = torch.load(SHIPPED.parent / e["file"], weights_only=True)
+            assert bool(raw["params"]["text_encoder"]) == (name not in plan.NO_TEXT_LORA), name
         if e["tokens"]:  # identities: learned tokens, trained alone first for the plan's warmup
             assert e["token_warmup"] == plan.TOKEN_WARMUP * plan.WARMUP_FACTOR.get(name, 1), name
         else:
