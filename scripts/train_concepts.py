@@ -105,7 +105,7 @@ LR_FACTOR = {"tobi": 0.5}
 # 0.31 (seeds 100-107).
 # The longer runs drew its orange stripes as yellow / green / blue bands, as the VAE does to its renders: kept.
 # Session 15 (the same 64 images; `--snapshots 300 600 900` gives LoRA steps 300 / 600 / 900 / 1200 from one run):
-#   a 7200-step warmup (`--only tobi --token-warmup 1200`, 112 min): 0.55 / 0.67 / 0.58 / 0.59;
+#   a 7200-step warmup (`--only tobi --token-warmup 1200`, 112 min): 0.55 / 0.67 / 0.58 / 0.67;
 #   no text-encoder LoRA (NO_TEXT_LORA; `--only tobi --no-text-encoder`, 58 min): 0.48 / 0.44 / 0.75 / 0.61; at 900
 #   steps and weight 0.75 0.78. Shipped: 900 steps (STEP_FACTOR 1.5), no text-encoder LoRA, STRENGTH 0.75.
 # Identities trained without the text-encoder LoRA (UNet LoRA and learned tokens only; `--no-text-encoder` for all).
