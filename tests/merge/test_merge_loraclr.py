@@ -74,8 +74,9 @@ def reference_paper(p, steps=50, lr=1e-4, wd=1e-4, betas=(0.9, 0.999), eps=1e-8)
         Dg = D.clone().requires_grad_(True)
         loss = reference_objective(Dg, p, official_expansion=True)
         (g,) = torch.autograd.grad(loss, Dg)
-        if float(loss) < best:
-            best, best_D, best_t = float(loss), D.clone(), t - 1
+        value = float(loss.detach())
+        if value < best:
+            best, best_D, best_t = value, D.clone(), t - 1
         D = D * (1 - lr * wd)
         m = betas[0] * m + (1 - betas[0]) * g
         v = betas[1] * v + (1 - betas[1]) * g * g
