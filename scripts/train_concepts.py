@@ -334,7 +334,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     from loraclr.pipeline import family_of, load_base, resolve_base
-    from loraclr.training import TrainConfig, save_trained, train_lora
+    from loraclr.training import TrainConfig, save_trained, snapshot_path, train_lora
     from loraclr.training import data as D
     from loraclr.world.model import read_training_state
 
@@ -415,7 +415,7 @@ def main(argv=None) -> int:
 
         def snapshot(result, path=path, tw=tw, save=save):
             k = result.config.steps - tw
-            save(result, path.with_name(f"{path.stem}-s{k}{path.suffix}"))
+            save(result, snapshot_path(path, k))
             log.info("%s: snapshot after %d LoRA steps saved", path.stem, k)
 
         snaps = [tw + k for k in args.snapshots if k < e["steps"]]

@@ -64,7 +64,7 @@ def run(args) -> int:
     import torch
 
     from loraclr.pipeline import family_of, load_base
-    from loraclr.training import TrainConfig, check_save_path, save_trained, train_lora
+    from loraclr.training import TrainConfig, check_save_path, save_trained, snapshot_path, train_lora
     from loraclr.training import data as D
 
     if args.threads:
@@ -114,7 +114,7 @@ def run(args) -> int:
     snapshots = []
 
     def snapshot(r) -> None:
-        path = out.with_name(f"{out.stem}-s{r.config.steps}{out.suffix}")
+        path = snapshot_path(out, r.config.steps)
         snapshots.append(str(save_trained(r, path, format=fmt, family=family_of(pipe), trigger=trigger)))
 
     result = train_lora(pipe, data, cfg, device=args.device, snapshots=args.snapshots, on_snapshot=snapshot)

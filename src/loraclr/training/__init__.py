@@ -17,10 +17,10 @@ from loraclr.training.data import (
     world_identity_data,
     world_style_data,
 )
-from loraclr.training.save import check_save_path, save_edlora, save_trained
+from loraclr.training.save import check_save_path, save_edlora, save_trained, snapshot_path
 from loraclr.training.trainer import TrainConfig, TrainResult, denoising_loss, lora_targets, train_lora
 
 __all__ = [
     "ConceptData", "TrainConfig", "TrainResult", "check_save_path", "denoising_loss", "folder_data", "lora_targets", "pick_trigger", "save_edlora",
-    "save_trained", "train_lora", "world_identity_data", "world_style_data",
+    "save_trained", "snapshot_path", "train_lora", "world_identity_data", "world_style_data",
 ]

@@ -67,6 +67,12 @@ def check_save_path(path: str | Path, format: str) -> Path:
     return check_output_path(path)
 
 
+def snapshot_path(path: str | Path, steps: int) -> Path:
+    """Where a snapshot of the run saved at ``path`` goes after ``steps`` steps: ``STEM-s<steps>.SUFFIX`` beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}-s{steps}{path.suffix}")
+
+
 def save_trained(result, path: str | Path, *, format: str = "kohya", family: str = "sd1",
                  trigger: str | None = None, dtype: torch.dtype = torch.float16,
                  metadata: dict[str, str] | None = None, strength: float = 1.0) -> Path:
