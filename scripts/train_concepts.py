@@ -318,6 +318,9 @@ def main(argv=None) -> int:
                    help="rescale the trained files of STRENGTH's concepts to their strength (no training) and exit")
     p.add_argument("--no-text-encoder", action="store_true",
                    help="train no text-encoder LoRA (UNet LoRA and learned tokens only) for every concept trained")
+    p.add_argument("--rank", type=int, default=None,
+                   help="train every concept at this rank instead of the plan's, alpha scaled alike (the same "
+                        "alpha / rank scale): a probe of capacity; the manifest records what was trained")
     p.add_argument("--snapshots", type=int, nargs="*", default=[], metavar="K",
                    help="also save each concept after K LoRA steps (after its token warmup; below its steps) "
                         "as NAME-sK beside its file: the candidates of shorter runs, from one run")
@@ -327,6 +330,8 @@ def main(argv=None) -> int:
     OUT, RUNS = args.out or OUT, args.runs
     if args.jobs < 1:
         p.error("--jobs must be at least 1")
+    if args.rank is not None and args.rank < 1:
+        p.error(f"--rank must be at least 1, got {args.rank}")
 
     RUNS.mkdir(parents=True, exist_ok=True)
     OUT.mkdir(parents=True, exist_ok=True)
@@ -362,6 +367,8 @@ def main(argv=None) -> int:
 
     def entry(name, kind, fmt, rank, alpha) -> dict:
         t, lr_f = triggers[name], LR_FACTOR.get(name, 1)
+        if args.rank:
+            rank, alpha = args.rank, alpha * args.rank / rank
         return {"name": name, "kind": kind, "identity": name if kind == "identity" else None,
                 "style": name if kind == "style" else None, "trigger": t["trigger"], "phrase": t["phrase"],
                 "file": name + SUFFIX[fmt], "format": fmt, "rank": rank, "alpha": alpha,
@@ -405,6 +412,7 @@ def main(argv=None) -> int:
         else:
             data = D.world_style_data(name, n=args.n_images, seed=args.seed, n_prior=args.prior)
         tw = e.get("token_warmup", 0)
+        rank, alpha = e["rank"], e["alpha"]
         cfg = TrainConfig(rank=rank, alpha=alpha, steps=e["steps"] + tw, token_warmup=tw, batch=args.batch,
                           prior_batch=args.prior_batch,
                           lr=e["lr"], text_lr=e["text_lr"], embedding_lr=e["embedding_lr"],
@@ -447,6 +455,7 @@ def _child_command(args, name: str, out: Path, runs: Path) -> list[str]:
            "--text-lr", str(args.text_lr), "--embedding-lr", str(args.embedding_lr), "--threads", str(args.threads),
            "--token-warmup", str(args.token_warmup),
            "--base", args.base, "--jobs", "1", *(["--no-text-encoder"] if args.no_text_encoder else []),
+           *(["--rank", str(args.rank)] if args.rank else []),
            "--snapshots", *map(str, args.snapshots)]
     return cmd
 

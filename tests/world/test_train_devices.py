@@ -106,3 +106,20 @@ def test_a_failed_job_is_reported_and_keeps_the_others(tmp_path, caplog, script)
     doc = json.loads((out / "manifest.json").read_text())
     assert [e["name"] for e in doc["concepts"]] == ["rubo"]
     assert (out / "rubo.safetensors").read_bytes() == b"trained earlier" and not (out / "tavi.safetensors").exists()
+
+
+def test_rank_override_trains_and_records_that_rank(tmp_path, script):
+    out = tmp_path / "out"
+    mod = script(*TRAIN_CONCEPTS)
+    assert mod.main(["--only", "tavi", "--rank", "2", *SMALL, "--out", str(out), "--runs", str(tmp_path / "r")]) == 0
+    (entry,) = json.loads((out / "manifest.json").read_text())["concepts"]
+    plan_rank, plan_alpha = next(row[3:] for row in mod.PLAN if row[0] == "tavi")
+    assert (entry["rank"], entry["alpha"]) == (2, plan_alpha * 2 / plan_rank)  # the alpha / rank scale kept
+    from safetensors.torch import load_file
+
+    sd = load_file(out / "tavi.safetensors")
+    downs = [v for k, v in sd.items() if k.endswith("lora_down.weight")]
+    assert downs and all(v.shape[0] == 2 for v in downs)
+    assert all(float(v) == entry["alpha"] for k, v in sd.items() if k.endswith(".alpha"))
+    with pytest.raises(SystemExit):
+        script(*TRAIN_CONCEPTS).main(["--only", "tavi", "--rank", "0", "--out", str(tmp_path / "o"), "--runs", str(tmp_path / "r")])
