@@ -111,6 +111,8 @@ LR_FACTOR = {"tobi": 0.5}
 # Session 16, both together (`--only tobi --steps 800 --token-warmup 1200 --no-text-encoder --snapshots 300 600 900`,
 #   87 min): 0.45 / 0.64 / 0.67 / 0.66 at weight 1 (900 and 1200 steps at 0.75: 0.61 / 0.64), each below the shipped
 #   0.78: kept. Its ceiling (`scripts/vae_ceiling.py`: its renders through the VAE) is 0.935, so the VAE leaves room.
+# Session 16, rank 8 (alpha 8), the shipped recipe otherwise (`--only tobi --steps 800 --rank 8 --snapshots 300 600 900`,
+#   49 min): 0.58 / 0.33 / 0.67 / 0.52: no better; capacity is not what tobi lacks.
 # Identities trained without the text-encoder LoRA (UNet LoRA and learned tokens only; `--no-text-encoder` for all).
 # Session 14 found tobi's text-encoder LoRA added nothing (removed from the shipped file: 0.56 -> 0.62). gaso's does
 # add (session 15, its shipped file without the text-encoder layers: validation 0.97 -> 0.83, seeds 0-7 0.75 -> 0.62).
