@@ -397,7 +397,7 @@ def main(argv=None) -> int:
     entries = []
     t_all = time.time()
     for row in PLAN:
-        name, kind, fmt, rank, alpha = row
+        name, kind, fmt = row[:3]  # rank and alpha: the entry's (the plan's, or --rank's)
         e = entry(*row)
         path = OUT / e["file"]
         if path.exists():
@@ -414,13 +414,12 @@ def main(argv=None) -> int:
         else:
             data = D.world_style_data(name, n=args.n_images, seed=args.seed, n_prior=args.prior)
         tw = e.get("token_warmup", 0)
-        rank, alpha = e["rank"], e["alpha"]
-        cfg = TrainConfig(rank=rank, alpha=alpha, steps=e["steps"] + tw, token_warmup=tw, batch=args.batch,
+        cfg = TrainConfig(rank=e["rank"], alpha=e["alpha"], steps=e["steps"] + tw, token_warmup=tw, batch=args.batch,
                           prior_batch=args.prior_batch,
                           lr=e["lr"], text_lr=e["text_lr"], embedding_lr=e["embedding_lr"],
                           tokens=tuple(t["tokens"]), layerwise=fmt == "edlora", seed=args.seed, targets=TARGETS,
                           train_text_encoder=e.get("text_encoder_lora", True))
-        log.info("%s: training %s (%s, rank %d, alpha %g, %d steps%s), e.g. %r", name, path.name, fmt, rank, alpha,
+        log.info("%s: training %s (%s, rank %d, alpha %g, %d steps%s), e.g. %r", name, path.name, fmt, e["rank"], e["alpha"],
                  e["steps"], f" after {tw} token-only steps" if tw else "", data.captions[0])
         def save(result, path=path, name=name, fmt=fmt, trigger=t["trigger"]):
             save_trained(result, path, format=fmt, family=family_of(pipe), trigger=trigger,

@@ -16,7 +16,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,12 +23,14 @@ BASE = ROOT / "src" / "loraclr" / "world" / "assets" / "mini-sd"
 
 
 def ceiling(names: list[str], n: int = 200, seed: int = 9000, vae=None) -> dict[str, dict[str, float]]:
-    """name -> {"clean": recognition rate of clean renders, "vae": of their VAE round trips}."""
+    """name -> {"clean": recognition rate of clean renders, "vae": of their VAE round trips}.
+
+    The renders and the rule are the evaluator calibration's (``loraclr.evaluate.world.calibrate``, whose camera
+    report does the same on mixed layouts), with one character per scene as in the single suite."""
     from diffusers import AutoencoderKL
 
-    from loraclr.evaluate import metrics, regions
-    from loraclr.evaluate.train import camera_roundtrip
-    from loraclr.evaluate.world import identity_references, load_world_evaluator, to_tensor
+    from loraclr.evaluate import metrics
+    from loraclr.evaluate.world import _sample_embeddings, identity_references, load_world_evaluator
     from loraclr.world import scenes as S
 
     unknown = [x for x in names if x not in S.CONCEPTS]
@@ -39,22 +40,14 @@ def ceiling(names: list[str], n: int = 200, seed: int = 9000, vae=None) -> dict[
     all_names = list(S.CONCEPTS)
     refs = identity_references(ident, [S.CONCEPTS[x] for x in all_names])
     vae = vae if vae is not None else AutoencoderKL.from_pretrained(str(BASE), subfolder="vae")
-    out = {}
-    for name in names:
-        k = all_names.index(name)
-        imgs, boxes = [], []
-        for r, i in S.identity_samples(S.CONCEPTS[name], n, seed=seed, n_chars_p=(1.0, 0.0, 0.0)):
-            chars = r.scene.ordered()
-            imgs.append(r.image)
-            boxes.append(regions.region(len(chars), chars[i].slot))
-        clean = np.stack(imgs)
-        seen = camera_roundtrip(torch.from_numpy(clean), vae).numpy()
-        rates = {}
-        for label, x in (("clean", clean), ("vae", seen)):
-            d = metrics.distances(ident.embed_regions(to_tensor(list(x)), torch.tensor(boxes)), refs)
-            ok = metrics.recognised(d, torch.full((len(d),), k), ident.threshold)
-            rates[label] = float(ok.float().mean())
-        out[name] = rates
+    owner = torch.tensor([all_names.index(x) for x in names])  # index of each asked concept among all
+    out: dict[str, dict[str, float]] = {x: {} for x in names}
+    for label, camera in (("clean", None), ("vae", vae)):
+        emb, who, _ = _sample_embeddings(ident, [S.CONCEPTS[x] for x in names], n, seed=seed,
+                                         n_chars_p=(1.0, 0.0, 0.0), camera=camera)
+        ok = metrics.recognised(metrics.distances(emb, refs), owner[who], ident.threshold)
+        for k, name in enumerate(names):
+            out[name][label] = float(ok[who == k].float().mean())
     return out
 
 
@@ -67,7 +60,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concepts", default=",".join(S.CONCEPTS), help="comma-separated (default: every identity)")
     ap.add_argument("--md", help="also write the table here")
     args = ap.parse_args(argv)
-    torch.manual_seed(0)
     res = ceiling([x.strip() for x in args.concepts.split(",") if x.strip()], n=args.n, seed=args.seed)
     lines = [f"Identity recognised in {args.n} one-character renders per concept (seed {args.seed}), shipped "
              "identity evaluator at its threshold", "",
