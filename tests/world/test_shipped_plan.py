@@ -26,6 +26,7 @@ def test_shipped_manifest_matches_the_plan(plan):
         e = entries[name]
         assert (e["kind"], e["format"], e["rank"], e["alpha"]) == (kind, fmt, rank, alpha), name
         assert e["steps"] == steps * plan.STEP_FACTOR.get(name, 1), name
+        assert e["seed"] == plan.SEED_OFFSET.get(name, 0), name  # the world is trained with --seed 0
         assert e["lr"] == pytest.approx(plan.LR[0] * plan.LR_FACTOR.get(name, 1)), name
         assert (SHIPPED.parent / e["file"]).is_file(), name
         assert e.get("strength", 1.0) == plan.STRENGTH.get(name, 1.0), name

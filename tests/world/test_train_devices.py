@@ -123,3 +123,43 @@ def test_rank_override_trains_and_records_that_rank(tmp_path, script):
     assert all(float(v) == entry["alpha"] for k, v in sd.items() if k.endswith(".alpha"))
     with pytest.raises(SystemExit):
         script(*TRAIN_CONCEPTS).main(["--only", "tavi", "--rank", "0", "--out", str(tmp_path / "o"), "--runs", str(tmp_path / "r")])
+
+
+def test_promote_installs_a_snapshot_as_the_plan_would_train_it(tmp_path, script):
+    """A snapshot after K LoRA steps, promoted, is the file (tensors, metadata, learned tokens) and the manifest entry
+    that a run of K steps writes; a file trained otherwise than the plan says, or a promote onto a file, is refused."""
+    from safetensors import safe_open
+
+    def run(out, *extra):
+        return script(*TRAIN_CONCEPTS).main(["--only", "tavi", *SMALL, "--out", str(tmp_path / out),
+                                             "--runs", str(tmp_path / "r"), *extra])
+
+    assert run("long", "--steps", "2", "--snapshots", "1") == 0
+    assert run("direct") == 0  # SMALL: --steps 1
+    snap = tmp_path / "long" / "tavi-s1.safetensors"
+    assert run("prom", "--promote", str(snap)) == 0
+    assert snap.is_file() and (tmp_path / "long" / "tavi-s1.embeddings").is_dir()  # the source is left as it was
+
+    def read(out):
+        with safe_open(tmp_path / out / "tavi.safetensors", "pt") as f:
+            return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+    (m_d, t_d), (m_p, t_p) = read("direct"), read("prom")
+    assert m_p == m_d and m_p["loraclr.embeddings"] == "tavi.embeddings" and m_p["modelspec.title"] == "tavi"
+    assert t_p.keys() == t_d.keys() and all(torch.equal(t_p[k], t_d[k]) for k in t_d)
+    embs = sorted(p.name for p in (tmp_path / "direct" / "tavi.embeddings").iterdir())
+    assert embs == sorted(p.name for p in (tmp_path / "prom" / "tavi.embeddings").iterdir())
+    for f in embs:
+        with safe_open(tmp_path / "direct" / "tavi.embeddings" / f, "pt") as a, \
+                safe_open(tmp_path / "prom" / "tavi.embeddings" / f, "pt") as b:
+            assert a.metadata() == b.metadata() and a.keys() == b.keys()
+            assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+    (e_d,), (e_p,) = (json.loads((tmp_path / d / "manifest.json").read_text())["concepts"] for d in ("direct", "prom"))
+    for k in ("loss_first", "loss_last", "seconds"):
+        e_d.pop(k)
+    assert e_p == e_d
+
+    assert run("prom", "--promote", str(snap)) == 2  # tavi.safetensors exists there now
+    assert run("other", "--promote", str(snap), "--steps", "2") == 2  # the plan would train 2 LoRA steps
+    assert not (tmp_path / "other" / "tavi.safetensors").exists()
+    assert run("seed", "--promote", str(snap), "--seed", "1") == 2
