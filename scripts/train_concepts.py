@@ -312,6 +312,7 @@ def promote(src: Path, e: dict, out: Path) -> Path:
     tensors and learned tokens, with the names a run of the plan writes (the file's title and the embeddings it
     points to). Refused unless the training recorded in the file is what the plan trains for ``e`` now, so the
     manifest keeps describing the files. ED-LoRA ``.pth`` files hold no names or training record: copied."""
+    import math
     import shutil
 
     from safetensors import safe_open
@@ -339,8 +340,13 @@ def promote(src: Path, e: dict, out: Path) -> Path:
     want = {"steps": e["steps"] + tw, "token_warmup": tw, "seed": e["seed"], "rank": e["rank"], "alpha": e["alpha"],
             "lr": e["lr"], "text_lr": e["text_lr"], "embedding_lr": e["embedding_lr"], "tokens": e["tokens"],
             "train_text_encoder": e.get("text_encoder_lora", True), "layerwise": False}
-    bad = [f"{k} {rec.get(k)!r} (plan: {v!r})" for k, v in want.items()
-           if (rec.get(k) != v if not isinstance(v, float) else abs(float(rec.get(k, "nan")) - v) > 1e-12 * abs(v))]
+
+    def same(have, v) -> bool:
+        if isinstance(v, float) and isinstance(have, (int, float)) and not isinstance(have, bool):
+            return math.isclose(have, v, rel_tol=1e-12)
+        return have == v
+
+    bad = [f"{k} {rec.get(k)!r} (plan: {v!r})" for k, v in want.items() if k not in rec or not same(rec[k], v)]
     if bad:
         raise ValueError(f"{src}: trained otherwise than the plan trains {e['name']}: " + "; ".join(bad))
     if "modelspec.title" in meta:
