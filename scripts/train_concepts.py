@@ -259,10 +259,9 @@ def bake_strength(out: Path, only=None) -> int:
     none), as training them with STRENGTH would have saved them; the manifest records the new strength. Each file
     is rewritten atomically: kohya files by their ``.alpha`` tensors (and ``loraclr.strength`` metadata), ED-LoRA
     files by their ``lora_up`` tensors (alpha is folded there). Returns 0, or 2 where nothing could be done."""
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from loraclr.io.safe import atomic_write, check_finite
+    from loraclr.io.safe import atomic_write, check_finite, read_safetensors
     from loraclr.io.write import kohya_network_value
 
     log = logging.getLogger("train_concepts")
@@ -274,9 +273,7 @@ def bake_strength(out: Path, only=None) -> int:
             continue
         path, factor = out / e["file"], want / have
         if e["format"] == "kohya":
-            with safe_open(path, "pt") as f:
-                meta = dict(f.metadata() or {})
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors, meta = read_safetensors(path)
             if "conv_alpha" in meta.get("ss_network_args", ""):
                 log.error("%s: conv alphas in ss_network_args are not rescaled; retrain %s to change its strength",
                           path, name)
@@ -315,10 +312,9 @@ def promote(src: Path, e: dict, out: Path) -> Path:
     import math
     import shutil
 
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from loraclr.io.safe import atomic_write, check_finite
+    from loraclr.io.safe import atomic_write, check_finite, read_safetensors
     from loraclr.io.write import embeddings_path
 
     dst = out / e["file"]
@@ -330,9 +326,7 @@ def promote(src: Path, e: dict, out: Path) -> Path:
         with atomic_write(dst) as tmp:
             shutil.copyfile(src, tmp)
         return dst
-    with safe_open(src, "pt") as f:
-        meta = dict(f.metadata() or {})
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors, meta = read_safetensors(src)
     rec = json.loads(meta.get("loraclr.training", "null") or "null")
     if rec is None:
         raise ValueError(f"{src}: no loraclr.training metadata; cannot check it against {e['name']}'s plan")
