@@ -25,6 +25,7 @@ import torch
 
 from loraclr.features.hooks import cross_attention_modules, layerwise_states
 from loraclr.features.text import AddedToken, TokenTable, add_tokens, encode, is_sdxl, plan_tokens
+from loraclr.regional import RegionalPlan
 
 log = logging.getLogger(__name__)
 
@@ -102,10 +103,11 @@ class Model:
     triggers: dict[str, str] = field(default_factory=dict)  # concept -> text to use in prompts
 
     def prompt(self, text: str) -> str:
-        """Replace ``{concept}`` placeholders by the concept's trigger text."""
+        """Replace ``{concept}`` placeholders by the concept's trigger text, and learned tokens written as in
+        their files (a recipe's ``<rubo1>``) by their names in this model."""
         for name, trig in self.triggers.items():
             text = text.replace("{" + name + "}", trig)
-        return text
+        return self.table.rewrite_originals(text)
 
 
 def is_merged_output(path: str | Path) -> bool:
@@ -215,6 +217,10 @@ def generate(
     out_dir: str | Path | None = None,
     grid: str | Path | None = None,
     progress: bool = True,
+    regions: RegionalPlan | None = None,
+    region_layers: list[dict] | None = None,
+    structure=None,
+    structure_image=None,
 ) -> list:
     """Images (PIL) for every prompt, ``n`` each, seeds ``seed, seed+1, ...`` per prompt.
 
@@ -222,7 +228,14 @@ def generate(
     loras: ``[(file, scale)]`` stacked naively on the base (or on the merged model).
     prompts may use ``{concept}`` placeholders of a merged output (replaced by the concept's trigger).
     out_dir: also save ``{i:03d}-{j}.png`` there; grid: save a grid (rows = prompts, columns = seeds).
+    regions: boxes with their own prompts, applied to every prompt (:mod:`loraclr.regional`); region_layers:
+    per region, LoRA layers used only in that region's pass (noise mode: the per-region own-LoRA reference).
+    structure: a :class:`loraclr.structure.Structure` (ControlNet / T2I-Adapter) with its condition image
+    ``structure_image``; without an image and with regions, the image is drawn from the regions' boxes
+    (:func:`loraclr.structure.layout_image`, what the built-in layout adapter reads).
     """
+    from loraclr.regional import check_plan, check_prompt, encode_regions, regional_sampling
+
     m = model if isinstance(model, Model) else load_model(model, loras)
     pipe = m.pipe
     pipe.set_progress_bar_config(disable=not progress)
@@ -230,6 +243,24 @@ def generate(
         side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         size = (side, side)
     height, width = size
+    if regions is not None:
+        check_plan(m, regions, size, prompts)
+    else:
+        for j, raw in enumerate(prompts):
+            check_prompt(m, raw, f"prompt {j + 1}")
+    runner, extra = pipe, {}
+    if structure is not None:
+        from loraclr.structure import check_compatible, layout_image, structure_kwargs, structure_pipeline
+
+        check_compatible(pipe, structure)
+        if structure_image is None:
+            if regions is None:
+                raise ValueError("a structure condition needs a condition image (or regions to draw a layout from)")
+            structure_image = layout_image([r.box for r in regions.regions], height, width)
+        runner = structure_pipeline(pipe, structure)
+        runner.set_progress_bar_config(disable=not progress)
+        extra = structure_kwargs(structure, structure_image, height, width)
+    encoded = encode_regions(m, regions.regions, region_layers, negative) if regions is not None else None
     images, rows = [], []
     for i, raw in enumerate(prompts):
         text = m.prompt(raw)
@@ -239,13 +270,17 @@ def generate(
             gen = torch.Generator().manual_seed(seed + j)
             kw: dict[str, Any] = dict(
                 prompt_embeds=states, negative_prompt=negative, guidance_scale=guidance,
-                num_inference_steps=steps, height=height, width=width, generator=gen,
+                num_inference_steps=steps, height=height, width=width, generator=gen, **extra,
             )
             if pooled is not None:
                 kw["pooled_prompt_embeds"] = pooled
-            ctx = layerwise_states(pipe.unet, per_layer) if per_layer is not None else contextlib.nullcontext()
-            with ctx:
-                image = pipe(**kw).images[0]
+            with contextlib.ExitStack() as stack:
+                if per_layer is not None:
+                    stack.enter_context(layerwise_states(pipe.unet, per_layer))
+                if regions is not None:
+                    stack.enter_context(regional_sampling(m, regions, encoded, size=size, steps=steps,
+                                                          guidance=guidance, region_layers=region_layers))
+                image = runner(**kw).images[0]
             row.append(image)
             if out_dir is not None:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)

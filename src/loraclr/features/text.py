@@ -109,6 +109,25 @@ class TokenTable:
                 text = _word_pattern(t.original).sub(t.name, text)
         return text
 
+    def rewrite_originals(self, text: str) -> str:
+        """Replace tokens written as their file names (a recipe's ``<rubo1>``) by their names in this model
+        (``<rubo-rubo1>``); a name that several concepts share cannot be told apart and is refused."""
+        owners: dict[str, set[str]] = {}
+        for t in self.tokens:
+            if t.original != t.name:
+                owners.setdefault(t.original, set()).add(t.concept)
+        for original, concepts in owners.items():
+            pattern = _word_pattern(original)
+            if not pattern.search(text):
+                continue
+            if len(concepts) > 1:
+                raise ValueError(f"{original!r} is a token of several concepts ({', '.join(sorted(concepts))}); "
+                                 "write {concept} or the merged token names instead")
+            concept = next(iter(concepts))
+            text = pattern.sub(lambda _m, c=concept, o=original: next(
+                t.name for t in self.tokens if t.concept == c and t.original == o), text)
+        return text
+
     def learned_tokens(self) -> list[LearnedToken]:
         """The added tokens as :class:`LearnedToken` (new names), for writing an embedding file."""
         return [LearnedToken(name=t.name, embeddings=dict(t.embeddings), layerwise=t.layerwise) for t in self.tokens]
