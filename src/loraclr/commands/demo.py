@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from loraclr.runtime import add_runtime_arguments, apply_runtime
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out); must be empty or new")
@@ -26,9 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, help="first seed")
     p.add_argument("--evaluators", metavar="DIR", help="folder of world evaluator weights (default: built-in)")
-    # One thread by default: measured on the 2-core machine under load (load average 8), a quick-LoRA step took
-    # 1.3-1.6 s with one thread and 4-8 s with torch's default of two; one quiet core runs the demo in ~4 min.
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1; 0 = torch's choice)")
+    # --threads defaults to the free cores: on a loaded machine more threads than free cores slow every step
+    add_runtime_arguments(p, precision_help="here the quick LoRAs' training (default: auto)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
@@ -56,12 +57,7 @@ def run(args) -> int:
     _quiet_libraries()
     if getattr(args, "verbose", 0) < 1:
         logging.getLogger("loraclr.pipeline").setLevel(logging.WARNING)
-    if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    apply_runtime(args)
     config = DemoConfig(base=args.base, manifest=args.manifest, concepts=_names(args.concepts),
                         methods=_names(args.methods))
     changes = {"n_prompts": args.prompts, "seeds": args.seeds, "n_pairs": args.pairs, "n_triples": args.triples,

@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from loraclr.runtime import PRECISION_NAMES, add_runtime_arguments, apply_runtime
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML/JSON, or the official LoRACLR concept JSON list")
@@ -22,12 +24,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help="sampling steps of the spatial feature run")
     p.add_argument("--resolution", type=int, help="image side of the spatial feature run, in pixels")
     p.add_argument("--seed", type=int, help="seed of the spatial feature run")
-    p.add_argument("--precision", choices=("float32", "bfloat16", "float16"), help="feature-run precision")
     p.add_argument("--max-rows", type=int, help="rows kept per layer and concept (0 = all)")
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="allow .pt/.pth/.ckpt LoRA files (loaded weights-only)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    add_runtime_arguments(p, precision_default=None,
+                          precision_help="here the spatial feature run's (default: the recipe's features.precision, "
+                                         "float32 unless it says otherwise)")
 
 
 def quiet_libraries() -> None:
@@ -64,7 +68,7 @@ def build_recipe(args):
         method_changes["mode"] = args.mode
     changes = {
         "method.name": args.method, "output.rank": args.rank, "features.steps": args.steps,
-        "features.resolution": args.resolution, "features.seed": args.seed, "features.precision": args.precision,
+        "features.resolution": args.resolution, "features.seed": args.seed,
         "features.max_rows": args.max_rows, "allow_pickle": args.allow_pickle,
     }
     if args.method and args.method != recipe.method.name:
@@ -79,7 +83,10 @@ def run(args) -> int:
 
     if getattr(args, "quiet", False):
         quiet_libraries()
+    runtime = apply_runtime(args)
     recipe = build_recipe(args)
+    if runtime["precision"] is not None:
+        recipe = recipe.replace(**{"features.precision": PRECISION_NAMES[runtime["precision"]]})
     summary = merge(recipe, args.out, progress=not getattr(args, "quiet", False), overwrite=args.overwrite)
     out = {
         "out": str(summary.out_dir), "method": summary.method, "layers": summary.n_layers,

@@ -10,6 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from loraclr.runtime import add_runtime_arguments, apply_runtime
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -54,10 +56,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also save the LoRA after K of --steps (above --token-warmup) as STEM-sK beside --out: "
                         "what a K-step run would write, from one run (the learning rate is constant after warm-up)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-autocast", action="store_true", help="fp32 instead of bf16 autocast")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu",
                    help="where the LoRA trains: cpu (default), cuda, cuda:1 ... (data and files stay on the CPU)")
+    add_runtime_arguments(p, precision_help="of the model forward on --device (default: auto)")
+    # the flag of earlier versions, kept so that scripts using it still run
+    p.add_argument("--no-autocast", dest="precision", action="store_const", const="fp32", help=argparse.SUPPRESS)
 
 
 def run(args) -> int:
@@ -67,8 +70,7 @@ def run(args) -> int:
     from loraclr.training import TrainConfig, check_save_path, save_trained, snapshot_path, train_lora
     from loraclr.training import data as D
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    runtime = apply_runtime(args)
     out = Path(args.out)
     fmt = args.format or ("edlora" if args.edlora else "kohya")
     if fmt == "edlora" and not args.edlora:
@@ -109,7 +111,7 @@ def run(args) -> int:
         train_text_encoder=not args.no_text_encoder, steps=args.steps, batch=args.batch,
         prior_batch=args.prior_batch, prior_weight=args.prior_weight, lr=args.lr, text_lr=args.text_lr,
         embedding_lr=args.embedding_lr, tokens=tokens, layerwise=args.edlora, init_word=args.init_word,
-        seed=args.seed, autocast=not args.no_autocast, token_warmup=args.token_warmup,
+        seed=args.seed, autocast=runtime["precision"] == torch.bfloat16, token_warmup=args.token_warmup,
     )
     snapshots = []
 

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from loraclr.lora import LearnedToken, LoraLayer, LoraSet
+from loraclr.runtime import choose_precision, cpu_has_native_bf16
 from loraclr.training.data import ConceptData
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,9 @@ class TrainConfig:
     layerwise: bool = False  # ED-LoRA layer-wise tokens (one embedding per cross-attention layer)
     init_word: str = "creature"  # learned tokens start from this word's embedding
     seed: int = 0
-    autocast: bool = True  # bf16 autocast for the model forward (fp32 master weights and loss)
+    # bf16 autocast for the model forward (fp32 master weights and loss); None: where the training device computes
+    # bf16 natively (loraclr.runtime.choose_precision), since emulated bf16 is many times slower than fp32
+    autocast: bool | None = None
 
     def __post_init__(self) -> None:
         if self.targets not in ("attn", "kohya"):
@@ -240,6 +243,11 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
         raise ValueError(f"snapshots {bad}: each must be above token_warmup={cfg.token_warmup} (the LoRA trains "
                          f"from there) and below steps={cfg.steps} (the run's own result)")
     dev = resolve_device(device)
+    if cfg.autocast is None:  # the result's config (and the file's record) says what ran
+        cfg = dataclasses.replace(cfg, autocast=choose_precision(None, dev) == torch.bfloat16)
+    elif cfg.autocast and dev.type == "cpu" and not cpu_has_native_bf16():
+        log.warning("bf16 autocast on a CPU without AVX512-BF16 or AMX is emulated and many times slower than "
+                    "fp32; train with autocast=False (CLI: --precision fp32)")
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
