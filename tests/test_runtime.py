@@ -1,9 +1,10 @@
-"""loraclr.runtime: the precision and thread choices the commands share, and their flags."""
+"""loraclr.runtime: the precision and thread choices the commands share, their flags, and --quiet."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import warnings
 
 import pytest
 import torch
@@ -105,3 +106,22 @@ def test_flags_parse_and_apply(monkeypatch):
     runtime.add_runtime_arguments(p, precision_default=None, precision_help="the recipe's otherwise")
     assert runtime.apply_runtime(p.parse_args(["--threads", "1"])) == {"threads": 1, "precision": None}
 
+
+def test_quiet_silences_the_libraries_but_not_loraclr():
+    import diffusers
+    import transformers
+
+    levels = transformers.utils.logging.get_verbosity(), diffusers.utils.logging.get_verbosity()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runtime.quiet_libraries()
+            for module in ("transformers.image_processing_utils", "diffusers.models.modeling_utils",
+                           "loraclr.merging"):
+                warnings.warn_explicit(f"notice from {module}", UserWarning, "x.py", 1, module=module)
+        assert [str(w.message) for w in caught] == ["notice from loraclr.merging"]
+        assert transformers.utils.logging.get_verbosity() == logging.ERROR
+        assert diffusers.utils.logging.get_verbosity() == logging.ERROR
+    finally:
+        transformers.utils.logging.set_verbosity(levels[0])
+        diffusers.utils.logging.set_verbosity(levels[1])

@@ -14,6 +14,7 @@ import argparse
 import functools
 import logging
 import os
+import warnings
 
 import torch
 
@@ -165,3 +166,27 @@ def apply_runtime(args: argparse.Namespace) -> dict:
                 "; this CPU has no AVX512-BF16 or AMX, so bf16 is emulated and much slower than fp32" if slow else "")
     return {"threads": threads, "precision": precision}
 
+
+# the libraries whose own logging and warnings --quiet silences (loraclr's warnings still show)
+QUIET_LIBRARIES = ("diffusers", "transformers", "huggingface_hub", "torchvision")
+
+
+def quiet_libraries(notices: bool = True) -> None:
+    """No progress bars from the model libraries' loading and saving; with ``notices`` (--quiet) also none of
+    their log notices or Python warnings (embedding resizes, image-processor fallbacks, deprecations), so a
+    quiet run prints its result and loraclr's own warnings only."""
+    # imported here, not at the top: loading them takes seconds, and --help or a bad flag should not wait
+    import diffusers
+    import huggingface_hub
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    if not notices:
+        return
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    huggingface_hub.utils.logging.set_verbosity_error()
+    for name in QUIET_LIBRARIES:
+        warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")

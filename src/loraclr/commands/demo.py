@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from loraclr.runtime import add_runtime_arguments, apply_runtime
+from loraclr.runtime import add_runtime_arguments, apply_runtime, quiet_libraries
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,21 +30,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--evaluators", metavar="DIR", help="folder of world evaluator weights (default: built-in)")
     # --threads defaults to the free cores: on a loaded machine more threads than free cores slow every step
     add_runtime_arguments(p, precision_help="here the quick LoRAs' training (default: auto)")
-    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars, no notices from the model libraries")
 
 
 def _names(text: str | None) -> tuple[str, ...]:
     return tuple(x.strip() for x in (text or "").split(",") if x.strip())
-
-
-def _quiet_libraries() -> None:
-    import diffusers
-    import huggingface_hub
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def run(args) -> int:
@@ -54,7 +45,7 @@ def run(args) -> int:
 
     quiet = getattr(args, "quiet", False)
     # the demo's own bars show progress; per-model loading bars and a log line per image would bury them
-    _quiet_libraries()
+    quiet_libraries(notices=quiet)
     if getattr(args, "verbose", 0) < 1:
         logging.getLogger("loraclr.pipeline").setLevel(logging.WARNING)
     apply_runtime(args)

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from loraclr.runtime import PRECISION_NAMES, add_runtime_arguments, apply_runtime
+from loraclr.runtime import PRECISION_NAMES, add_runtime_arguments, apply_runtime, quiet_libraries
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,21 +28,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="allow .pt/.pth/.ckpt LoRA files (loaded weights-only)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no progress bars, no notices from the model libraries")
     add_runtime_arguments(p, precision_default=None,
                           precision_help="here the spatial feature run's (default: the recipe's features.precision, "
                                          "float32 unless it says otherwise)")
-
-
-def quiet_libraries() -> None:
-    """--quiet: no loading / writing progress bars from diffusers, transformers and huggingface_hub either."""
-    import diffusers
-    import huggingface_hub
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
 
 
 def _parse_sets(items: list[str]) -> dict:

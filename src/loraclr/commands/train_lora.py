@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from loraclr.runtime import add_runtime_arguments, apply_runtime
+from loraclr.runtime import add_runtime_arguments, apply_runtime, quiet_libraries
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_runtime_arguments(p, precision_help="of the model forward on --device (default: auto)")
     # the flag of earlier versions, kept so that scripts using it still run
     p.add_argument("--no-autocast", dest="precision", action="store_const", const="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no notices from the model libraries")
 
 
 def run(args) -> int:
@@ -70,6 +72,8 @@ def run(args) -> int:
     from loraclr.training import TrainConfig, check_save_path, save_trained, snapshot_path, train_lora
     from loraclr.training import data as D
 
+    quiet = getattr(args, "quiet", False)
+    quiet_libraries(notices=quiet)
     runtime = apply_runtime(args)
     out = Path(args.out)
     fmt = args.format or ("edlora" if args.edlora else "kohya")
