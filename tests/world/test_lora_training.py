@@ -284,3 +284,34 @@ def test_cli_checks_the_output_before_training(tmp_path, monkeypatch, capsys):
     assert "does not exist; create it first" in capsys.readouterr().err
     assert main(["train-lora", "--world-identity", "rubo", "--edlora", "-o", str(tmp_path / "x.safetensors")]) != 0
     assert "name it *.pth" in capsys.readouterr().err
+
+
+def test_cli_shows_progress_and_picks_fp32_where_bf16_is_emulated(tmp_path, pipe, data, capsys, monkeypatch):
+    """train-lora shows a progress bar with steps/s and the time left from the first step (none with --quiet),
+    and by default trains in fp32 on a CPU that would only emulate bf16."""
+    import re
+
+    import loraclr.runtime
+    from loraclr.cli import main
+
+    monkeypatch.setattr(loraclr.runtime, "cpu_has_native_bf16", lambda: False)
+    loraclr.runtime._auto_precision.cache_clear()
+    base = tmp_path / "base"
+    pipe.save_pretrained(str(base))
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, (im, cap) in enumerate(zip(data.images[:2], data.captions[:2], strict=True)):
+        Image.fromarray(im).save(imgs / f"{i}.png")
+        (imgs / f"{i}.txt").write_text(cap, encoding="utf-8")
+    argv = ["train-lora", "--images", str(imgs), "--base", str(base), "--steps", "3", "--batch", "1", "--rank", "1",
+            "--trigger", "rubox", "--threads", "1", "--no-text-encoder"]
+    try:
+        assert main([*argv, "-o", str(tmp_path / "a.safetensors")]) == 0
+        err = capsys.readouterr().err
+        assert re.search(r"train a\.safetensors: 100%.*3/3 \[[0-9:]+<[0-9:]+, +[0-9.]+(step/s|s/step)", err), err
+        assert load_lora(tmp_path / "a.safetensors").metadata["ss_mixed_precision"] == "no"  # auto: fp32 here
+        assert main([*argv, "-o", str(tmp_path / "b.safetensors"), "--quiet"]) == 0
+        assert "3/3" not in capsys.readouterr().err
+    finally:
+        loraclr.runtime._auto_precision.cache_clear()
+        loraclr.runtime._command_line_precision = None

@@ -62,11 +62,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     # the flag of earlier versions, kept so that scripts using it still run
     p.add_argument("--no-autocast", dest="precision", action="store_const", const="fp32", help=argparse.SUPPRESS)
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
-                   help="no notices from the model libraries")
+                   help="no progress bar, no notices from the model libraries")
 
 
 def run(args) -> int:
     import torch
+    from tqdm.auto import tqdm
 
     from loraclr.pipeline import family_of, load_base
     from loraclr.training import TrainConfig, check_save_path, save_trained, snapshot_path, train_lora
@@ -123,7 +124,14 @@ def run(args) -> int:
         path = snapshot_path(out, r.config.steps)
         snapshots.append(str(save_trained(r, path, format=fmt, family=family_of(pipe), trigger=trigger)))
 
-    result = train_lora(pipe, data, cfg, device=args.device, snapshots=args.snapshots, on_snapshot=snapshot)
+    # the bar shows steps/s and the time left from the first step; the trainer's own log lines would break it up
+    with tqdm(total=cfg.steps, desc=f"train {out.name}", unit="step", disable=quiet) as bar:
+        def advance(step: int, loss: float) -> None:
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+
+        result = train_lora(pipe, data, cfg, device=args.device, snapshots=args.snapshots, on_snapshot=snapshot,
+                            callback=advance, log_every=0)
     save_trained(result, out, format=fmt, family=family_of(pipe), trigger=trigger)
     summary = {"file": str(out), "format": fmt, "trigger": trigger, "tokens": list(tokens), "rank": cfg.rank,
                "alpha": cfg.alpha, "steps": cfg.steps, "seed": cfg.seed, "layers": len(result.layers),
