@@ -232,10 +232,11 @@ def _recipe(tmp: Path, name: str, **kw) -> Path:
         ("setting", {"method": {"name": "loraclr", "margn": 1}}, [], r"unknown setting\(s\) \['margn'\]"),
         ("trigger", {"concepts": [{"name": "a", "lora": "a.safetensors"}]}, [], "no trigger"),
         ("bases", {"concepts": [{"name": "a", "lora": "a.safetensors", "trigger": "sks"},
-                                {"name": "b", "lora": "xl.safetensors", "trigger": "zwx"}]}, [], "another base model"),
+                                {"name": "b", "lora": "xl.safetensors", "trigger": "zwx"}]}, [],
+         r"concepts\[1\] \(b\): .*xl.safetensors: the file is an sdxl LoRA \(.*\) but the base model is sd1"),
         ("bases2", {"concepts": [{"name": "a", "lora": "a.safetensors", "trigger": "sks"},
                                  {"name": "b", "lora": "xl_d.safetensors", "trigger": "zwx"}]}, [],
-         r"concepts\[1\] \(b\): .*the LoRA is for sdxl but the base model is sd1"),
+         r"concepts\[1\] \(b\): .*the file is not a sd1 LoRA: .*-> sdxl. Use a LoRA trained for sd1"),
         ("base", {"base": "nowhere"}, [], "base model not found"),
         ("inside", {}, ["inside"], "inside the input"),
         ("cli-method", {}, ["--method", "nonsense"], "unknown merge method 'nonsense'"),
@@ -293,3 +294,25 @@ def test_offsets_spilled_to_disk_merge_like_in_memory(tmp_path, tiny_sd1):
         assert torch.equal(p, q), name
     disk.offsets.close()
     assert not [p for p in (tmp_path / "spill").iterdir() if p.name.startswith("loraclr-offsets-")]
+
+
+@pytest.mark.parametrize("case, match", [("truncated", "the file is truncated or corrupt"),
+                                         ("nan", "non-finite values in lora_unet_")])
+def test_broken_lora_errors_do_not_blame_the_base_model(bad_setup, capsys, case, match):
+    """A truncated or NaN file is broken, not made for another model: no hint about base models."""
+    from safetensors.torch import load_file, save_file
+
+    tmp = bad_setup
+    src = tmp / "a.safetensors"
+    if case == "truncated":
+        (tmp / f"{case}.safetensors").write_bytes(src.read_bytes()[:-100])
+    else:
+        tensors = load_file(str(src))
+        key = next(k for k in tensors if k.endswith("lora_up.weight"))
+        tensors[key][0, 0] = float("nan")
+        save_file(tensors, str(tmp / f"{case}.safetensors"))
+    recipe = _recipe(tmp, f"{case}.yaml", concepts=[{"name": "a", "lora": f"{case}.safetensors", "trigger": "sks"}])
+    assert main(["merge", str(recipe), "-o", str(tmp / f"out-{case}"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "base model" not in err, err
+

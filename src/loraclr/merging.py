@@ -434,9 +434,10 @@ def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Pa
     for i, c in enumerate(recipe.concepts):
         at = f"{recipe.source or 'recipe'}: concepts[{i}] ({c.name})"
         try:
-            lora = load_lora(c.lora, allow_pickle=recipe.allow_pickle, unet_config=unet_config)
+            # family: the reader refuses a LoRA made for another family, naming the file's and the base's
+            lora = load_lora(c.lora, allow_pickle=recipe.allow_pickle, unet_config=unet_config, family=family)
         except ValueError as e:
-            raise ValueError(f"{at}: {e} (the base model is {family}: is the LoRA for another base model?)") from e
+            raise ValueError(f"{at}: {e}") from e
         if c.embeddings:
             lora.tokens = list(lora.tokens) + load_embeddings(c.embeddings, allow_pickle=recipe.allow_pickle)
         _check_lora_fits(pipe, lora, family, at)

@@ -179,6 +179,30 @@ def decide_family(evidence: list[tuple[str, str]], source: str, family: str | No
     return detected
 
 
+def _deciding_evidence(evidence: list[tuple[str, str]]) -> tuple[str, str] | None:
+    """(family, why) that :func:`decide_family` goes by: shapes and keys before metadata; None when nothing tells."""
+    deciding = [(f, why) for f, why in evidence if not _is_metadata(why)] or evidence
+    return deciding[0] if deciding else None
+
+
+def _family_mismatch(evidence: list[tuple[str, str]], family: str | None) -> str | None:
+    """'the file is an sdxl LoRA (why) but the base model is sd1: ...' when the file says it is for another
+    family than the base model's (``family``), else None."""
+    found = _deciding_evidence(evidence)
+    if family is None or found is None or found[0] == family:
+        return None
+    detected, why = found
+    return (f"the file is an {detected} LoRA ({why}) but the base model is {family}: use a LoRA trained for "
+            f"{family}, or an {detected} base model")
+
+
+def _unknown_keys_hint(evidence: list[tuple[str, str]]) -> str:
+    found = _deciding_evidence(evidence)
+    if found is None:
+        return "Is this a LoRA for Stable Diffusion 1.x/2.x/XL?"
+    return f"The file is an {found[0]} LoRA ({found[1]}); loraclr does not read these modules or layer types"
+
+
 # --- per-format parsers ---------------------------------------------------------------------------------------
 
 
@@ -465,16 +489,7 @@ def read_lora(
             fmt = "diffusers" if styles <= {"peft"} else "diffusers-legacy"
             if any(k.startswith("base_model.model.") for k in flat):
                 fmt = "peft"
-    if report.unknown_keys:
-        shown = ", ".join(report.unknown_keys[:8]) + (
-            f" and {len(report.unknown_keys) - 8} more" if len(report.unknown_keys) > 8 else "")
-        msg = f"unknown keys (not a module of an SD UNet / CLIP text encoder, or an unsupported layer type): {shown}"
-        if strict:
-            raise ValueError(f"{source}: {msg}. Is this a LoRA for Stable Diffusion 1.x/2.x/XL?")
-        report.warnings.append(msg)
-    if not layers and not tokens:
-        raise ValueError(f"{source}: no LoRA layers and no learned tokens found; not a LoRA or embedding file")
-
+    # the family evidence first: an error about unknown keys can then say which model the file is for
     shapes = {k: layer.weight_shape for k, layer in layers.items()}
     evidence = _layer_evidence(layers, shapes)
     if fmt == "kohya" and any(n.startswith(("lora_te1_", "lora_te2_")) for n in flat):
@@ -488,6 +503,19 @@ def read_lora(
             evidence.append(("sd1", f"token {t.name} is 768 wide with no second text encoder"))
     evidence += _metadata_evidence(meta)
     report.evidence = evidence
+    if report.unknown_keys:
+        shown = ", ".join(report.unknown_keys[:8]) + (
+            f" and {len(report.unknown_keys) - 8} more" if len(report.unknown_keys) > 8 else "")
+        msg = f"unknown keys (not a module of an SD UNet / CLIP text encoder, or an unsupported layer type): {shown}"
+        if strict:
+            mismatch = _family_mismatch(evidence, family)
+            if mismatch:  # the likely reason first; the whole key list would bury it
+                raise ValueError(f"{source}: {mismatch}; {len(report.unknown_keys)} of its keys name no module of "
+                                 f"the base model, e.g. {report.unknown_keys[0]}")
+            raise ValueError(f"{source}: {msg}. {_unknown_keys_hint(evidence)}")
+        report.warnings.append(msg)
+    if not layers and not tokens:
+        raise ValueError(f"{source}: no LoRA layers and no learned tokens found; not a LoRA or embedding file")
     fam = decide_family(evidence, source, family, report)
     _fit_real_shapes(layers, fam, source, evidence)
     for w in report.warnings:
