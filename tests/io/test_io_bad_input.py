@@ -184,3 +184,27 @@ def test_output_folder_holding_an_input_is_refused(tmp_path):
     with pytest.raises(ValueError, match="holds the input"):
         check_output_path(tmp_path, [src])
     assert src.exists()
+
+
+def test_files_written_into_a_folder_get_the_usual_mode(tmp_path):
+    """safetensors' save_file creates files 0600; an atomically written folder (a merged output, learned tokens
+    beside a LoRA) must be readable by the others it is shared with, like everything else."""
+    import stat
+
+    from loraclr.io import save_embeddings
+    from loraclr.lora import LearnedToken
+
+    old = os.umask(0o022)
+    try:
+        tokens = [LearnedToken(f"<t{i}>", {"text_encoder": torch.randn(1, 8)}) for i in range(2)]
+        written = save_embeddings(tokens, tmp_path / "embeddings", "a1111")
+        with atomic_write(tmp_path / "merged") as tmp:
+            (tmp / "pipeline" / "unet").mkdir(parents=True)
+            save_file({"w": torch.zeros(2)}, str(tmp / "pipeline" / "unet" / "model.safetensors"))
+    finally:
+        os.umask(old)
+    files = [*written, tmp_path / "merged" / "pipeline" / "unet" / "model.safetensors"]
+    assert len(files) == 3
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+

@@ -30,13 +30,24 @@ def _umask() -> int:
     return mask
 
 
+def _plain_modes(tmp: Path) -> None:
+    """Give every file written under ``tmp`` at least the mode a plain open() gives (0644 under umask 022):
+    safetensors' save_file, and so diffusers' save_pretrained, create files 0600 (through mkstemp)."""
+    readable = 0o666 & ~_umask()
+    files = [tmp] if tmp.is_file() else [p for p in tmp.rglob("*") if p.is_file() and not p.is_symlink()]
+    for f in files:
+        mode = f.stat().st_mode & 0o777
+        if mode | readable != mode:
+            os.chmod(f, mode | readable)
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder as ``path``; rename it onto ``path`` on success.
 
     On any error the temporary file (or folder) is removed and ``path`` is left as it was, so a crash or a
     bad input never leaves a half-written output. The caller may create a file or a directory at the
-    yielded path.
+    yielded path; every file in it ends up with the mode a plain open() gives.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -50,8 +61,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{path}: nothing was written")
-        if tmp.is_file():  # writers that go through mkstemp leave 0600; give it the mode a plain open() would
-            os.chmod(tmp, 0o666 & ~_umask())
+        _plain_modes(tmp)
         if path.is_dir() and tmp.is_dir():
             # os.replace cannot swap folders portably: move the old one aside first, then drop it.
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=parent))
