@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from loraclr.features.collect import (
+    SPILL_PREFIX,
     ConceptFeaturesInput,
     collect_cross_attention,
     collect_spatial,
@@ -48,6 +49,7 @@ from loraclr.features.collect import (
 )
 from loraclr.features.hooks import cross_attention_modules
 from loraclr.features.text import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
+from loraclr.io.safe import atomic_prefixes, owner_tag, sweep_stale
 from loraclr.lora import LoraLayer, LoraSet, split_key
 from loraclr.merge._common import all_finite, summed_deltas
 from loraclr.merge.api import LayerProblem
@@ -176,6 +178,9 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
+OFFSETS_PREFIX = "loraclr-offsets-"
+
+
 class OffsetStore(MutableMapping):
     """The solved offsets D (out, in) by layer key: in memory up to ``max_bytes`` in all, the rest in a
     temporary folder under ``parent`` (one safetensors file per layer, read back on access) that is removed
@@ -208,7 +213,7 @@ class OffsetStore(MutableMapping):
             if self._dir is None:
                 if self.parent is not None:
                     Path(self.parent).mkdir(parents=True, exist_ok=True)
-                self._dir = tempfile.TemporaryDirectory(prefix="loraclr-offsets-", dir=self.parent)
+                self._dir = tempfile.TemporaryDirectory(prefix=OFFSETS_PREFIX + owner_tag(), dir=self.parent)
             self._written += 1
             path = Path(self._dir.name) / f"{self._written:06d}.safetensors"
             save_file({"offset": value.detach().contiguous()}, str(path))
@@ -499,6 +504,8 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
     out_dir = Path(out_dir)
     recipe.validate()
     inputs = _check_inputs(recipe, out_dir, overwrite)
+    # what a killed merge left beside the output: spilled features and offsets, a half-written output
+    sweep_stale(out_dir.parent, (SPILL_PREFIX, OFFSETS_PREFIX, *atomic_prefixes(out_dir)))
     m = merge_model(recipe, progress=progress, spill_parent=out_dir.parent)
     try:
         return _write(recipe, out_dir, m, inputs)

@@ -208,3 +208,33 @@ def test_files_written_into_a_folder_get_the_usual_mode(tmp_path):
     for f in files:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
 
+
+def test_temporaries_of_a_killed_process_are_swept_by_the_next_write(tmp_path, caplog):
+    """What a killed write left beside its output (named with the host and pid) goes at the next write to the
+    same place; a live process's temporaries, another host's and unrelated files stay."""
+    import logging
+    import subprocess
+    import sys
+
+    from loraclr.io.safe import owner_tag
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    host = owner_tag().split(".")[0]
+    dead_tmp = tmp_path / f".out.safetensors.{host}.{gone.pid}.abc123.tmp"
+    dead_tmp.write_bytes(b"half")
+    dead_old = tmp_path / f".out.safetensors.old.{host}.{gone.pid}.xyz"
+    dead_old.mkdir()
+    (dead_old / "x").write_bytes(b"old")
+    kept = [tmp_path / f".out.safetensors.{owner_tag()}live.tmp",  # this process: still writing
+            tmp_path / f".out.safetensors.otherhost.{gone.pid}.def.tmp",  # another machine's, on a shared disk
+            tmp_path / f".other.safetensors.{host}.{gone.pid}.ghi.tmp",  # another output's
+            tmp_path / "notes.txt"]
+    for p in kept:
+        p.write_bytes(b"keep")
+    with caplog.at_level(logging.INFO, logger="loraclr.io.safe"), atomic_write(tmp_path / "out.safetensors") as tmp:
+        tmp.write_bytes(b"new")
+    assert not dead_tmp.exists() and not dead_old.exists()
+    assert all(p.exists() for p in kept)
+    assert (tmp_path / "out.safetensors").read_bytes() == b"new"
+    assert f"left behind by process {gone.pid} that is gone" in caplog.text and dead_tmp.name in caplog.text

@@ -32,6 +32,7 @@ from loraclr.features.hooks import (
     layerwise_states,
 )
 from loraclr.features.text import TokenTable, encode, is_sdxl, text_components, token_ids, trigger_positions
+from loraclr.io.safe import owner_tag
 from loraclr.lora import DenseDelta, Layer, LoraLayer, split_key
 from loraclr.merge.api import LayerProblem, LowRankDeltas
 from loraclr.models import find_module
@@ -389,10 +390,14 @@ def collect_spatial(
     return StageFeatures("spatial", keys, concepts, store, weights, shapes, versions)
 
 
+SPILL_PREFIX = "loraclr-features-"
+
+
 @contextlib.contextmanager
 def spill_directory(parent: str | Path | None = None) -> Iterator[Path]:
-    """A temporary folder for spilled features, removed afterwards."""
-    d = Path(tempfile.mkdtemp(prefix="loraclr-features-", dir=parent))
+    """A temporary folder for spilled features, removed afterwards (its name carries :func:`owner_tag`, so one
+    left by a killed run can be swept later)."""
+    d = Path(tempfile.mkdtemp(prefix=SPILL_PREFIX + owner_tag(), dir=parent))
     try:
         yield d
     finally:
@@ -405,6 +410,6 @@ def layer_shapes(model, keys) -> dict[str, tuple[int, ...]]:
 
 __all__ = [
     "ConceptFeaturesInput", "FeatureStore", "StageFeatures", "collect_text_encoder",
-    "collect_cross_attention", "collect_spatial", "conditioning", "sample_latents", "spill_directory",
+    "collect_cross_attention", "collect_spatial", "conditioning", "sample_latents", "spill_directory", "SPILL_PREFIX",
     "cross_attention_keys", "spatial_keys", "native_resolution", "spatial_resolution", "token_ids",
 ]

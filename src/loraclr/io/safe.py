@@ -9,7 +9,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -30,6 +32,60 @@ def _umask() -> int:
     return mask
 
 
+# --- temporary files that name their owner -----------------------------------------------------------------
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+
+
+def owner_tag() -> str:
+    """``HOST.PID.``: put into the names of temporary files and folders beside an output, so that a later run
+    can tell one left by a killed process (:func:`sweep_stale`) from one that a running process still writes."""
+    return f"{_host()}.{os.getpid()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(folder: str | os.PathLike, prefixes: tuple[str, ...]) -> list[Path]:
+    """Remove the entries of ``folder`` named ``PREFIX + HOST.PID.*`` (see :func:`owner_tag`) whose process on
+    this host is gone: what a killed run left behind. Entries of other hosts (a shared file system) and of
+    live processes stay. Returns what was removed; each is logged."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host = _host()
+    removed = []
+    for entry in folder.iterdir():
+        prefix = next((p for p in prefixes if entry.name.startswith(p)), None)
+        if prefix is None:
+            continue
+        m = re.match(r"([A-Za-z0-9]+)\.(\d+)\.", entry.name[len(prefix):])
+        if m is None or m.group(1) != host or _process_alive(int(m.group(2))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        if not entry.exists():
+            log.info("removed %s, left behind by process %s that is gone", entry, m.group(2))
+            removed.append(entry)
+    return removed
+
+
+def atomic_prefixes(path: Path) -> tuple[str, str]:
+    """Name prefixes of :func:`atomic_write`'s temporary output and of the old output it moves aside."""
+    return f".{path.name}.old.", f".{path.name}."
+
+
 def _plain_modes(tmp: Path) -> None:
     """Give every file written under ``tmp`` at least the mode a plain open() gives (0644 under umask 022):
     safetensors' save_file, and so diffusers' save_pretrained, create files 0600 (through mkstemp)."""
@@ -45,15 +101,18 @@ def _plain_modes(tmp: Path) -> None:
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the same folder as ``path``; rename it onto ``path`` on success.
 
-    On any error the temporary file (or folder) is removed and ``path`` is left as it was, so a crash or a
-    bad input never leaves a half-written output. The caller may create a file or a directory at the
+    On any error (Ctrl-C included) the temporary file (or folder) is removed and ``path`` is left as it was, so
+    a crash or a bad input never leaves a half-written output; what a killed process left beside ``path`` is
+    removed by the next write to it (:func:`sweep_stale`). The caller may create a file or a directory at the
     yielded path; every file in it ends up with the mode a plain open() gives.
     """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise FileNotFoundError(f"{path}: the output folder {parent} does not exist; create it first")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    old_prefix, tmp_prefix = atomic_prefixes(path)
+    sweep_stale(parent, (old_prefix, tmp_prefix))
+    fd, tmp_name = tempfile.mkstemp(prefix=tmp_prefix + owner_tag(), suffix=".tmp", dir=parent)
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()  # the caller creates it (as a file or a folder)
@@ -64,7 +123,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         _plain_modes(tmp)
         if path.is_dir() and tmp.is_dir():
             # os.replace cannot swap folders portably: move the old one aside first, then drop it.
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=parent))
+            old = Path(tempfile.mkdtemp(prefix=old_prefix + owner_tag(), dir=parent))
             old.rmdir()
             os.replace(path, old)
             os.replace(tmp, path)
