@@ -394,3 +394,26 @@ def test_factorize_energy_still_exact():
     assert err == pytest.approx(float(e[want:].sum().sqrt() / e.sum().sqrt()), rel=1e-3)
     layer, _ = factorize(w, rank=want - 2, energy=0.9)  # both given: the smaller rank
     assert layer.rank == want - 2
+
+
+@pytest.mark.parametrize("fmt", ["kohya", "diffusers"])
+def test_merged_from_records_file_names_and_hashes_not_paths(tmp_path, fmt):
+    """A merged LoRA travels: its metadata names its inputs by file name and sha256 (as kohya's model hashes
+    identify a file), never by the path where someone keeps them."""
+    import hashlib
+
+    layer = {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
+             LoraLayer(torch.randn(2, 4), torch.randn(4, 2), 2.0)}
+    inputs = []
+    for i in range(2):
+        inputs.append(tmp_path / "private" / f"concept{i}.safetensors")
+        inputs[-1].parent.mkdir(exist_ok=True)
+        save_lora(layer, inputs[-1], format="kohya", family="sd1", metadata={"n": i})
+    save_lora(layer, tmp_path / "merged.safetensors", format=fmt, family="sd1", merged_from=[str(p) for p in inputs])
+    meta = load_lora(tmp_path / "merged.safetensors").metadata
+    want = [{"file": p.name, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()} for p in inputs]
+    assert json.loads(meta["loraclr.merged_from"]) == want
+    assert want[0]["sha256"] != want[1]["sha256"]
+    if fmt == "kohya":
+        assert meta["modelspec.merged_from"] == "concept0.safetensors, concept1.safetensors"
+    assert "private" not in json.dumps(meta)

@@ -8,6 +8,8 @@ of each layer is reported. LoraLayer inputs are written as they are (bit-exact).
 from __future__ import annotations
 
 import collections
+import functools
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -190,9 +192,34 @@ def kohya_metadata(layers: dict[str, LoraLayer], family: str, title: str, merged
         meta["ss_network_args"] = json.dumps({"conv_dim": kohya_number(_common([c.rank for c in conv])),
                                               "conv_alpha": kohya_number(_common([c.alpha for c in conv]))})
     if merged_from:
-        meta["modelspec.merged_from"] = ", ".join(merged_from)
-        meta["loraclr.merged_from"] = json.dumps(list(merged_from))
+        sources = merged_from_record(merged_from)
+        meta["modelspec.merged_from"] = ", ".join(s["file"] for s in sources)
+        meta["loraclr.merged_from"] = json.dumps(sources)
     return meta
+
+
+@functools.cache
+def _file_sha256(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes (size and mtime in the cache key: a rewritten file is hashed again)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def merged_from_record(paths: list[str | Path]) -> list[dict[str, str]]:
+    """What a merged LoRA records of its inputs: file name and sha256 of the file's bytes (as kohya's
+    ``sshs_model_hash`` identifies a model), never the path, which says where someone keeps their files."""
+    out = []
+    for p in paths:
+        p = Path(p)
+        entry = {"file": p.name}
+        if p.is_file():
+            st = p.stat()
+            entry["sha256"] = _file_sha256(p.resolve(), st.st_size, st.st_mtime_ns)
+        out.append(entry)
+    return out
 
 
 def embeddings_path(path: Path, format: str) -> Path:
@@ -212,7 +239,7 @@ def save_lora(
     energy: float | None = None,
     tokens: list[LearnedToken] | None = None,
     metadata: dict | None = None,
-    merged_from: list[str] | None = None,
+    merged_from: list[str | Path] | None = None,
     unet_config: dict | None = None,
 ) -> dict[str, dict[str, float]]:
     """Write layers as a kohya or diffusers LoRA file, atomically; returns {key: {"rank", "rel_error"}}.
@@ -221,8 +248,9 @@ def save_lora(
     LoraLayers are written unchanged. kohya files get SD1 diffusers-style names or SDXL SGM names and the
     ``ss_*`` / ``modelspec.*`` metadata that A1111 and ComfyUI use to list a LoRA under the right base;
     diffusers files keep per-layer alphas in ``lora_adapter_metadata`` (PEFT rank/alpha patterns).
-    Learned tokens go to an embedding file beside the LoRA (:func:`embeddings_path`). Nothing is written if
-    any layer is invalid or non-finite.
+    Learned tokens go to an embedding file beside the LoRA (:func:`embeddings_path`). ``merged_from``: the
+    input files of a merge, which the output may not replace; the metadata records their names and sha256
+    (:func:`merged_from_record`). Nothing is written if any layer is invalid or non-finite.
     """
     path = Path(path)
     if format not in ("kohya", "diffusers"):
@@ -247,7 +275,7 @@ def save_lora(
         meta = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True),
                 "modelspec.architecture": ARCHITECTURE[family]}
         if merged_from:
-            meta["loraclr.merged_from"] = json.dumps(list(merged_from))
+            meta["loraclr.merged_from"] = json.dumps(merged_from_record(merged_from))
     meta.update({str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()})
     check_finite(tensors, str(path))
     if tokens:
