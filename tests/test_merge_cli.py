@@ -316,3 +316,83 @@ def test_broken_lora_errors_do_not_blame_the_base_model(bad_setup, capsys, case,
     err = capsys.readouterr().err
     assert match in err and "base model" not in err, err
 
+
+def _planted_leftovers(folder: Path, out_name: str) -> list[Path]:
+    """Temporaries as a merge killed with SIGKILL leaves them (named with this host and a finished pid)."""
+    import subprocess
+
+    from loraclr.io.safe import owner_tag
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    tag = f"{owner_tag().split('.')[0]}.{gone.pid}."
+    planted = [folder / f"loraclr-features-{tag}a1", folder / f"loraclr-offsets-{tag}b2",
+               folder / f".{out_name}.{tag}c3.tmp"]
+    for p in planted:
+        (p / "sub").mkdir(parents=True)
+        (p / "sub" / "x.safetensors").write_bytes(b"spilled")
+    return planted
+
+
+def test_interrupted_merge_exits_130_and_the_next_run_sweeps_and_records_names(tmp_path, tiny_sd1, capsys,
+                                                                                monkeypatch, caplog):
+    """Ctrl-C: exit 130, one line, nothing left behind. A run after a killed one removes what that left beside
+    the output. The merged LoRA names its inputs by file name and sha256, not by path, and every file of the
+    output is readable by others (mode 0644 under umask 022)."""
+    import hashlib
+    import logging
+    import os
+    import stat
+
+    import loraclr.merging
+    from loraclr.io import load_lora
+
+    recipe, _ = _setup(tmp_path, tiny_sd1, "sd1", method="lstsq")
+    capsys.readouterr()  # the set-up's own saving bars
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out"
+
+    def interrupted(pipe, concepts, table, settings, update, spill_dir):
+        assert spill_dir.is_dir() and spill_dir.parent == tmp_path
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(loraclr.merging, "collect_spatial", interrupted)
+        assert main(["merge", str(recipe), "-o", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err == "loraclr merge: interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # spill folder gone, no output
+
+    original_export = loraclr.merging._export
+
+    def interrupted_export(tmp, *args, **kw):
+        original_export(tmp, *args, **kw)
+        raise KeyboardInterrupt  # everything written into the temporary output, not yet renamed
+
+    with monkeypatch.context() as m:
+        m.setattr(loraclr.merging, "_export", interrupted_export)
+        assert main(["merge", str(recipe), "-o", str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err == "loraclr merge: interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+    planted = _planted_leftovers(tmp_path, out.name)
+    umask = os.umask(0o022)
+    try:
+        with caplog.at_level(logging.INFO, logger="loraclr.io.safe"):
+            assert main(["merge", str(recipe), "-o", str(out), "--quiet"]) == 0
+    finally:
+        os.umask(umask)
+    assert not any(p.exists() for p in planted)
+    assert all(f"removed {p}" in caplog.text for p in planted), caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "out"])
+
+    want = [{"file": f"c{i}.safetensors",
+             "sha256": hashlib.sha256((tmp_path / f"c{i}.safetensors").read_bytes()).hexdigest()} for i in range(3)]
+    for fmt in ("kohya", "diffusers"):
+        meta = load_lora(out / f"merged_lora_{fmt}.safetensors").metadata
+        assert json.loads(meta["loraclr.merged_from"]) == want
+        assert str(tmp_path) not in json.dumps(meta)
+    assert load_lora(out / "merged_lora_kohya.safetensors").metadata["modelspec.merged_from"] == \
+        "c0.safetensors, c1.safetensors, c2.safetensors"
+    for f in out.rglob("*"):
+        if f.is_file():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

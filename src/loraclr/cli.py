@@ -68,6 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"loraclr {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: the writers' cleanup ran as the exception unwound (atomic writes, spill folders); one line and
+        # the shell's code for SIGINT, no traceback
+        if args.verbose >= 2:
+            raise
+        print(f"loraclr {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
