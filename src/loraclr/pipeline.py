@@ -15,6 +15,7 @@ that are not cross-attention; there are none in SD). Plain diffusers cannot do t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass, field
@@ -143,21 +144,34 @@ def parse_lora_arg(text: str) -> tuple[str, float]:
 def load_with_loras(base: str, loras: list[tuple[str, float]], *, allow_pickle: bool = False,
                     config: str | None = None, dtype: torch.dtype = torch.float32) -> Model:
     """Base model with LoRAs stacked naively: every delta is added (scale * dW) into the weights."""
-    from loraclr.io import load_lora
     from loraclr.io.checkpoint import fuse_deltas
+
+    model, layers = load_separate(base, loras, allow_pickle=allow_pickle, config=config, dtype=dtype)
+    summed: dict[str, torch.Tensor] = {}
+    for per_lora in layers:
+        for key, layer in per_lora.items():
+            d = layer.delta(torch.float32)
+            summed[key] = summed[key] + d if key in summed else d
+    fuse_deltas(model.pipe, summed)
+    return model
+
+
+def load_separate(base: str, loras: list[tuple[str, float]], *, allow_pickle: bool = False,
+                  config: str | None = None, dtype: torch.dtype = torch.float32) -> tuple[Model, list[dict]]:
+    """The base model with every LoRA's learned tokens added but no weight changed, and each LoRA's layers
+    (canonical key -> layer, scaled): for applying one LoRA at a time (the per-region own-LoRA reference)."""
+    from loraclr.io import load_lora
 
     for f, _ in loras:
         if not Path(f).is_file():
             raise FileNotFoundError(f"{f}: LoRA file not found")
     pipe = load_base(base, config=config, dtype=dtype)
     n_layers = len(cross_attention_modules(pipe.unet))
-    summed: dict[str, torch.Tensor] = {}
     tokens: list[AddedToken] = []
+    layers: list[dict] = []
     for f, scale in loras:
         lora = load_lora(f, allow_pickle=allow_pickle, unet_config=dict(pipe.unet.config))
-        for key, layer in lora.layers.items():
-            d = layer.delta(torch.float32) * scale
-            summed[key] = summed[key] + d if key in summed else d
+        layers.append({key: _scaled(layer, scale) for key, layer in lora.layers.items()})
         planned = plan_tokens(Path(f).stem, lora.tokens, n_layers, source=f)
         for t in planned:
             t.name = t.original if t.original.startswith("<") else f"<{t.original}>"
@@ -165,11 +179,21 @@ def load_with_loras(base: str, loras: list[tuple[str, float]], *, allow_pickle: 
                 raise ValueError(f"{f}: token {t.original!r} is also in another LoRA; naive stacking cannot "
                                  "tell them apart (merge them with `loraclr merge` instead)")
         tokens.extend(planned)
-    fuse_deltas(pipe, summed)
     table = TokenTable(tokens, n_layers=n_layers)
     if tokens:
         add_tokens(pipe, table)
-    return Model(pipe, table)
+    return Model(pipe, table), layers
+
+
+def _scaled(layer, scale: float):
+    """``scale * dW`` as a layer of the same kind (a LoRA stays factored: the scale goes into its up factor)."""
+    from loraclr.lora import DenseDelta, LoraLayer
+
+    if scale == 1.0:
+        return layer
+    if isinstance(layer, LoraLayer):
+        return dataclasses.replace(layer, up=layer.up * scale)
+    return DenseDelta(layer.delta(torch.float32) * scale)
 
 
 def load_model(model: str | Path, loras: list[tuple[str, float]] | None = None, **kw) -> Model:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,3 +114,36 @@ def test_cli_evaluate_own_edlora_needs_allow_pickle(tiny_model, tiny_clip, tmp_p
     assert main(args + ["--allow-pickle", "--json", str(out)]) == 0
     (res,) = json.loads(out.read_text())["results"]
     assert res["overall"]["text"]["n"] == 1
+
+
+def test_cli_evaluate_regions_and_the_per_region_reference(tiny_model, tiny_clip, tmp_path, capsys):
+    """--regions draws the multi suite with each character in its scoring box; --own-loras --suite multi
+    --regions noise draws each region with its own concept's LoRA alone."""
+    from loraclr.io import save_lora
+    from loraclr.pipeline import load_base
+
+    pipe = load_base(str(tiny_model))
+    sys.path.insert(0, str(Path(__file__).parents[1] / "features"))
+    from lora_factory import random_loraset
+
+    concepts = []
+    for i, n in enumerate(("rubo", "tavi")):
+        f = tmp_path / f"{n}.safetensors"
+        save_lora(random_loraset(pipe, seed=i, scale=0.2).layers, f, format="kohya", family="sd1")
+        concepts.append({"name": n, "kind": "identity", "identity": n, "style": None, "trigger": f"zq{n}",
+                         "file": str(f), "format": "kohya"})
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"base": "mini", "concepts": concepts}))
+    common = ["-q", "evaluate", str(tiny_model), "--manifest", str(manifest), "--suite", "multi", "--pairs", "1",
+              "--triples", "0", "--seeds", "1", "--steps", "2", "--clip", str(tiny_clip)]
+    for extra in (["--regions", "attention", "--region-start", "0.5"], ["--own-loras", "--regions", "noise"]):
+        out = tmp_path / "res.json"
+        assert main([*common, *extra, "--json", str(out)]) == 0
+        (res,) = json.loads(out.read_text())["results"]
+        assert res["settings"]["regions"] == extra[extra.index("--regions") + 1]
+        assert len(res["images"]) == 1 and "leakage" in res["overall"]
+    assert main([*common, "--own-loras"]) == 2
+    assert "needs --regions noise" in capsys.readouterr().err
+    assert main([*common, "--own-loras", "--regions", "attention"]) == 2
+    assert main([*common[:-8], "--suite", "single", "--regions", "noise"]) == 2
+    assert "applies to the multi suite" in capsys.readouterr().err

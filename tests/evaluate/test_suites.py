@@ -117,3 +117,53 @@ def test_suites_separate_a_perfect_model_from_a_wrong_one(manifest, tmp_path):
     table = to_markdown(good)
     assert "| rubo |" in table and "multi-concept suite" in table
     json.dumps(good)  # results are plain JSON
+
+
+class RegionalRenderSource(RenderSource):
+    """Records the regional plans it is given; ``swap``: draws the characters in reversed slots."""
+
+    def __init__(self, specs, swap: bool = False):
+        super().__init__(specs)
+        self.swap, self.calls = swap, []
+
+    def __call__(self, prompt, seeds, regions=None, concepts=()):
+        self.calls.append((prompt, regions, concepts))
+        if self.swap:
+            by = {s.name: s for s in self.specs}
+            a, b = (by[c].trigger for c in concepts[:2])
+            prompt = prompt.replace(a, "\0").replace(b, a).replace("\0", b)
+        return super().__call__(prompt, seeds)
+
+
+def test_regional_multi_suite_binds_each_concept_to_its_scoring_region(manifest):
+    from loraclr.evaluate import regions as R
+
+    torch.set_num_threads(1)
+    specs = C.load_manifest(manifest)
+    ev = load_world_evaluator()
+    src = RegionalRenderSource(specs)
+    res = run_suite(src, specs, ev, "multi", regions="attention", region_start=0.3, n_pairs=2, n_triples=1,
+                    seeds=1, progress=False)
+    assert res["settings"]["regions"] == "attention" and res["settings"]["region_start"] == 0.3
+    triggers = {s.name: s.trigger for s in specs}
+    for prompt, plan, concepts in src.calls:
+        n = len(concepts)
+        assert plan.mode == "attention" and plan.start == 0.3
+        assert [r.box for r in plan.regions] == [R.region(n, slot) for slot in R.slots_for(n)]
+        for region, c in zip(plan.regions, concepts, strict=True):
+            assert triggers[c] in region.prompt and triggers[c] in prompt
+            assert not any(triggers[o] in region.prompt for o in concepts if o != c)
+    assert "Regions: attention mode, from 30% of the steps" in to_markdown(res)
+    with pytest.raises(ValueError, match="multi-concept suite only"):
+        run_suite(src, specs, ev, "single", regions="noise", progress=False)
+
+
+def test_leakage_counts_characters_drawn_in_each_others_place(manifest):
+    torch.set_num_threads(1)
+    specs = C.load_manifest(manifest)
+    ev = load_world_evaluator()
+    kw = dict(n_pairs=3, n_triples=0, seeds=2, progress=False)
+    right = run_suite(RegionalRenderSource(specs), specs, ev, "multi", regions="noise", **kw)["overall"]
+    swapped = run_suite(RegionalRenderSource(specs, swap=True), specs, ev, "multi", regions="noise", **kw)["overall"]
+    assert right["leakage"]["mean"] <= 0.1 and right["identity"]["mean"] >= 0.85
+    assert swapped["leakage"]["mean"] >= 0.7 and swapped["identity"]["mean"] <= 0.2

@@ -11,13 +11,17 @@ import argparse
 import json
 from pathlib import Path
 
+from loraclr.regional import DEFAULT_START, MODES
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a `loraclr merge` output folder, a diffusers folder, a checkpoint or 'mini'")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
                    help="LoRA to stack on the model (repeatable; naive sum of deltas)")
     p.add_argument("--own-loras", action="store_true",
-                   help="single suite with each concept drawn by MODEL + only its own LoRA (from the manifest)")
+                   help="single suite with each concept drawn by MODEL + only its own LoRA (from the manifest); "
+                        "with --suite multi --regions noise, each region drawn by its own concept's LoRA alone "
+                        "(the upper reference for regional images)")
     p.add_argument("--suite", choices=["single", "multi", "all"], default="all")
     p.add_argument("--manifest", help="concept manifest JSON (default: the built-in world's concepts)")
     p.add_argument("--concepts", help="comma-separated concept names (default: all in the manifest)")
@@ -26,6 +30,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts per concept in the single suite")
     p.add_argument("--pairs", type=int, default=6, help="two-concept prompts in the multi suite")
     p.add_argument("--triples", type=int, default=3, help="three-concept prompts in the multi suite")
+    p.add_argument("--regions", choices=MODES, default=None,
+                   help="draw the multi suite with each character bound to the region it is scored in: "
+                        "attention (Mix-of-Show) or noise (area conditioning); default: no regions")
+    p.add_argument("--region-start", type=float, default=None, metavar="FRACTION",
+                   help=f"fraction of the steps drawn with the global prompt alone first (default {DEFAULT_START})")
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--clip", metavar="DIR", help="a local transformers CLIPModel folder for text/image alignment "
@@ -47,6 +56,7 @@ def run(args) -> int:
         WORLD_MANIFEST,
         evaluate_model,
         evaluate_own_loras,
+        evaluate_own_loras_per_region,
         load_evaluators,
         load_manifest,
         select,
@@ -71,15 +81,23 @@ def run(args) -> int:
     kw = dict(n_prompts=args.prompts, seeds=args.seeds, seed=args.seed, n_pairs=args.pairs,
               n_triples=args.triples, image_dir=args.images, progress=not getattr(args, "quiet", False),
               steps=args.steps, guidance=args.guidance)
+    if args.regions is None and args.region_start is not None:
+        raise ValueError("--region-start needs --regions MODE")
+    if args.regions is not None and (args.suite == "single" or (args.own_loras and args.suite != "multi")):
+        raise ValueError("--regions applies to the multi suite (--suite multi, or all without --own-loras)")
     if args.own_loras:
+        if args.suite == "multi" and args.regions != "noise":
+            raise ValueError("--own-loras --suite multi needs --regions noise (each region drawn by its own LoRA)")
         if args.suite == "multi":
-            raise ValueError("--own-loras has only the single suite (one LoRA per image)")
-        results = [evaluate_own_loras(args.model, specs, evaluators, allow_pickle=args.allow_pickle, **kw)]
+            results = [evaluate_own_loras_per_region(args.model, specs, evaluators, allow_pickle=args.allow_pickle,
+                                                     region_start=args.region_start, **kw)]
+        else:
+            results = [evaluate_own_loras(args.model, specs, evaluators, allow_pickle=args.allow_pickle, **kw)]
     else:
         suites = ("single", "multi") if args.suite == "all" else (args.suite,)
         results = evaluate_model(args.model, specs, evaluators, suites,
                                  loras=[parse_lora_arg(x) for x in args.lora], allow_pickle=args.allow_pickle,
-                                 **kw)
+                                 regions=args.regions, region_start=args.region_start, **kw)
     table = to_markdown(results)
     print(table)
     if args.md:

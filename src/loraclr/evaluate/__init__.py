@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ConceptSpec", "Evaluators", "IdentityModel", "ImageSource", "PipelineSource", "Prompt", "Scorer",
-    "TextImageModel", "WORLD_MANIFEST", "evaluate_model", "evaluate_own_loras", "load_evaluators",
+    "TextImageModel", "WORLD_MANIFEST", "evaluate_model", "evaluate_own_loras", "evaluate_own_loras_per_region",
+    "load_evaluators",
     "load_manifest", "run_suite", "select", "to_markdown",
 ]
 
@@ -64,9 +65,11 @@ def load_evaluators(clip: str | Path | None = None, face: bool = False, folder: 
 
 def evaluate_model(model, specs: list[ConceptSpec], evaluators: Evaluators, suites=("single", "multi"), *,
                    loras: list[tuple[str, float]] | None = None, name: str | None = None, steps: int = 25,
-                   guidance: float = 7.5, allow_pickle: bool = False, **kw) -> list[dict]:
+                   guidance: float = 7.5, allow_pickle: bool = False, regions: str | None = None,
+                   region_start: float | None = None, **kw) -> list[dict]:
     """Run ``suites`` on one model: a merged output folder, a base model (``mini``, folder, checkpoint) with
-    ``loras`` stacked naively, or a loaded :class:`loraclr.pipeline.Model`."""
+    ``loras`` stacked naively, or a loaded :class:`loraclr.pipeline.Model`. ``regions``: draw the multi suite
+    with each character bound to its region (a mode of :mod:`loraclr.regional`)."""
     from loraclr.pipeline import Model, load_model
 
     m = model if isinstance(model, Model) else load_model(model, loras or [], allow_pickle=allow_pickle)
@@ -75,7 +78,21 @@ def evaluate_model(model, specs: list[ConceptSpec], evaluators: Evaluators, suit
         label += " + " + " + ".join(Path(f).stem for f, _ in loras)
     source = PipelineSource(m, label, steps=steps, guidance=guidance)
     scorer = Scorer(evaluators, specs)
-    return [run_suite(source, specs, evaluators, s, scorer=scorer, **kw) for s in suites]
+    return [run_suite(source, specs, evaluators, s, scorer=scorer,
+                      **(dict(regions=regions, region_start=region_start) if s == "multi" else {}), **kw)
+            for s in suites]
+
+
+def evaluate_own_loras_per_region(base: str | Path, specs: list[ConceptSpec], evaluators: Evaluators, *,
+                                  steps: int = 25, guidance: float = 7.5, allow_pickle: bool = False,
+                                  region_start: float | None = None, **kw) -> dict:
+    """The multi suite drawn by the base model with each region denoised by its own concept's LoRA alone
+    (:class:`loraclr.evaluate.suites.OwnLorasPerRegion`): the upper reference for regional images."""
+    from loraclr.evaluate.suites import OwnLorasPerRegion
+
+    source = OwnLorasPerRegion(base, [s for s in specs if s.kind == "identity"], steps=steps, guidance=guidance,
+                               allow_pickle=allow_pickle)
+    return run_suite(source, specs, evaluators, "multi", regions="noise", region_start=region_start, **kw)
 
 
 def evaluate_own_loras(base: str | Path, specs: list[ConceptSpec], evaluators: Evaluators, *, steps: int = 25,

@@ -4,7 +4,9 @@ A suite builds prompts from concept specs, asks an image source for images at fi
 image with the evaluators:
 * single: per concept, ``n_prompts`` prompts (``"{c} at the beach"``, ...) x ``seeds`` seeds;
 * multi: pairs and triples of identity concepts, ``"{a} on the left and {b} on the right at the beach"``;
-  each identity is scored in its slot's region (:mod:`loraclr.evaluate.regions`).
+  each identity is scored in its slot's region (:mod:`loraclr.evaluate.regions`). With ``regions`` (a mode
+  of :mod:`loraclr.regional`) each character is also drawn in that region with its own prompt
+  (``"{a} on the left at the beach"``): the boxes the evaluator scores are the boxes the sampler binds.
 Text alignment scores the prompt with every trigger replaced by its concept's description (see
 :mod:`loraclr.evaluate.concepts`). Results: a JSON-able dict (means with bootstrap 95 % intervals, and every
 image's scores) and a markdown table (:func:`to_markdown`).
@@ -30,6 +32,7 @@ from loraclr.world import scenes as S
 log = logging.getLogger(__name__)
 
 BACKGROUND_PHRASES = tuple(S.BACKGROUND_PHRASE.values())  # beach, forest, snow, city, night, room
+SLOT_PHRASE = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
 
 
 @dataclass(frozen=True)
@@ -37,9 +40,19 @@ class Prompt:
     template: str  # "{rubo} on the left and {tavi} on the right at the beach"
     concepts: tuple[str, ...]  # concept names, left to right
     slots: tuple[str, ...]  # their slots
+    region_templates: tuple[str, ...] = ()  # per concept: "{rubo} on the left at the beach"
 
     def fill(self, words: dict[str, str]) -> str:
         return self.template.format(**words)
+
+    def plan(self, words: dict[str, str], mode: str, start: float):
+        """The regional plan that draws each concept in its scoring region (:mod:`loraclr.regional`)."""
+        from loraclr.regional import Region, RegionalPlan
+
+        n = len(self.concepts)
+        return RegionalPlan(tuple(Region(regions.region(n, slot), t.format(**words))
+                                  for slot, t in zip(self.slots, self.region_templates, strict=True)),
+                            mode=mode, start=start)
 
 
 class ImageSource(Protocol):
@@ -49,7 +62,9 @@ class ImageSource(Protocol):
 
     def trigger(self, spec: ConceptSpec) -> str: ...
 
-    def __call__(self, prompt: str, seeds: list[int]) -> Tensor: ...  # (len(seeds), 3, H, W) in [0, 1]
+    def __call__(self, prompt: str, seeds: list[int], regions=None, concepts: tuple[str, ...] = ()) -> Tensor:
+        """(len(seeds), 3, H, W) in [0, 1]; ``regions``: a :class:`loraclr.regional.RegionalPlan` whose region
+        i shows ``concepts[i]``."""
 
 
 class PipelineSource:
@@ -64,14 +79,43 @@ class PipelineSource:
     def trigger(self, spec: ConceptSpec) -> str:
         return self.model.triggers.get(spec.name, spec.trigger)
 
-    def __call__(self, prompt: str, seeds: list[int]) -> Tensor:
+    def __call__(self, prompt: str, seeds: list[int], regions=None, concepts: tuple[str, ...] = ()) -> Tensor:
         from loraclr.pipeline import generate
 
         if seeds != list(range(seeds[0], seeds[0] + len(seeds))):
             raise ValueError(f"PipelineSource draws consecutive seeds; got {seeds}")
         images = generate(self.model, [prompt], n=len(seeds), seed=seeds[0], negative=self.negative,
-                          guidance=self.guidance, steps=self.steps, progress=False)
+                          guidance=self.guidance, steps=self.steps, progress=False, regions=regions,
+                          region_layers=self.region_layers(regions, concepts))
         return to_tensor(images)
+
+    def region_layers(self, regions, concepts) -> list[dict] | None:
+        return None
+
+
+class OwnLorasPerRegion(PipelineSource):
+    """The upper reference for regional images: the base model with every concept's learned tokens, each
+    region denoised by its own concept's LoRA alone and the predictions blended by the boxes (what OMG-style
+    methods do at inference time; ``noise`` mode of :mod:`loraclr.regional`). No single set of weights can
+    do better, so it shows how much of the multi-concept loss is the merge's and how much the base's."""
+
+    def __init__(self, base, specs: list[ConceptSpec], *, steps: int = 25, guidance: float = 7.5,
+                 negative: str = "", allow_pickle: bool = False):
+        from loraclr.pipeline import load_separate
+
+        for s in specs:
+            if s.file is None:
+                raise ValueError(f"concept {s.name!r} has no LoRA 'file' in the manifest")
+        model, layers = load_separate(str(base), [(str(s.file), 1.0) for s in specs], allow_pickle=allow_pickle)
+        super().__init__(model, f"{base} + each region's own LoRA", steps, guidance, negative)
+        self.layers = {s.name: lay for s, lay in zip(specs, layers, strict=True)}
+
+    def region_layers(self, regions, concepts) -> list[dict] | None:
+        if regions is None:
+            raise ValueError("the per-region own-LoRA reference draws regional prompts only (use --regions)")
+        if regions.mode != "noise":
+            raise ValueError("the per-region own-LoRA reference needs the noise mode (one UNet pass per region)")
+        return [self.layers[c] for c in concepts]
 
 
 # --- prompts ---------------------------------------------------------------------------------------------
@@ -106,7 +150,9 @@ def multi_prompts(specs: list[ConceptSpec], n_pairs: int, n_triples: int, seed: 
                 t = f"{{{group[0]}}} on the left and {{{group[1]}}} on the right {bg}"
             else:
                 t = f"{{{group[0]}}} on the left, {{{group[1]}}} in the middle and {{{group[2]}}} on the right {bg}"
-            out.append(Prompt(t, tuple(group), regions.slots_for(size)))
+            slots = regions.slots_for(size)
+            per_region = tuple(f"{{{c}}} {SLOT_PHRASE[slot]} {bg}" for c, slot in zip(group, slots, strict=True))
+            out.append(Prompt(t, tuple(group), slots, per_region))
     return out
 
 
@@ -169,6 +215,8 @@ class Scorer:
         # distance to the intended identity: the continuous value behind the recognised/not rate (paired
         # comparisons between models on the same prompts and seeds have far less noise on it)
         ident_d: list[list[float | None]] = [[None] * len(names) for _ in range(len(images))]
+        # who the region shows instead, when it is another concept of the gallery (leakage between concepts)
+        other: list[list[str | None]] = [[None] * len(names) for _ in range(len(images))]
         if self.gallery is not None:
             for j, (name, slot) in enumerate(zip(prompt.concepts, prompt.slots, strict=True)):
                 if name not in self._gallery_index:
@@ -179,21 +227,36 @@ class Scorer:
                 target = torch.full((len(images),), self._gallery_index[name], dtype=torch.long)
                 ok = metrics.recognised(d, target, self.ev.identity.threshold)
                 own = d.gather(1, target.view(-1, 1)).squeeze(1)
+                nearest = d.argmin(1)
                 for b in range(len(images)):
                     ident[b][j] = bool(ok[b])
                     ident_d[b][j] = float(own[b])
+                    k = int(nearest[b])
+                    if k != self._gallery_index[name] and float(d[b, k]) < self.ev.identity.threshold:
+                        other[b][j] = self.gallery_names[k]
         return [{"text": float(t_al[b]), "image": [float(v) for v in i_al[b]], "identity": ident[b],
-                 "identity_distance": ident_d[b], "concepts": names} for b in range(len(images))]
+                 "identity_distance": ident_d[b], "shows_other": other[b], "concepts": names}
+                for b in range(len(images))]
 
 
 # --- suites ----------------------------------------------------------------------------------------------
 
 def run_suite(source: ImageSource, specs: list[ConceptSpec], evaluators: Evaluators, suite: str = "single", *,
               n_prompts: int = 4, seeds: int = 4, seed: int = 0, n_pairs: int = 6, n_triples: int = 3,
-              scorer: Scorer | None = None, image_dir: str | Path | None = None, progress: bool = True) -> dict:
-    """Generate and score one suite; returns the results dict (see :func:`summarise`)."""
+              scorer: Scorer | None = None, image_dir: str | Path | None = None, progress: bool = True,
+              regions: str | None = None, region_start: float | None = None) -> dict:
+    """Generate and score one suite; returns the results dict (see :func:`summarise`).
+
+    regions: a mode of :mod:`loraclr.regional` ("attention", "noise"): multi-concept prompts are drawn with
+    each character bound to its scoring region from ``region_start`` (a fraction of the steps) on.
+    """
+    from loraclr.regional import DEFAULT_START
+
     if suite not in ("single", "multi"):
         raise ValueError(f"unknown suite {suite!r}; use 'single' or 'multi'")
+    if regions is not None and suite != "multi":
+        raise ValueError("regions apply to the multi-concept suite only")
+    start = DEFAULT_START if region_start is None else region_start
     scorer = scorer or Scorer(evaluators, specs)
     if suite == "single":
         prompts = [p for s in specs for p in single_prompts(s, n_prompts, seed)]
@@ -205,11 +268,14 @@ def run_suite(source: ImageSource, specs: list[ConceptSpec], evaluators: Evaluat
     triggers = {n: s.prompt_phrase(source.trigger(s)) for n, s in by.items()}
     descriptions = {n: s.description for n, s in by.items()}
     records = []
-    bar = _progress(len(prompts), f"{suite} [{source.name}]", progress)
+    bar = _progress(len(prompts), f"{suite}{'' if regions is None else '+' + regions} [{source.name}]", progress)
     for i, p in enumerate(prompts):
         gen_text, scored_text = p.fill(triggers), p.fill(descriptions)
         seed_list = list(range(seed, seed + seeds))
-        images = source(gen_text, seed_list)
+        if regions is None:
+            images = source(gen_text, seed_list)
+        else:
+            images = source(gen_text, seed_list, regions=p.plan(triggers, regions, start), concepts=p.concepts)
         if image_dir is not None:
             _save(images, Path(image_dir) / suite, i)
         for sd, r in zip(seed_list, scorer.score(images, p, scored_text), strict=True):
@@ -218,7 +284,8 @@ def run_suite(source: ImageSource, specs: list[ConceptSpec], evaluators: Evaluat
     bar.close()
     return summarise(records, suite, source.name, evaluators,
                      {"n_prompts": n_prompts, "seeds": seeds, "seed": seed, "n_pairs": n_pairs,
-                      "n_triples": n_triples, "identity_gallery": scorer.gallery_names})
+                      "n_triples": n_triples, "identity_gallery": scorer.gallery_names,
+                      "regions": regions, "region_start": start if regions else None})
 
 
 def summarise(records: list[dict], suite: str, source: str, evaluators: Evaluators, settings: dict) -> dict:
@@ -248,6 +315,9 @@ def summarise(records: list[dict], suite: str, source: str, evaluators: Evaluato
     if suite == "multi":
         overall["all_identities"] = stat([float(all(r["identity"])) for r in records
                                           if r["identity"] and None not in r["identity"]])
+        # a region recognised as another concept (of the prompt: swapped characters; else leaked from the merge)
+        overall["leakage"] = stat([float(o is not None) for r in records if "shows_other" in r
+                                   for o, i in zip(r["shows_other"], r["identity"], strict=True) if i is not None])
     ident = evaluators.identity
     return {
         "suite": suite, "source": source,
@@ -268,16 +338,20 @@ def to_markdown(results: dict | list[dict]) -> str:
     for res in results if isinstance(results, list) else [results]:
         o = res["overall"]
         out.append(f"### {res['suite']}-concept suite: {res['source']}\n")
-        extra = " | all identities" if "all_identities" in o else ""
+        multi = "all_identities" in o
+        extra = " | all identities | leakage" if multi else ""
+        if res.get("settings", {}).get("regions"):
+            out.append(f"Regions: {res['settings']['regions']} mode, from {res['settings']['region_start']:.0%} "
+                       "of the steps.\n")
         out.append(f"| concept | images | text alignment | image alignment | identity alignment{extra} |")
-        out.append("|---|---|---|---|---" + ("|---|" if extra else "|"))
+        out.append("|---|---|---|---|---" + ("|---|---|" if multi else "|"))
         n = o["text"]["n"] if o["text"] else 0
         row = f"| **all** | {n} | {_fmt(o['text'])} | {_fmt(o['image'])} | {_fmt(o['identity'])}"
-        out.append(row + (f" | {_fmt(o['all_identities'])} |" if extra else " |"))
+        out.append(row + (f" | {_fmt(o['all_identities'])} | {_fmt(o.get('leakage'))} |" if multi else " |"))
         for name, d in res["per_concept"].items():
             n = d["text"]["n"] if d["text"] else 0
             row = f"| {name} | {n} | {_fmt(d['text'])} | {_fmt(d['image'])} | {_fmt(d['identity'])}"
-            out.append(row + (" | |" if extra else " |"))
+            out.append(row + (" | | |" if multi else " |"))
         ev = res["evaluators"]
         out.append(f"\nEvaluators: {ev['text_image']}, {ev['identity']} (threshold {ev['identity_threshold']}).\n")
     return "\n".join(out)
