@@ -155,16 +155,18 @@ def _is_metadata(why: str) -> bool:
     return why.startswith(("ss_", "modelspec."))
 
 
-def decide_family(evidence: list[tuple[str, str]], source: str, family: str | None, report: ReadReport) -> str:
-    """Pick the family: shapes and keys outrank metadata (merge tools are known to write wrong metadata).
+def _deciding(evidence: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The evidence the family goes by: shapes and keys, else metadata (merge tools are known to write wrong
+    metadata)."""
+    return [(f, why) for f, why in evidence if not _is_metadata(why)] or evidence
 
-    ``family`` given is checked against the strongest evidence present (shapes/keys, else metadata).
-    """
+
+def decide_family(evidence: list[tuple[str, str]], source: str, family: str | None, report: ReadReport) -> str:
+    """Pick the family from :func:`_deciding` evidence; ``family`` given is checked against it."""
     fams = {f for f, _ in evidence}
     if len(fams) > 1:
         report.warnings.append("mixed families: " + "; ".join(f"{f} ({why})" for f, why in evidence))
-    strong = [(f, why) for f, why in evidence if not _is_metadata(why)]
-    deciding = strong or evidence
+    deciding = _deciding(evidence)
     detected = deciding[0][0] if deciding else "unknown"
     if family is not None:
         if family not in ("sd1", "sd2", "sdxl"):
@@ -179,28 +181,23 @@ def decide_family(evidence: list[tuple[str, str]], source: str, family: str | No
     return detected
 
 
-def _deciding_evidence(evidence: list[tuple[str, str]]) -> tuple[str, str] | None:
-    """(family, why) that :func:`decide_family` goes by: shapes and keys before metadata; None when nothing tells."""
-    deciding = [(f, why) for f, why in evidence if not _is_metadata(why)] or evidence
-    return deciding[0] if deciding else None
-
-
 def _family_mismatch(evidence: list[tuple[str, str]], family: str | None) -> str | None:
     """'the file is an sdxl LoRA (why) but the base model is sd1: ...' when the file says it is for another
     family than the base model's (``family``), else None."""
-    found = _deciding_evidence(evidence)
-    if family is None or found is None or found[0] == family:
+    deciding = _deciding(evidence)
+    if family is None or not deciding or deciding[0][0] == family:
         return None
-    detected, why = found
+    detected, why = deciding[0]
     return (f"the file is an {detected} LoRA ({why}) but the base model is {family}: use a LoRA trained for "
             f"{family}, or an {detected} base model")
 
 
 def _unknown_keys_hint(evidence: list[tuple[str, str]]) -> str:
-    found = _deciding_evidence(evidence)
-    if found is None:
+    deciding = _deciding(evidence)
+    if not deciding:
         return "Is this a LoRA for Stable Diffusion 1.x/2.x/XL?"
-    return f"The file is an {found[0]} LoRA ({found[1]}); loraclr does not read these modules or layer types"
+    detected, why = deciding[0]
+    return f"The file is an {detected} LoRA ({why}); loraclr does not read these modules or layer types"
 
 
 # --- per-format parsers ---------------------------------------------------------------------------------------
