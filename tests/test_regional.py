@@ -157,7 +157,7 @@ def test_check_boxes_errors(tiny_sd1):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sdxl"])
-@pytest.mark.parametrize("mode", ["attention", "noise"])
+@pytest.mark.parametrize("mode", ["attention", "noise", "area"])
 def test_a_full_image_region_replaces_the_prompt(family, mode, sd1, sdxl):
     """A box over the whole image makes its prompt the prompt everywhere: the image equals plain sampling
     with that prompt; the same prompt as the global one changes nothing."""
@@ -260,7 +260,7 @@ def test_noise_mode_with_a_lora_per_region_equals_that_lora_alone(tmp_path):
     got = generate(model, ["a red cat"], regions=plan, region_layers=[lora.layers], **KW)
     assert_same(got, expected)
     assert_differ(got, generate(model, ["a blue dog"], **KW))
-    with pytest.raises(ValueError, match="need the noise mode"):
+    with pytest.raises(ValueError, match="need the noise or area mode"):
         generate(model, ["a red cat"], regions=RegionalPlan(plan.regions), region_layers=[lora.layers], **KW)
 
 

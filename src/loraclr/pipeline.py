@@ -277,6 +277,9 @@ def generate(
         from loraclr.structure import check_compatible, layout_image, structure_kwargs, structure_pipeline
 
         check_compatible(pipe, structure)
+        if regions is not None and regions.mode == "area":
+            raise ValueError("the area mode draws each region on a crop of the latents, which a structure "
+                             "condition does not follow; use the attention or noise mode with --structure")
         if structure_image is None:
             if regions is None:
                 raise ValueError("a structure condition needs a condition image (or regions to draw a layout from)")

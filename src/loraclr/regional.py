@@ -10,10 +10,15 @@ beach"). Two mechanisms, chosen by name in :data:`MODES`:
   are averaged; uncovered positions keep the global prompt. The unconditional half of classifier-free guidance
   attends to the region's negative prompt (the global negative when the region has none). One UNet call per
   step, as plain sampling.
-* ``noise`` — ComfyUI's area conditioning / "latent couple": the UNet predicts the noise once per region
-  prompt and the predictions are blended by the boxes' masks at latent resolution. Each region's prediction may
-  come from its own weights (``region_layers``: a LoRA applied only in that region's pass), which is how the
-  per-region own-LoRA reference of the evaluation is drawn. 1 + R UNet passes per step.
+* ``noise`` — "latent couple": the UNet predicts the noise once per region prompt over the whole image and
+  the predictions are blended by the boxes' masks at latent resolution.
+* ``area`` — ComfyUI's area conditioning: as ``noise``, but each region's prediction is made on the box's crop
+  of the latents alone, so the model composes that prompt to fill the box (a character per box) instead of
+  the whole image.
+
+In ``noise`` and ``area`` modes each region's prediction may come from its own weights (``region_layers``: a
+LoRA applied only in that region's pass), which is how the per-region own-LoRA reference of the evaluation is
+drawn. 1 + R UNet passes per step.
 
 Both can leave the first steps to the global prompt alone (``start``, a fraction of the steps), so that the
 global prompt lays out the scene before regions bind each character to its place (as OMG does with its first
@@ -42,7 +47,7 @@ from torch import Tensor, nn
 log = logging.getLogger(__name__)
 
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of width / height
-MODES = ("attention", "noise")
+MODES = ("attention", "noise", "area")
 DEFAULT_MODE = "attention"  # see docs/regions.md for the measurements behind the defaults
 DEFAULT_START = 0.0
 MAX_REGIONS = 16  # every region costs a batch entry per cross-attention call (attention) or per step (noise)
@@ -165,6 +170,13 @@ def blend_weights(boxes: Sequence[Box], h: int, w: int) -> tuple[Tensor, Tensor]
     total = cov.sum(0)
     regional = cov / total.clamp(min=1.0)
     return regional, 1.0 - regional.sum(0)
+
+
+def cell_window(box: Box, h: int, w: int) -> tuple[int, int, int, int]:
+    """(row0, row1, col0, col1): the cells of an h x w grid that ``box`` touches."""
+    x0, y0, x1, y1 = box
+    r0, c0 = min(int(math.floor(y0 * h + 1e-6)), h - 1), min(int(math.floor(x0 * w + 1e-6)), w - 1)
+    return r0, max(int(math.ceil(y1 * h - 1e-6)), r0 + 1), c0, max(int(math.ceil(x1 * w - 1e-6)), c0 + 1)
 
 
 def attention_grids(unet: nn.Module, latent_hw: tuple[int, int]) -> list[tuple[str, int, int]]:
@@ -350,21 +362,37 @@ def _noise_mode(unet: nn.Module, state: _State,
         eps = output[0] if isinstance(output, tuple) else output.sample
         b = sample.shape[0]
         r = len(state.encoded)
-        # the unconditional half needs its own pass only where a region has its own negative prompt or its own
-        # weights (the per-region LoRA reference guides against its own unconditional prediction)
-        own_negative = any(e.negative is not None for e in state.encoded) or region_context is not None
+        # the unconditional half needs its own pass where a region has its own negative prompt, its own weights
+        # (the per-region LoRA reference guides against its own unconditional prediction) or its own crop (a
+        # crop's prediction differs from the whole image's; guidance would amplify that difference)
+        own_negative = (any(e.negative is not None for e in state.encoded) or region_context is not None
+                        or state.plan.mode == "area")
         index = torch.arange(b // 2, b) if state.cfg and not own_negative else torch.arange(b)
         rest = {k: v for k, v in call.items() if k != "encoder_hidden_states"}
 
-        def run(group: list[_Encoded]) -> Tensor:
+        def run(group: list[_Encoded], window: tuple[int, int, int, int] | None = None) -> Tensor:
             kw = _with_pooled(_take(rest, b, index, len(group)), call, group, index, state.cfg)
+            if window is not None:  # area mode: the UNet sees the box's part of the latents only
+                r0, r1, c0, c1 = window
+                kw["sample"] = kw["sample"][..., r0:r1, c0:c1]
             state.pass_states = lambda layer: torch.cat([_states_for(e, layer, ehs, state.cfg)[index] for e in group])
             res = module(encoder_hidden_states=state.pass_states(None), **kw)
-            return res[0] if isinstance(res, tuple) else res.sample
+            out = res[0] if isinstance(res, tuple) else res.sample
+            if window is None:
+                return out
+            full = torch.zeros(out.shape[0], *eps.shape[1:], dtype=out.dtype, device=out.device)
+            full[..., r0:r1, c0:c1] = out  # outside its window a region has no weight (blend_weights)
+            return full
 
         state.inside = True
         try:
-            if region_context is None:  # every region with the same weights: one batched pass
+            h, w = eps.shape[-2:]
+            if state.plan.mode == "area":
+                preds = []
+                for i, e in enumerate(state.encoded):
+                    with region_context(i) if region_context is not None else contextlib.nullcontext():
+                        preds.append(run([e], cell_window(state.plan.regions[i].box, h, w)))
+            elif region_context is None:  # every region with the same weights: one batched pass
                 preds = list(run(state.encoded).reshape(r, len(index), *eps.shape[1:]))
             else:
                 preds = []
@@ -373,8 +401,7 @@ def _noise_mode(unet: nn.Module, state: _State,
                         preds.append(run([e]))
         finally:
             state.inside, state.pass_states = False, None
-        regional, keep = state.blend(*eps.shape[-2:])
-        h, w = eps.shape[-2:]
+        regional, keep = state.blend(h, w)
         regional = regional.reshape(r, 1, 1, h, w).to(eps.dtype)
         blended = eps[index] * keep.reshape(1, 1, h, w).to(eps.dtype) + (regional * torch.stack(preds)).sum(0)
         new = eps.clone()
@@ -490,7 +517,7 @@ def regional_sampling(model, plan: RegionalPlan, encoded: list[_Encoded], *, siz
         stack.enter_context(_step_counter(pipe.unet, state))
         if plan.mode == "attention":
             if region_layers is not None:
-                raise ValueError("per-region LoRAs need the noise mode (one UNet pass per region)")
+                raise ValueError("per-region LoRAs need the noise or area mode (one UNet pass per region)")
             stack.enter_context(_attention_mode(pipe.unet, state))
         else:
             ctx = None
