@@ -301,7 +301,7 @@ def test_generate_cli_with_regions(tmp_path, capsys, tiny_sd1):
     tiny_sd1.save_pretrained(str(tmp_path / "base"))
     out = tmp_path / "o"
     rc = main(["generate", str(tmp_path / "base"), "a red cat", "--region", "0,0,0.5,1:a blue dog",
-               "--region", "0.5,0,1,1:a green bird", "--steps", "2", "-o", str(out), "--quiet"])
+               "--region", "0.5,0,1,1:a green bird", "--steps", "2", "-o", str(out), "--quiet", "--threads", "1"])
     assert rc == 0 and (out / "000-0.png").is_file()
     (tmp_path / "r.yaml").write_text("prompt: a red cat\nmode: noise\nregions:\n"
                                      "  - {box: [0, 0, 0.5, 1], prompt: a blue dog}\n")

@@ -48,6 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="OUT", help="write the results (every image's scores too) as JSON")
     p.add_argument("--md", metavar="OUT", help="write the markdown table here too")
     p.add_argument("--images", metavar="DIR", help="also save the generated images")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch CPU threads (default: the free cores, at most OMP_NUM_THREADS; 0 = torch's default)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
@@ -63,6 +65,11 @@ def run(args) -> int:
         to_markdown,
     )
     from loraclr.pipeline import parse_lora_arg
+    from loraclr.runtime import choose_threads, quiet_libraries
+
+    if getattr(args, "quiet", False):
+        quiet_libraries()
+    choose_threads(args.threads)
 
     for name in ("seeds", "prompts", "steps"):
         if getattr(args, name) < 1:

@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import torch
+
 from loraclr.regional import DEFAULT_MODE, DEFAULT_START, MODES
+from loraclr.runtime import add_runtime_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,16 +49,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s_.add_argument("--structure-image", metavar="IMAGE", help="the condition image (e.g. an openpose map); "
                     "without one the layout is drawn from the region boxes")
     s_.add_argument("--structure-scale", type=float, default=1.0, help="conditioning scale (default 1.0)")
+    add_runtime_arguments(p, precision_default="fp32",
+                          precision_help="the weights' dtype while drawing (default: fp32, comparable across machines)")
     p.add_argument("-o", "--out", required=True, help="folder for the images")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
 
 
 def run(args) -> int:
-    from loraclr.commands.merge import quiet_libraries
     from loraclr.pipeline import generate, load_model, parse_lora_arg, parse_size
+    from loraclr.runtime import apply_runtime, quiet_libraries
 
     if getattr(args, "quiet", False):
         quiet_libraries()
+    runtime = apply_runtime(args)
     if args.num < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be >= 1")
     size = parse_size(args.size) if args.size else None
@@ -70,7 +76,8 @@ def run(args) -> int:
     elif args.structure_image:
         raise ValueError("--structure-image needs --structure DIR")
     loras = [parse_lora_arg(x) for x in args.lora]
-    model = load_model(args.model, loras, allow_pickle=args.allow_pickle, config=args.base_config)
+    model = load_model(args.model, loras, allow_pickle=args.allow_pickle, config=args.base_config,
+                       dtype=runtime["precision"] or torch.float32)
     out = Path(args.out)
     images = generate(model, prompts, n=args.num, seed=args.seed, negative=negative,
                       guidance=args.guidance, steps=args.steps, size=size, out_dir=out, grid=args.grid,
