@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 # The round red group of the world (scenes.CONCEPTS): same body shape and colour, told apart only by
 # pattern, face and accessory, so stacking their LoRAs interferes and merging has something to fix.
 DEFAULT_CONCEPTS = ("rubo", "rika", "rono")
+# how the demo's multi-concept rows are drawn (docs/regions.md has the measurements behind the choice)
+DEMO_REGIONS = "attention"
+DEMO_STRUCTURE: str | None = None
 
 METHOD_LABELS = {"loraclr": "LoRACLR merge", "lstsq": "lstsq merge", "sum": "sum merge",
                  "average": "average merge", "svd": "svd merge", "ties": "ties merge", "dare": "dare merge",
@@ -91,6 +94,9 @@ class DemoConfig:
         shows seed ``seed`` of the first single prompt of each concept and of every multi prompt.
     steps, guidance: sampling; feature_steps: the merge's spatial feature run.
     evaluators: a folder of world evaluator weights (None = the built-in ones).
+    regions: how multi-concept prompts bind each character to its box (a mode of :mod:`loraclr.regional`,
+        or None for the global prompt alone); region_start: the fraction of steps before they act;
+        structure: a structure condition for regional rows ("layout": the world's layout adapter; None: none).
     """
 
     base: str = "mini"
@@ -107,6 +113,9 @@ class DemoConfig:
     seed: int = 0
     feature_steps: int | None = None  # None: the merge's default (loraclr.recipe.FeatureSettings)
     evaluators: str | None = None
+    regions: str | None = DEMO_REGIONS
+    region_start: float | None = None  # None: loraclr.regional.DEFAULT_START
+    structure: str | None = DEMO_STRUCTURE
 
     def validate(self) -> None:
         for name in ("n_prompts", "seeds", "steps", "feature_steps"):
@@ -128,6 +137,12 @@ class DemoConfig:
             raise ValueError(f"demo: quick LoRA steps, n_images, batch and rank must be >= 1, got {q}")
         if len(set(self.concepts)) != len(self.concepts):
             raise ValueError(f"demo: concepts listed twice: {list(self.concepts)}")
+        from loraclr.regional import MODES
+
+        if self.regions is not None and self.regions not in MODES:
+            raise ValueError(f"demo: unknown region mode {self.regions!r}; use one of {', '.join(MODES)} or none")
+        if self.structure is not None and self.regions is None:
+            raise ValueError("demo: a structure condition is drawn from the region boxes: set a region mode")
 
 
 @dataclass
@@ -252,18 +267,19 @@ class _Recorder:
     def trigger(self, spec) -> str:
         return self.source.trigger(spec)
 
-    def __call__(self, prompt: str, seeds: list[int]):
+    def __call__(self, prompt: str, seeds: list[int], regions=None, concepts=()):
         import torch
 
         if all((prompt, s) in self.images for s in seeds):
             return torch.stack([self.images[(prompt, s)] for s in seeds])
-        images = self.source(prompt, seeds)
+        images = self.source(prompt, seeds, regions=regions, concepts=concepts) if regions is not None else \
+            self.source(prompt, seeds)
         for s, im in zip(seeds, images, strict=True):
             self.images[(prompt, s)] = im
         return images
 
-    def image(self, prompt: str, seed: int):
-        return self(prompt, [seed])[0]
+    def image(self, prompt: str, seed: int, regions=None, concepts=()):
+        return self(prompt, [seed], regions, concepts)[0]
 
 
 def _prompt_text(prompt, specs, source) -> str:
@@ -295,8 +311,10 @@ def grid_size(n_rows: int, n_cols: int) -> tuple[int, int]:
     return LABEL_WIDTH + n_cols * CELL, HEADER_HEIGHT + n_rows * CELL + FOOTER_HEIGHT
 
 
-def draw_grid(cells: list[list], row_labels: list[str], col_labels: list[str], footer: str = ""):
-    """A labelled PIL image: ``cells[r][c]`` is a (3, H, W) tensor in [0, 1] or None (drawn as "n/a")."""
+def draw_grid(cells: list[list], row_labels: list[str], col_labels: list[str], footer: str = "",
+              boxes: list[list] | None = None):
+    """A labelled PIL image: ``cells[r][c]`` is a (3, H, W) tensor in [0, 1] or None (drawn as "n/a");
+    ``boxes[r]``: the regions (x0, y0, x1, y1 fractions) that row was drawn with, outlined lightly."""
     from PIL import Image, ImageDraw
 
     n_rows, n_cols = len(row_labels), len(col_labels)
@@ -323,6 +341,13 @@ def draw_grid(cells: list[list], row_labels: list[str], col_labels: list[str], f
                 continue
             arr = (im.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             tile = Image.fromarray(arr).resize((CELL, CELL), Image.NEAREST)
+            if boxes and boxes[r] and c > 0:  # the own-LoRA column draws one concept per image: no regions
+                over = Image.new("RGBA", tile.size, (0, 0, 0, 0))
+                pen = ImageDraw.Draw(over)
+                for x0, y0, x1, y1 in boxes[r]:
+                    pen.rectangle((x0 * (CELL - 1) + 1, y0 * (CELL - 1) + 1, x1 * (CELL - 1) - 1, y1 * (CELL - 1) - 1),
+                                  outline=(255, 255, 255, 110), width=2)
+                tile = Image.alpha_composite(tile.convert("RGBA"), over).convert("RGB")
             canvas.paste(tile, (x, y))
     if footer:
         draw.text((6, HEADER_HEIGHT + n_rows * CELL + FOOTER_HEIGHT // 2), footer, fill=(90, 90, 90), font=small,
@@ -482,11 +507,29 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
         results: dict[str, dict[str, dict]] = {}
         suite_kw = dict(n_prompts=config.n_prompts, seeds=config.seeds, seed=config.seed, n_pairs=config.n_pairs,
                         n_triples=config.n_triples, progress=progress)
+        from loraclr.regional import DEFAULT_START
+
+        start = DEFAULT_START if config.region_start is None else config.region_start
+        multi_kw = {"regions": config.regions, "region_start": start} if config.regions else {}
+        structure = None
+        if config.structure:
+            from loraclr.structure import load_structure
+
+            structure = load_structure(config.structure)
+
+        def plan_for(p, src):
+            """The regional plan of a multi prompt (None for single prompts or without regions)."""
+            if not config.regions or len(p.concepts) < 2:
+                return None, ()
+            words = {s.name: s.prompt_phrase(src.trigger(s)) for s in specs}
+            return p.plan(words, config.regions, start), p.concepts
         scorer = Scorer(evaluators, specs) if evaluators is not None else None
         t = time.perf_counter()
 
         def source_for(model, label):
-            return _Recorder(PipelineSource(model, label, steps=config.steps, guidance=config.guidance))
+            src = PipelineSource(model, label, steps=config.steps, guidance=config.guidance)
+            src.structure = structure
+            return _Recorder(src)
 
         # 1. each concept with only its own LoRA (the reference before merging)
         column: list = [None] * len(grid_prompts)
@@ -508,9 +551,10 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
         for key, load, label in models:
             src = source_for(load(), label)
             if scorer is not None:
-                results[key] = {suite: run_suite(src, specs, evaluators, suite, scorer=scorer, **suite_kw)
+                results[key] = {suite: run_suite(src, specs, evaluators, suite, scorer=scorer, **suite_kw,
+                                                 **(multi_kw if suite == "multi" else {}))
                                 for suite in ("single", "multi") if suite == "single" or multi}
-            cells[key] = [src.image(_prompt_text(p, specs, src), config.seed) for p in grid_prompts]
+            cells[key] = [src.image(_prompt_text(p, specs, src), config.seed, *plan_for(p, src)) for p in grid_prompts]
         timings["images_and_metrics"] = time.perf_counter() - t
 
         # outputs
@@ -519,8 +563,13 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
         row_labels = [p.template.format(**{n: n for n in names}) for p in grid_prompts]
         footer = ("QUICK LoRAs on a " if quick else "shipped LoRAs, ") + base_note + \
             f"; seed {config.seed}, {config.steps} steps, guidance {config.guidance:g}"
+        if config.regions:
+            footer += f"; multi rows: {config.regions} regions from {start:.0%} of the steps" + \
+                (f", {config.structure} structure" if config.structure else "")
+        boxes = [[r.box for r in p.plan({n: n for n in names}, config.regions, start).regions]
+                 if config.regions and len(p.concepts) > 1 else None for p in grid_prompts]
         canvas = draw_grid([[cells[c][r] for c in columns] for r in range(len(grid_prompts))], row_labels,
-                           [labels[c] for c in columns], footer)
+                           [labels[c] for c in columns], footer, boxes)
         canvas.save(tmp / "grid.png")
         rows = [_row(c, labels[c] + (" (reference)" if c == SINGLE else ""), results.get(c, {}).get("single"),
                      results.get(c, {}).get("multi")) for c in columns]

@@ -11,6 +11,9 @@ from loraclr.runtime import add_runtime_arguments, apply_runtime, quiet_librarie
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from loraclr.demo import DEMO_REGIONS, DEMO_STRUCTURE
+    from loraclr.regional import MODES
+
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out); must be empty or new")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (its cached quick LoRAs are reused when they still match)")
@@ -28,6 +31,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, help="first seed")
     p.add_argument("--evaluators", metavar="DIR", help="folder of world evaluator weights (default: built-in)")
+    p.add_argument("--regions", choices=(*MODES, "none"), default=None,
+                   help=f"how multi-concept rows bind each character to its box (default: {DEMO_REGIONS})")
+    p.add_argument("--region-start", type=float, default=None, metavar="FRACTION",
+                   help="fraction of the steps drawn with the global prompt alone first")
+    p.add_argument("--structure", default=None, help="structure condition for the regional rows: 'layout' (the "
+                   f"world's layout adapter), a ControlNet / T2I-Adapter folder, or 'none' (default: {DEMO_STRUCTURE})")
     # --threads defaults to the free cores: on a loaded machine more threads than free cores slow every step
     add_runtime_arguments(p, precision_help="here the quick LoRAs' training (default: auto)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
@@ -54,6 +63,13 @@ def run(args) -> int:
     changes = {"n_prompts": args.prompts, "seeds": args.seeds, "n_pairs": args.pairs, "n_triples": args.triples,
                "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "evaluators": args.evaluators}
     config = dataclasses.replace(config, **{k: v for k, v in changes.items() if v is not None})
+    if args.regions is not None:
+        config = dataclasses.replace(config, regions=None if args.regions == "none" else args.regions)
+    if args.structure is not None:
+        config = dataclasses.replace(config, structure=None if args.structure == "none" else args.structure)
+    if args.region_start is not None:
+        config = dataclasses.replace(config, region_start=args.region_start)
+    config.validate()
     if args.quick_steps is not None:
         config = dataclasses.replace(config, quick=dataclasses.replace(config.quick, steps=args.quick_steps))
     result = run_demo(config, args.out, progress=not quiet, overwrite=args.overwrite)

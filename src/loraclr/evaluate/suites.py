@@ -75,6 +75,7 @@ class PipelineSource:
     def __init__(self, model, name: str, steps: int = 25, guidance: float = 7.5, negative: str = ""):
         self.model, self.name = model, name
         self.steps, self.guidance, self.negative = steps, guidance, negative
+        self.structure = None  # a loraclr.structure.Structure applied to regional prompts (drawn from the boxes)
 
     def trigger(self, spec: ConceptSpec) -> str:
         return self.model.triggers.get(spec.name, spec.trigger)
@@ -86,7 +87,8 @@ class PipelineSource:
             raise ValueError(f"PipelineSource draws consecutive seeds; got {seeds}")
         images = generate(self.model, [prompt], n=len(seeds), seed=seeds[0], negative=self.negative,
                           guidance=self.guidance, steps=self.steps, progress=False, regions=regions,
-                          region_layers=self.region_layers(regions, concepts))
+                          region_layers=self.region_layers(regions, concepts),
+                          structure=self.structure if regions is not None else None)
         return to_tensor(images)
 
     def region_layers(self, regions, concepts) -> list[dict] | None:
