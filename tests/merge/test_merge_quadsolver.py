@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraclr.merge._common import QuadSolver
 from loraclr.merge.api import LayerProblem
+from loraclr.merge.linalg import QuadSolver
 from loraclr.merge.methods import merge_offsets
 
 F64 = torch.float64
@@ -171,7 +171,7 @@ def test_solver_is_checked():
 
 
 def test_blocked_gram_equals_the_plain_product():
-    from loraclr.merge._common import gram_matrix
+    from loraclr.merge.linalg import gram_matrix
 
     x = torch.randn(50, 1300, generator=torch.Generator().manual_seed(8))  # wide enough for 2+ blocks
     G = gram_matrix(x)

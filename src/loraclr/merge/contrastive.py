@@ -78,25 +78,28 @@ from torch import Tensor
 
 from loraclr.merge._common import (
     GramStats,
-    QuadSolver,
     check_device,
     check_problem,
-    check_solver,
     common_row_index,
-    gram_matrix,
     gram_stats,
-    gram_sum,
     has_rows,
     resolve_dtype,
     rhs_and_const,
-    row_basis,
     rows,
     sq_errors,
     stacked_deltas,
     summed_deltas,
-    symmetrize,
 )
 from loraclr.merge.api import Callback, LayerProblem, LayerResult, LowRankDeltas, MergeMethod, register
+from loraclr.merge.linalg import (
+    QuadSolver,
+    check_solver,
+    gram_matrix,
+    gram_sum,
+    relative_ridge,
+    row_basis,
+    symmetrize,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +465,7 @@ class _Converged:
         self.A0 = gram_sum(self.G, a.tolist(), sd)
         # relative ridge: ridge * (mean feature energy per input direction) * ||D||_F^2, folded into A0 so the
         # closed forms, the majoriser and the line search all see it (trace is basis-independent)
-        self.ridge_abs = cfg.ridge * float(torch.diagonal(self.A0).sum()) / problem.W0.shape[1]
+        self.ridge_abs = relative_ridge(self.A0, cfg.ridge, problem.W0.shape[1])
         if self.ridge_abs > 0:
             self.A0 = self.A0 + self.ridge_abs * torch.eye(self.A0.shape[0], dtype=sd, device=cfg.device)
         if self.Q is not None:  # B0 = sum_i a_i (X_i dW_i^T)^T (X_i Q): deltas never change basis
@@ -845,7 +848,7 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
     c = {"sum": 1.0, "mean": 1.0 / n}.get(cfg.anchor, 0.0)  # the anchor is c U V
     if c:  # C_i = V_i-rows - c V: subtract c V sum_i a_i G_i (the product in the compute dtype, as above)
         M -= c * (V @ A0.to(dtype)).to(sd)
-    ridge_abs = cfg.ridge * float(torch.diagonal(A0).sum()) / in_dim
+    ridge_abs = relative_ridge(A0, cfg.ridge, in_dim)
     if ridge_abs > 0:
         A0.diagonal().add_(ridge_abs)
     sol = QuadSolver(A0, cfg.rcond, cfg.solver).solve_factored(U.to(sd), M, cfg.lambda_reg)

@@ -21,20 +21,23 @@ from loraclr.merge._common import (
     GramStats,
     check_device,
     check_problem,
-    check_solver,
-    gram_matrix,
     gram_stats,
-    gram_sum,
     has_rows,
     resolve_dtype,
     rhs_and_const,
-    row_basis,
     rows,
-    solve_quadratic_fro,
     sq_errors,
     stacked_deltas,
 )
 from loraclr.merge.api import Callback, LayerProblem, LayerResult, MergeMethod, register
+from loraclr.merge.linalg import (
+    check_solver,
+    gram_matrix,
+    gram_sum,
+    relative_ridge,
+    row_basis,
+    solve_quadratic_fro,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +110,7 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
     A = gram_sum(stats.gram, None, sdtype)  # sum_i G_i  (in, in)
     if config.ridge > 0:
         eye = torch.eye(in_dim, dtype=sdtype, device=A.device)
-        A = A + config.ridge * float(torch.diagonal(A).mean()) * eye
+        A = A + relative_ridge(A, config.ridge, A.shape[0]) * eye
     sol = solve_quadratic_fro(A, B, 0.0, config.rcond, config.solver)
     D = sol.offset
     if not torch.isfinite(D).all():
