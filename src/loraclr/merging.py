@@ -51,8 +51,9 @@ from loraclr.features.hooks import cross_attention_modules
 from loraclr.features.text import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
 from loraclr.io.safe import atomic_prefixes, owner_tag, sweep_stale
 from loraclr.lora import LoraLayer, LoraSet, split_key
-from loraclr.merge._common import all_finite, summed_deltas
+from loraclr.merge._common import summed_deltas
 from loraclr.merge.api import LayerProblem
+from loraclr.merge.methods import solve_layers
 from loraclr.models import find_module
 from loraclr.recipe import Recipe, dump_recipe
 
@@ -281,22 +282,14 @@ def default_offset_budget(pipe) -> int | None:
 
 def _solve(problems, spec, config, stage: str, progress: bool, reports: dict[str, dict],
            total: int | None = None, offsets: MutableMapping | None = None) -> MutableMapping:
-    """Solve layer by layer (``problems`` may be a generator, so each layer's features live only while it is
-    solved); returns offsets (out, in) by key and fills ``reports`` with the method's report, the time and the
-    fidelity on each concept's own features."""
-    from tqdm.auto import tqdm
-
+    """Solve layer by layer with the one per-layer driver (:func:`loraclr.merge.methods.solve_layers`;
+    ``problems`` may be a generator, so each layer's features live only while it is solved); returns offsets
+    (out, in) by key and fills ``reports`` with the method's report, the time and the fidelity on each
+    concept's own features."""
     offsets = {} if offsets is None else offsets
-    bar = tqdm(problems, total=total, desc=f"solve ({stage}, {spec.name})", unit="layer", disable=not progress)
-    for p in bar:
-        if spec.needs_features and p.X is None and p.gram is None:
-            raise ValueError(f"layer {p.key}: method {spec.name!r} needs features, none were collected")
-        t0 = time.perf_counter()
-        res = spec.fn(p, config, None)
-        dt = time.perf_counter() - t0
+    for p, res, dt in solve_layers(problems, spec.name, config, progress=progress, total=total,
+                                   desc=f"solve ({stage}, {spec.name})"):
         off = res.offset.detach().float().reshape(p.W0.shape)
-        if not all_finite(off):
-            raise ValueError(f"layer {p.key}: the {spec.name} solve produced NaN/inf; try another method or settings")
         offsets[p.key] = off
         rep = dict(_jsonable(res.report))
         rep.update(stage=stage, time_s=round(dt, 4))

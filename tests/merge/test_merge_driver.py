@@ -1,4 +1,4 @@
-"""The per-layer driver merge_offsets and make_config."""
+"""The per-layer driver (solve_layers, which the merge and merge_offsets both run) and make_config."""
 
 from __future__ import annotations
 
@@ -110,3 +110,16 @@ def test_fidelity_on_evenly_spaced_rows_against_a_direct_computation():
     cut = fidelity(p, D, 3)  # concept a: rows 0, 4, 8 of 9; concept b (3 rows) whole
     assert (cut["merged"][0], cut["sum"][0]) == pytest.approx(direct(xs[0][[0, 4, 8]], deltas[0]), rel=1e-5)
     assert (cut["merged"][1], cut["sum"][1]) == pytest.approx((full["merged"][1], full["sum"][1]), rel=1e-6)
+
+
+def test_merge_and_merge_offsets_run_the_same_driver():
+    """The production loop (merging._solve) and merge_offsets give the same offsets: one driver."""
+    from loraclr.merging import _solve
+
+    problems = _problems(3)
+    want = merge_offsets(problems, "lstsq", progress=False)
+    reports: dict = {}
+    got = _solve(iter(problems), get_method("lstsq"), make_config("lstsq"), "all", False, reports)
+    assert set(got) == set(want) == set(reports)
+    for k in want:
+        assert torch.equal(got[k], want[k].offset.float().reshape(got[k].shape))
