@@ -259,7 +259,7 @@ def test_bad_recipes_write_nothing(bad_setup, capsys, case, kw, extra, match):
 
 
 def test_offset_store_spills_past_its_budget(tmp_path):
-    from loraclr.merging import OffsetStore
+    from loraclr.offsets import OffsetStore
 
     a, b, c = torch.randn(3, 4), torch.randn(5, 2), torch.randn(2, 2)
     store = OffsetStore(max_bytes=a.numel() * 4, parent=tmp_path / "spill")
@@ -344,6 +344,7 @@ def test_interrupted_merge_exits_130_and_the_next_run_sweeps_and_records_names(t
     import os
     import stat
 
+    import loraclr.export
     import loraclr.merging
     from loraclr.io import load_lora
 
@@ -362,14 +363,14 @@ def test_interrupted_merge_exits_130_and_the_next_run_sweeps_and_records_names(t
     assert capsys.readouterr().err == "loraclr merge: interrupted\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # spill folder gone, no output
 
-    original_export = loraclr.merging._export
+    original_export = loraclr.export.export_files
 
     def interrupted_export(tmp, *args, **kw):
         original_export(tmp, *args, **kw)
         raise KeyboardInterrupt  # everything written into the temporary output, not yet renamed
 
     with monkeypatch.context() as m:
-        m.setattr(loraclr.merging, "_export", interrupted_export)
+        m.setattr(loraclr.export, "export_files", interrupted_export)
         assert main(["merge", str(recipe), "-o", str(out), "--quiet"]) == 130
     assert capsys.readouterr().err == "loraclr merge: interrupted\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == before

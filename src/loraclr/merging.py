@@ -8,35 +8,22 @@ Order (DESIGN.md §2; each stage uses the result of the one before):
 then the UNet offsets are written and everything is exported into a temporary folder beside the output,
 renamed onto it only when all of it succeeded (an error leaves nothing behind).
 
-Output folder::
-
-    loraclr.json            manifest (what is where; ``loraclr generate`` reads it)
-    pipeline/               diffusers pipeline with the merged weights and the added tokens
-    merged_lora_kohya.safetensors, merged_lora_diffusers.safetensors    D = W_merged - W0 as a LoRA
-    embeddings/             the added tokens (A1111 format, one file per token, new names)
-    prompts.json            concept -> trigger to use in prompts (renamed tokens), feature prompts, tokens
-    recipe.yaml             the resolved recipe and package versions
-    report.json             per-layer solver reports, fidelity numbers, timings per phase
+The written output and its layout: :mod:`loraclr.export`; offsets waiting for export: :mod:`loraclr.offsets`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
-import os
-import platform
-import tempfile
 import time
 from collections.abc import Mapping, MutableMapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
+from loraclr.export import MergeSummary, jsonable, write_merged
 from loraclr.features.collect import (
     SPILL_PREFIX,
     ConceptFeaturesInput,
@@ -49,54 +36,26 @@ from loraclr.features.collect import (
 )
 from loraclr.features.hooks import cross_attention_modules
 from loraclr.features.text import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
-from loraclr.io.safe import atomic_prefixes, owner_tag, sweep_stale
-from loraclr.lora import LoraLayer, LoraSet, split_key
-from loraclr.merge._common import summed_deltas
+from loraclr.io import load_embeddings, load_lora
+from loraclr.io.checkpoint import fuse_deltas
+from loraclr.io.safe import atomic_prefixes, check_output_path, sweep_stale
+from loraclr.lora import LoraSet, split_key
 from loraclr.merge.api import LayerProblem
-from loraclr.merge.methods import solve_layers
+from loraclr.merge.fidelity import fidelity
+from loraclr.merge.methods import get_method, make_config, solve_layers
 from loraclr.models import find_module
-from loraclr.recipe import Recipe, dump_recipe
+from loraclr.offsets import OFFSETS_PREFIX, OffsetStore, default_offset_budget
+from loraclr.pipeline import Model, family_of, load_base, resolve_base
+from loraclr.recipe import Recipe
+
+__all__ = ["MergeSummary", "MergedModel", "OffsetStore", "fidelity", "merge", "merge_model", "prepare_concepts"]
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class MergeSummary:
-    """What ``merge`` did: where the files are, how long each phase took, and how faithful the result is.
-
-    fidelity: concept -> {"merged": mean relative error of the merged layers on the concept's own
-    features, "sum": the same for the naive sum of deltas} (lower is better; only with features).
-    """
-
-    out_dir: Path
-    method: str
-    family: str
-    n_concepts: int
-    n_layers: int
-    timings: dict[str, float] = field(default_factory=dict)
-    fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
-    files: list[str] = field(default_factory=list)
-    lora_errors: dict[str, float] = field(default_factory=dict)
-
-
-def package_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for pkg in ("loraclr", "torch", "diffusers", "transformers", "peft", "safetensors"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
 
 # --- checks before any work ------------------------------------------------------------------------------
 
 
 def _check_inputs(recipe: Recipe, out_dir: Path, overwrite: bool) -> list[str]:
-    from loraclr.io.safe import check_output_path
-    from loraclr.pipeline import resolve_base
-
     where = recipe.source or "recipe"
     inputs = []
     for i, c in enumerate(recipe.concepts):
@@ -139,147 +98,6 @@ def _check_lora_fits(pipe, lora: LoraSet, family: str, where: str) -> None:
 # --- solving ---------------------------------------------------------------------------------------------
 
 
-FIDELITY_ROWS = 256  # rows per concept behind the fidelity numbers (see fidelity)
-
-
-def fidelity(problem: LayerProblem, offset: Tensor, max_rows: int | None = FIDELITY_ROWS) -> dict[str, list[float]] | None:
-    """Per concept i, on its own rows X_i: ||X_i (D - dW_i)^T|| / ||X_i (W0 + dW_i)^T|| for the merged offset
-    D and for the naive sum of deltas (the 'before merging' stacking). None without rows.
-
-    A diagnostic, so it uses at most ``max_rows`` rows per concept, evenly spaced over the block (None: all):
-    three (rows x in x out) products per concept and layer cost more than the converged solve itself at the
-    default 2048 rows (12 SD 1.5 concepts: ~35 TFLOP, minutes on a CPU). Measured on the miniature world's
-    spatial layers (3 random LoRAs, converged, 2048 rows): per layer the numbers moved by 0.5 % (median, at
-    most 17 %), the per-concept means over layers that the summary reports by at most 0.3 %. Runs with
-    max_rows <= 256 are unchanged."""
-    if not problem.X or any(x is None for x in problem.X):
-        return None
-    D = offset.reshape(offset.shape[0], -1).float()
-    total = summed_deltas(problem, torch.float32, D.device)
-    merged, summed = [], []
-    for X, dW in zip(problem.X, problem.deltas, strict=True):
-        if max_rows and X.shape[0] > max_rows:
-            X = X[torch.linspace(0, X.shape[0] - 1, max_rows).round().long()]
-        X = X.float()
-        target = (X @ (problem.W0.float() + dW.float()).T).norm().clamp_min(1e-12)
-        merged.append(float((X @ (D - dW).T).norm() / target))
-        summed.append(float((X @ (total - dW).T).norm() / target))
-    return {"merged": merged, "sum": summed}
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, Tensor):
-        return v.tolist() if v.numel() < 10_000 else f"<tensor {tuple(v.shape)}>"
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    return v
-
-
-OFFSETS_PREFIX = "loraclr-offsets-"
-
-
-class OffsetStore(MutableMapping):
-    """The solved offsets D (out, in) by layer key: in memory up to ``max_bytes`` in all, the rest in a
-    temporary folder under ``parent`` (one safetensors file per layer, read back on access) that is removed
-    with the store (:meth:`close`, or when it is garbage-collected).
-
-    Why: a merge keeps every offset until all stages are solved (the UNet's feature runs need the base UNet),
-    and the offsets are as large as the targeted weights: ~7.5 GB in fp32 for SDXL, next to a 14 GB fp32
-    pipeline. ``max_bytes=None`` keeps everything in memory.
-    """
-
-    def __init__(self, max_bytes: int | None = None, parent: str | Path | None = None):
-        self.max_bytes, self.parent = max_bytes, parent
-        self._mem: dict[str, Tensor] = {}
-        self._files: dict[str, Path] = {}
-        self._order: dict[str, None] = {}  # insertion order of all keys
-        self._bytes = 0
-        self._written = 0  # spill files written (names them)
-        self._dir: tempfile.TemporaryDirectory | None = None
-
-    def __setitem__(self, key: str, value: Tensor) -> None:
-        if key in self:  # like a dict: an overwritten key keeps its place
-            self._drop(key)
-        size = value.numel() * value.element_size()
-        if self.max_bytes is None or self._bytes + size <= self.max_bytes:
-            self._mem[key] = value
-            self._bytes += size
-        else:
-            from safetensors.torch import save_file
-
-            if self._dir is None:
-                if self.parent is not None:
-                    Path(self.parent).mkdir(parents=True, exist_ok=True)
-                self._dir = tempfile.TemporaryDirectory(prefix=OFFSETS_PREFIX + owner_tag(), dir=self.parent)
-            self._written += 1
-            path = Path(self._dir.name) / f"{self._written:06d}.safetensors"
-            save_file({"offset": value.detach().contiguous()}, str(path))
-            self._files[key] = path
-        self._order[key] = None
-
-    def __getitem__(self, key: str) -> Tensor:
-        if key in self._mem:
-            return self._mem[key]
-        if key in self._files:
-            from safetensors.torch import load_file
-
-            return load_file(str(self._files[key]))["offset"]
-        raise KeyError(key)
-
-    def _drop(self, key: str) -> None:
-        if key in self._mem:
-            v = self._mem.pop(key)
-            self._bytes -= v.numel() * v.element_size()
-        elif key in self._files:
-            self._files.pop(key).unlink(missing_ok=True)
-        else:
-            raise KeyError(key)
-
-    def __delitem__(self, key: str) -> None:
-        self._drop(key)
-        del self._order[key]
-
-    def __iter__(self):
-        return iter(list(self._order))
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._order
-
-    @property
-    def spilled(self) -> int:
-        """Layers kept on disk."""
-        return len(self._files)
-
-    def close(self) -> None:
-        """Remove the spilled files (the in-memory offsets stay)."""
-        for k in list(self._files):
-            del self[k]
-        if self._dir is not None:
-            self._dir.cleanup()
-            self._dir = None
-
-
-def default_offset_budget(pipe) -> int | None:
-    """How many bytes of offsets a merge keeps in memory: what is left of half the machine's memory after
-    the model's weights (SD 1.5 in fp32 on a 16 GB machine: ~3.8 GB, more than all its offsets; SDXL in fp32 on
-    23 GB: none, so ~7.5 GB of offsets wait on disk). None (everything in memory) where the memory size is
-    unknown."""
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # not POSIX: keep everything in memory
-        return None
-    weights = sum(p.numel() * p.element_size() for c in pipe.components.values() if isinstance(c, torch.nn.Module)
-                  for p in c.parameters())
-    return max(0, ram // 2 - weights)
-
-
 def _solve(problems, spec, config, stage: str, progress: bool, reports: dict[str, dict],
            total: int | None = None, offsets: MutableMapping | None = None) -> MutableMapping:
     """Solve layer by layer with the one per-layer driver (:func:`loraclr.merge.methods.solve_layers`;
@@ -291,7 +109,7 @@ def _solve(problems, spec, config, stage: str, progress: bool, reports: dict[str
                                    desc=f"solve ({stage}, {spec.name})"):
         off = res.offset.detach().float().reshape(p.W0.shape)
         offsets[p.key] = off
-        rep = dict(_jsonable(res.report))
+        rep = dict(jsonable(res.report))
         rep.update(stage=stage, time_s=round(dt, 4))
         fid = fidelity(p, off)
         if fid is not None:
@@ -315,8 +133,6 @@ def _plain_problems(pipe, concepts: list[ConceptFeaturesInput], keys: list[str])
 def _fuse(pipe, offsets: Mapping[str, Tensor], keys: list[str] | None = None) -> None:
     """Add the offsets (of ``keys``, default all) to the weights, a layer at a time (spilled offsets are read
     back one by one). Every offset was checked finite when it was solved and matches its module's shape."""
-    from loraclr.io.checkpoint import fuse_deltas
-
     for k in offsets if keys is None else keys:
         fuse_deltas(pipe, {k: offsets[k].reshape(find_module(pipe, k).weight.shape)})
 
@@ -400,8 +216,6 @@ class MergedModel:
 
     def model(self):
         """A :class:`loraclr.pipeline.Model` (for ``generate`` and the evaluators); triggers are the renamed ones."""
-        from loraclr.pipeline import Model
-
         return Model(self.pipe, self.table, {c.name: c.trigger for c in self.concepts})
 
 
@@ -412,10 +226,6 @@ def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Pa
     Offsets beyond ``offsets_max_bytes`` are kept on disk there as well (:class:`OffsetStore`; "auto":
     :func:`default_offset_budget`, None: all in memory). :func:`merge` writes the result; benchmarks use this
     directly."""
-    from loraclr.io import load_embeddings, load_lora
-    from loraclr.merge.methods import get_method, make_config
-    from loraclr.pipeline import family_of, load_base
-
     recipe.validate()
     timings: dict[str, float] = {}
     t = time.perf_counter()
@@ -501,125 +311,12 @@ def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwri
     sweep_stale(out_dir.parent, (SPILL_PREFIX, OFFSETS_PREFIX, *atomic_prefixes(out_dir)))
     m = merge_model(recipe, progress=progress, spill_parent=out_dir.parent)
     try:
-        return _write(recipe, out_dir, m, inputs)
+        summary = write_merged(recipe, out_dir, m, inputs)
     finally:
         if isinstance(m.offsets, OffsetStore):
             m.offsets.close()
-
-
-def _write(recipe: Recipe, out_dir: Path, m: MergedModel, inputs: list[str]) -> MergeSummary:
-    from loraclr.io.safe import atomic_write
-
-    timings, config, concepts = m.timings, m.config, m.concepts
-    method = recipe.method.name
-
-    t = time.perf_counter()
-    summary = MergeSummary(out_dir=out_dir, method=method, family=m.family, n_concepts=len(concepts),
-                           n_layers=len(m.offsets))
-    summary.fidelity = _fidelity_summary(m.reports, [c.name for c in concepts])
-    with atomic_write(out_dir) as tmp:
-        tmp.mkdir()
-        files = _export(tmp, recipe, m.pipe, m.family, m.offsets, m.table, concepts, inputs, summary)
-        report = {
-            "method": method,
-            "config": _jsonable(dataclasses.asdict(config)) if dataclasses.is_dataclass(config) else str(config),
-            "family": m.family,
-            "concepts": [c.name for c in concepts],
-            "fidelity": summary.fidelity,
-            "lora_export": summary.lora_errors,
-            "timings_s": {k: round(v, 3) for k, v in timings.items()},
-            "layers": m.reports,
-        }
-        timings["export"] = time.perf_counter() - t
-        report["timings_s"]["export"] = round(timings["export"], 3)
-        (tmp / "report.json").write_text(json.dumps(report, indent=1))
-        files.append("report.json")
-    summary.timings = timings
-    summary.files = files
-    log.info("merged %d concepts (%d layers) with %s into %s in %.1f s", len(concepts), len(m.offsets), method,
-             out_dir, sum(timings.values()))
+    log.info("merged %d concepts (%d layers) with %s into %s in %.1f s", summary.n_concepts, summary.n_layers,
+             summary.method, out_dir, sum(summary.timings.values()))
     return summary
 
 
-def _fidelity_summary(reports: dict[str, dict], names: list[str]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for i, name in enumerate(names):
-        merged = [r["fidelity"]["merged"][i] for r in reports.values() if "fidelity" in r]
-        summed = [r["fidelity"]["sum"][i] for r in reports.values() if "fidelity" in r]
-        if merged:
-            out[name] = {"merged": sum(merged) / len(merged), "sum": sum(summed) / len(summed),
-                         "layers": len(merged)}
-    return out
-
-
-def _export(tmp: Path, recipe: Recipe, pipe, family: str, offsets: Mapping[str, Tensor], table: TokenTable,
-            concepts: list[ConceptFeaturesInput], inputs: list[str], summary: MergeSummary) -> list[str]:
-    from loraclr.io import factorize, save_embeddings, save_lora
-
-    files: list[str] = []
-    out = recipe.output
-    manifest: dict[str, Any] = {"format": "loraclr-merge", "version": 1, "family": family,
-                                "method": recipe.method.name, "prompts": "prompts.json"}
-    if out.pipeline:
-        pipe.save_pretrained(str(tmp / "pipeline"), safe_serialization=True)
-        manifest["pipeline"] = "pipeline"
-        files.append("pipeline")
-    if out.single_file:
-        from loraclr.io.checkpoint import save_single_file
-
-        save_single_file(pipe, tmp / "merged.safetensors")
-        manifest["single_file"] = "merged.safetensors"
-        files.append("merged.safetensors")
-    # Factorise once: the truncated SVDs dominate export time, and every LoRA format stores the same factors.
-    factors: dict[str, LoraLayer] = {}
-    errs: list[float] = []
-    if out.lora_formats:
-        for k, v in offsets.items():
-            try:
-                factors[k], err = factorize(v.reshape(find_module(pipe, k).weight.shape), rank=out.rank,
-                                            energy=out.energy)
-            except ValueError as e:
-                raise ValueError(f"exporting the merged LoRA, layer {k}: {e}") from None
-            errs.append(err)
-    manifest["loras"] = {}
-    for fmt in out.lora_formats:
-        if not factors:
-            break
-        name = f"merged_lora_{fmt}.safetensors"
-        save_lora(factors, tmp / name, format=fmt, family=family, merged_from=[c.lora for c in recipe.concepts],
-                  metadata={"loraclr.method": recipe.method.name}, unet_config=dict(pipe.unet.config))
-        summary.lora_errors[fmt] = {"max_rel_error": max(errs), "mean_rel_error": sum(errs) / len(errs),
-                                    "max_rank": max(f.rank for f in factors.values())}
-        manifest["loras"][fmt] = name
-        files.append(name)
-    if table.tokens:
-        save_embeddings(table.learned_tokens(), tmp / "embeddings", "a1111")
-        manifest["embeddings"] = "embeddings"
-        files.append("embeddings")
-    prompt_map = {
-        "concepts": {
-            c.name: {
-                "trigger": c.trigger,
-                "original_trigger": (rc.trigger or " ".join(t.original for t in table.tokens if t.concept == c.name)),
-                "example": f"photo of a {c.trigger}",
-                "feature_prompts": c.prompts,
-                "layerwise": table.uses_layerwise(c.trigger),
-            }
-            for c, rc in zip(concepts, recipe.concepts, strict=True)
-        },
-        "tokens": table.to_json(),
-        "note": "prompts may use {concept name} placeholders with `loraclr generate`; layer-wise tokens need "
-                "loraclr.pipeline.generate (a different embedding per cross-attention layer)",
-    }
-    (tmp / "prompts.json").write_text(json.dumps(prompt_map, indent=1))
-    files.append("prompts.json")
-    recipe_text = dump_recipe(recipe)
-    import yaml
-
-    recipe_text += yaml.safe_dump({"versions": package_versions()}, sort_keys=False)
-    (tmp / "recipe.yaml").write_text(recipe_text)
-    files.append("recipe.yaml")
-    manifest["inputs"] = inputs
-    (tmp / "loraclr.json").write_text(json.dumps(manifest, indent=1))
-    files.append("loraclr.json")
-    return files

@@ -24,13 +24,12 @@ from typing import Any
 
 import torch
 
+from loraclr.export import MANIFEST, PIPELINE, PROMPTS
 from loraclr.features.hooks import cross_attention_modules, layerwise_states
 from loraclr.features.text import AddedToken, TokenTable, add_tokens, encode, is_sdxl, plan_tokens
 from loraclr.regional import RegionalPlan
 
 log = logging.getLogger(__name__)
-
-MANIFEST = "loraclr.json"  # marks a merged output folder
 
 
 def resolve_base(path: str) -> Path:
@@ -119,8 +118,8 @@ def load_merged(path: str | Path, dtype: torch.dtype = torch.float32) -> Model:
     """A merged output folder: its pipeline (tokens already in its tokenizer) and prompt map."""
     path = Path(path)
     manifest = json.loads((path / MANIFEST).read_text())
-    pipe = load_base(str(path / manifest.get("pipeline", "pipeline")), dtype=dtype)
-    prompt_map = json.loads((path / manifest.get("prompts", "prompts.json")).read_text())
+    pipe = load_base(str(path / manifest.get("pipeline", PIPELINE)), dtype=dtype)
+    prompt_map = json.loads((path / manifest.get("prompts", PROMPTS)).read_text())
     tokens = [
         AddedToken(t["concept"], t["original"], t["name"], t["n_vectors"], t["layerwise"], {})
         for t in prompt_map.get("tokens", [])

@@ -90,7 +90,7 @@ def test_feature_store_style_problems_with_missing_rows():
 
 
 def test_fidelity_on_evenly_spaced_rows_against_a_direct_computation():
-    from loraclr.merging import fidelity
+    from loraclr.merge.fidelity import fidelity
 
     g = torch.Generator().manual_seed(3)
     W0 = torch.randn(6, 4, generator=g)
