@@ -1,13 +1,14 @@
 """The per-concept table of the world's concepts README, from `loraclr evaluate --json` results.
 
-    loraclr evaluate mini --own-loras --allow-pickle --suite single --prompts 4 --seeds 4 --json own.json
-    loraclr evaluate mini --own-loras --allow-pickle --suite single --prompts 4 --seeds 4 --seed 100 --json val.json
-    loraclr evaluate mini --allow-pickle --suite single --prompts 4 --seeds 4 --json base.json
+    loraclr evaluate mini --own-loras --allow-pickle --suite single --prompts 4 --seeds 32 --json own.json
+    loraclr evaluate mini --own-loras --allow-pickle --suite single --prompts 4 --seeds 32 --seed 100 --json val.json
+    loraclr evaluate mini --allow-pickle --suite single --prompts 4 --seeds 8 --json base.json
     python scripts/concept_table.py --own own.json --validation val.json --base base.json [--manifest M] [--md OUT]
 
 Prints one row per concept of the manifest (format, rank, steps, token warmup, trigger; identity with its 95 %
 interval for the own LoRA, the validation seeds and the base; text and image alignment own / base) and the
-summary against issue 4's bar (each identity >= 0.8 with its own LoRA, the base <= 0.1).
+summary against the world's bar (each identity >= 0.8 with its own LoRA, the base <= 0.1: the LoRAs teach
+something the base model cannot draw).
 """
 
 from __future__ import annotations

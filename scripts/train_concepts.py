@@ -54,15 +54,14 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "src" / "loraclr" / "world" / "assets" / "concepts"
 RUNS = ROOT / "runs" / "concepts"
 
-# name, kind, format, rank, alpha. Mostly kohya (like community files), some diffusers/PEFT, one ED-LoRA (ruzi; tobi
-# was one until session 17, see SEED_OFFSET).
+# name, kind, format, rank, alpha. Mostly kohya (like community files), some diffusers/PEFT, one ED-LoRA (ruzi).
 # Identities: all four of the round-red and tall-blue groups (close look-alikes), two of each other group.
 # Every LoRA covers the default kohya modules (attention, feed-forward, proj in/out; TARGETS). kohya and
 # diffusers identities also learn TOKENS textual-inversion tokens as their trigger (pivotal tuning, as many
 # community character LoRAs are trained), saved beside the LoRA; ED-LoRAs learn two layer-wise tokens.
-# Why (session 7 probes, `loraclr train-lora --world-identity NAME --targets kohya --rank 4 --steps 600`, then
-# `loraclr evaluate mini --own-loras --suite single --prompts 4 --seeds 4`, identity alignment of 16 images):
-#   rare-word trigger, prior 64 (session 6's plan)              tavi 0.00  rubo 0.00  (1500 steps: rubo 0.00)
+# Why this recipe (probes with `loraclr train-lora --world-identity NAME --targets kohya --rank 4 --steps 600`,
+# scored by `loraclr evaluate mini --own-loras --suite single --prompts 4 --seeds 4`, identity of 16 images):
+#   rare-word trigger, prior 64                                  tavi 0.00  rubo 0.00  (1500 steps: rubo 0.00)
 #   one learned token, default learning rates, no prior         tavi 0.12  rubo 0.56
 #   three learned tokens, default learning rates, no prior      tavi 0.56
 #   three tokens, 2x learning rates, no prior                   tavi 0.69
@@ -86,99 +85,48 @@ PLAN = [
     ("mosaic", "style", "kohya", 4, 4.0),
     ("sketch", "style", "diffusers", 4, 4.0),
 ]
+
 TARGETS = "kohya"
 LR = (4e-3, 2e-3, 2e-2)  # UNet LoRA, text-encoder LoRA, learned tokens: 4x loraclr.training's defaults
-# Some identities train STEP_FACTOR x the steps. Session 7 doubled them for the round red identities with stripes
-# or spots (the patterns the base draws worst; rubo, three tokens, LR, no prior: 600 steps 0.31, 1200 steps 0.62).
-# Session 8 retrained every identity still below 0.8 identity alignment with its own LoRA (rubo, rika, gaso, gilu,
-# pemi with twice their steps; tobi with twice the steps at LR_FACTOR) and kept, per concept, whichever version
-# scored more identity on *validation* seeds (`loraclr evaluate mini --own-loras --concepts NAME --suite single
-# --prompts 4 --seeds 4 --seed 100`, 16 images; the reported numbers use seeds 0-3): old -> new
-#   rubo 0.38 -> 0.75, rika 0.56 -> 1.00, gaso 0.81 -> 1.00, gilu 0.44 -> 0.56, tobi 0.00 -> 0.00 (text 0.73 ->
-#   0.84: kept), pemi 0.38 -> 0.00 (the session-7 pemi, 600 steps, stays; 1200 steps scored 0.06 on seeds 0-3).
-# tobi 0.5 (300 LoRA steps) since session 17, when it became a kohya LoRA (SEED_OFFSET says why).
+# Per-concept deviations from the standard recipe. Each was chosen on validation seeds (`loraclr evaluate mini
+# --own-loras --concepts NAME --suite single --prompts 4 --seed 100 ...`), never on the test seeds (0-31) that the
+# concepts README reports, among candidates retrained from this script with `--only NAME` (git log has each
+# candidate's scores).
+# STEP_FACTOR x the LoRA steps: more for identities whose patterns the base draws worst (stripes, spots on the
+# round red group; rubo with three tokens at LR: 600 steps 0.31, 1200 steps 0.62), fewer for tobi (0.5: 300 LoRA
+# steps scored best of 300 / 600 / 900 / 1200 from its seed; see SEED_OFFSET).
 STEP_FACTOR = {"rubo": 4, "rika": 4, "rono": 2, "gaso": 2, "gilu": 2, "tobi": 0.5}
-# ... and LR_FACTOR x LR: the ED-LoRA tobi drifted at 4x rates (identity 0.00, text 0.73: its layer-wise tokens
-# drew other colours and eyes), so session 8 trains it at 2x the defaults (still 0.00: the body comes out
-# striped in several colours instead of blue with orange stripes).
-LR_FACTOR: dict[str, float] = {}  # tobi 0.5 while it was an ED-LoRA (sessions 8-16)
-# Session 14 tried other LoRA training for tobi (3600-step warmup; identity on 64 validation images, seeds 100-107 and
-# 200-207, weight 1; the shipped file 0.56): STEP_FACTOR 4 (2400 LoRA steps) 0.06, STEP_FACTOR 1 (600) 0.36; LR_FACTOR 1
-# 0.31 (seeds 100-107).
-# The longer runs drew its orange stripes as yellow / green / blue bands, as the VAE does to its renders: kept.
-# Session 15 (the same 64 images; `--snapshots 300 600 900` gives LoRA steps 300 / 600 / 900 / 1200 from one run):
-#   a 7200-step warmup (`--only tobi --token-warmup 1200`, 112 min): 0.55 / 0.67 / 0.58 / 0.67;
-#   no text-encoder LoRA (NO_TEXT_LORA; `--only tobi --no-text-encoder`, 58 min): 0.48 / 0.44 / 0.75 / 0.61; at 900
-#   steps and weight 0.75 0.78. Shipped: 900 steps (STEP_FACTOR 1.5), no text-encoder LoRA, STRENGTH 0.75.
-# Session 16, both together (`--only tobi --steps 800 --token-warmup 1200 --no-text-encoder --snapshots 300 600 900`,
-#   87 min): 0.45 / 0.64 / 0.67 / 0.66 at weight 1 (900 and 1200 steps at 0.75: 0.61 / 0.64), each below the shipped
-#   0.78: kept. Its ceiling (`scripts/vae_ceiling.py`: its renders through the VAE) is 0.935, so the VAE leaves room.
-# Session 16, rank 8 (alpha 8), the shipped recipe otherwise (`--only tobi --steps 800 --rank 8 --snapshots 300 600 900`,
-#   49 min): 0.58 / 0.33 / 0.67 / 0.52: no better; capacity is not what tobi lacks.
-# Identities trained without the text-encoder LoRA (UNet LoRA and learned tokens only; `--no-text-encoder` for all).
-# Session 14 found tobi's text-encoder LoRA added nothing (removed from the shipped file: 0.56 -> 0.62). gaso's does
-# add (session 15, its shipped file without the text-encoder layers: validation 0.97 -> 0.83, seeds 0-7 0.75 -> 0.62).
-NO_TEXT_LORA: set[str] = set()  # tobi while it was an ED-LoRA (sessions 15-16)
+# LR_FACTOR x LR for some concepts (none at present; an ED-LoRA drifted to other colours at 4x rates).
+LR_FACTOR: dict[str, float] = {}
+# Identities trained without the text-encoder LoRA (UNet LoRA and learned tokens only; `--no-text-encoder` for
+# all). None at present: removing gaso's text-encoder layers lowered its identity on validation seeds.
+NO_TEXT_LORA: set[str] = set()
 TOKENS = 3  # learned tokens per kohya / diffusers identity (ED-LoRA keeps Mix-of-Show's two layer-wise tokens)
 # Identities with learned tokens first train the tokens alone for TOKEN_WARMUP steps (pivotal tuning), then the
-# LoRA joins for the plan's steps. Session 9 (bench/results/quality.md since session 10, stages_tokenwarmup.md): with
-# the warmup the tokens alone draw the identity (stage oracle 0.52 vs 0.21 without), so it survives a 12-concept
-# merge (LoRACLR 0.94x own identity, vs 0.42x on LoRAs trained without it). Styles have no tokens: no warmup.
-# Session 10 shipped these (the whole plan retrained with the warmup, 88 min with both cores; it reproduced session
-# 9's files: the same identity scores image for image). rubo with 600 instead of 2400 LoRA steps after the warmup
-# (`--only rubo --steps 150`) scored less on validation seeds (0.12 against 0.19), so STEP_FACTOR stays.
+# LoRA joins for the plan's steps. With the warmup the tokens and the text encoder carry identity (stage oracle,
+# bench/results/stages_tokenwarmup.md: tokens alone 0.52 against 0.21 without), and that part survives merging
+# (bench/RESULTS.md, "Why the LoRAs train their tokens first"). Styles have no tokens: no warmup.
 TOKEN_WARMUP = 600
-# ... and some identities WARMUP_FACTOR x the warmup. Session 11 retrained three of the four identities still below
-# 0.8 with a longer warmup (`--only NAME --token-warmup 1800` or 3600) and kept each new file, which scored more on
-# validation seeds (100-103, 16 images; seeds 0-3 in brackets), 600 -> 1800 / 3600 warmup steps:
-#   pemi 0.25 (0.31) -> 0.50 (0.56) / 0.81 (0.94);  tavi 0.56 (0.75) -> 0.94 (0.62) / 0.56 (0.56);  rubo 0.19 (0.31) -> 0.25 (0.38)
-# Session 12: tobi (ED-LoRA) 600 -> 1800 (`--only tobi --token-warmup 1800`): 0.38 (0.25) -> 0.56 (0.38), shipped.
-# Session 13: tobi 1800 -> 3600 (`--only tobi --token-warmup 1200`, x6): 0.56 (0.38) -> 0.69 (0.56) on the same 16
-# images; on 32 images per seed set (`--seeds 8`) 0.41 (0.31) -> 0.62 (0.47), text 0.90 -> 0.91; shipped.
-# Session 14: gaso 600 -> 1800 (run as `--only gaso --token-warmup 1800 --steps 600` before its factor was set; now
-# `--only gaso --steps 600` trains the same; 24 min on a core), chosen on 64
-# validation images (seeds 100-107 and 200-207, `--seeds 8`, weight 1): 0.88 -> 0.97 (0.75 weight: 0.91 -> 0.95);
-# seeds 0-7: 0.66 -> 0.75; shipped.
-# Session 15: gaso 1800 -> 3600 (`--only gaso --steps 600 --token-warmup 1200 --snapshots 300 600 900`, 35 min), the
-# same 64 validation images, LoRA steps 300 / 600 / 900 / 1200: 0.75 / 0.91 / 0.94 / 0.80, each below the shipped
-# 0.97: kept.
-# tobi 3 since session 17 (it was 6 as an ED-LoRA; see SEED_OFFSET).
+# ... and some identities WARMUP_FACTOR x the warmup: those still below 0.8 identity with the standard warmup,
+# each kept at the longer warmup only where it scored more on validation seeds (e.g. pemi 0.25 -> 0.50 / 0.81
+# at 1800 / 3600 warmup steps; tavi 0.56 -> 0.94 at 1800; gaso 0.88 -> 0.97 at 1800, and no better at 3600).
 WARMUP_FACTOR = {"rubo": 3, "tavi": 3, "pemi": 6, "tobi": 3, "gaso": 3}
 # Some files are saved at STRENGTH x the trained delta (alpha scaled; the learned tokens as trained): a recommended
-# weight baked into the file, as community LoRAs publish one. Session 13 evaluated the shipped files at several
-# weights (`loraclr evaluate mini --lora rubo.safetensors:W --concepts rubo --suite single --prompts 4 --seeds 8
-# [--seed 100]`, 32 images per seed set; identity on validation seeds 100-107, seeds 0-7 in brackets): rubo's
-# learned tokens carry the identity and its full delta draws over them:
-#   weight 1.25 0.22 (0.12), 1.0 0.44 (0.41), 0.75 0.50 (0.53), 0.5 0.72 (0.78), 0.375 0.75 (0.94), 0.25 0.78 (0.97),
-#   0.125 0.91 (0.97), 0 (tokens alone) 0.97 (0.94); text alignment rises as the weight falls (0.87 -> 0.93).
-# STRENGTH is the best weight on the validation seeds that keeps a LoRA (> 0). Left at 1: tavi 1.0 0.91 (0.81), 0.75
-# 0.88 (0.88); gaso 1.0 0.91 (0.66), 0.75 0.88 (0.84), 0.5 0.88 (0.84); tobi's 3600-warmup file 1.0 0.62 (0.47),
-# 0.75 0.59 (0.53), 0.5 0.47 (0.56) (its 1800-warmup file: 1.0 0.41 (0.31), 0.75 0.56 (0.47), 0.5 0.62 (0.41)).
-# Session 15's tobi (no text-encoder LoRA, 900 steps; 64 validation images, seeds 100-107 and 200-207): 1.0 0.75,
-# 0.75 0.78: 0.75.
-# Session 16, gaso on 192 validation images (seeds 100-600): 1.0 0.96, 0.875 0.94, 0.75 0.93, 0.625 0.88, 0.5 0.82: 1.
+# weight baked into the file, as community LoRAs publish one, and recorded as the manifest's ``strength``. STRENGTH
+# is the weight that scored best on validation seeds while keeping a LoRA (> 0). rubo's learned tokens carry its
+# identity and its full delta draws over them (`loraclr evaluate mini --lora rubo.safetensors:W --concepts rubo
+# --suite single --prompts 4 --seeds 8 --seed 100`, 32 images): weight 1.25 0.22, 1.0 0.44, 0.75 0.50, 0.5 0.72,
+# 0.25 0.78, 0.125 0.91, 0 (tokens alone) 0.97; text alignment rises as the weight falls. The others are best at 1.
 # `--bake-strength` rescales an already trained file to its STRENGTH (what training it again would write).
-STRENGTH = {"rubo": 0.125}  # tobi 0.75 while it was an ED-LoRA (sessions 15-16)
-# Some concepts train from another seed: --seed + SEED_OFFSET (the renders of the training set and the training's own
-# randomness). Session 17 (one H200 for 15 min; `runs/s17`) retrained tobi, the ED-LoRA no recipe had brought to the
-# bar, as a kohya LoRA with three learned tokens like the other identities, six processes side by side
-# (`--only tobi --device cuda --snapshots 300 600 900`, ~5.5 min each; a 1800-step warmup unless said), and the
-# ED-LoRA recipe of then from two more seeds. Identity on 32 validation images (seed 100), weight 1, after 300 / 600 /
-# 900 / 1200 LoRA steps:
-#   kohya seed 0 0.25 / 0.09 / 0.38 / 0.41;  1 0.69 / 0.69 / 0.59 / 0.50;  2 0.62 / 0.66 / 0.25 / 0.09;
-#         seed 3 0.34 / 0.34 / 0.00 / 0.75;  4 0.84 / 0.81 / 0.78 / 0.75;  5 0.81 / 0.16 / 0.72 / 0.47
-#   kohya, no text-encoder LoRA, seed 0 0.41 / 0.12 / 0.72 / 0.44;  1 0.84 / 0.41 / 0.41 / 0.44;  2 0.41 / 0.72 / 0.16 / 0.09
-#   kohya, 600-step warmup, seed 0 0.81 / 0.62 / 0.84 / 0.31;  3600-step warmup, seed 0 (on a CPU core, 32 min)
-#         0.34 / 0.06 / 0.59 / 0.59
-#   ED-LoRA (1800 warmup, LR_FACTOR 0.5, no text-encoder LoRA), seed 1 0.41 / 0.66 / 0.84 / 0.78;  2 0.41 / 0.69 / 0.38 / 0.28
-# The seed moves a recipe as much as any change tried since session 8 (0.09 to 0.84). The seven best, on seeds 100-400
-# (128 images): kohya seed 4 at 300 steps 0.89, no-text-encoder seed 1 at 300 0.83, seed 5 at 300 0.81, the 600
-# warmup at 300 0.81 and at 900 0.80, seed 4 at 600 0.80, ED-LoRA seed 1 at 900 0.79; the shipped ED-LoRA 0.78.
-# Chosen: kohya seed 4, 300 LoRA steps (STEP_FACTOR 0.5, WARMUP_FACTOR 3); on seeds 500-600, not used to choose, 0.89.
-# The same plan on a CPU core (`--only tobi --steps 600`, 17 min) computes in another float order and trains another
-# file (weights differ by up to 0.14), which scores as well: 0.93 on seeds 100-600 (the GPU file 0.89). That one is
-# shipped, so the plan's command reproduces it without a GPU; on the test images (seeds 0-31) it scores 0.88.
+STRENGTH = {"rubo": 0.125}
+# Some concepts train from another seed: --seed + SEED_OFFSET (the renders of the training set and the training's
+# own randomness). For tobi the seed moved the result more than any recipe change tried: the same kohya recipe
+# scored 0.09 to 0.84 on 32 validation images across seeds 0-5 and snapshots; seed 4 at 300 LoRA steps scored
+# 0.89 on 128 validation images and 0.89 again on 64 held back from the choice. A GPU and a CPU compute in
+# different float orders and train different files from the same seed; the shipped file is the CPU run of this
+# plan, so `--only tobi --steps 600` reproduces it without a GPU.
 SEED_OFFSET = {"tobi": 4}
+
 SUFFIX = {"kohya": ".safetensors", "diffusers": ".safetensors", "edlora": ".pth"}
 
 

@@ -43,8 +43,8 @@ def main(argv=None) -> int:
     p.add_argument("--size", default="mini", choices=["mini", "tiny"], help="tiny: a smoke test of the script")
     p.add_argument("--device", default="cpu", help="cpu or cuda: where the VAE, encoder and base train")
     p.add_argument("--workers", type=int, default=0,
-                   help="processes rendering the scene pools in seeded chunks (0 = the sequential session-1 "
-                        "dataset; >0 changes which scenes are drawn, not how many)")
+                   help="processes rendering the scene pools in seeded chunks (0 = one sequential stream of "
+                        "scenes; >0 changes which scenes are drawn, not how many)")
     p.add_argument("--vae-pool", type=int, default=0,
                    help="VAE: draw batches from this many pre-rendered scenes (0 = render every batch)")
     p.add_argument("--vae-batch", type=int, default=32)

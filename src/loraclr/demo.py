@@ -17,13 +17,10 @@ When the world's evaluators are not built yet, images and the grid are still mad
 metrics were skipped. A missing base model raises the ``FileNotFoundError`` of
 :func:`loraclr.world.model.base_model_path`.
 
-Budget, measured 2026-11-25 on the 2-core machine under a load average of 8 (one torch thread), in CPU
-seconds, which is what a quiet core would take: a quick-LoRA step (batch 8, mini SD) ~0.5, a 64 px image with
-20 DDIM steps and guidance ~0.8, a LoRACLR merge of 3 concepts ~3.4, loading a model ~1. The whole default
-demo with quick LoRAs (3 x 100 steps, 52 scored images): 229 CPU s (`/usr/bin/time`: user time), i.e.
-about 4 minutes on one quiet core; it took 11.4 min of wall time on the loaded machine (33 % of a core).
-`loraclr demo --out /tmp/demo-check` on the committed base (step 457 of 3000): 207 CPU s, 10.6 min wall at
-32 % of a core (quick LoRAs 451 s, merge 8 s, images and metrics 159 s of wall time).
+Budget, in CPU seconds (what one quiet core takes): a quick-LoRA step (batch 8, mini SD) ~0.5, a 64 px image
+with 20 DDIM steps and guidance ~0.8, a LoRACLR merge of 3 concepts ~3.4, loading a model ~1. The whole default
+demo with quick LoRAs (3 x 100 steps, 52 scored images) takes about 4 CPU minutes, most of it training; with the
+shipped LoRAs there is no training and the suites are larger.
 """
 
 from __future__ import annotations
