@@ -172,12 +172,12 @@ def test_a_full_image_region_replaces_the_prompt(family, mode, sd1, sdxl):
         _, pooled = encode(pipe, ["a red cat"])
         plain_b = pipe(prompt_embeds=states, pooled_prompt_embeds=pooled, negative_prompt="", guidance_scale=3.0,
                        num_inference_steps=4, height=16, width=16, generator=torch.Generator().manual_seed(0)).images
-    plan = RegionalPlan((Region(FULL, "a blue dog"),), mode=mode)
+    plan = RegionalPlan((Region(FULL, "a blue dog"),), mode=mode, start=0.0)
     assert_same(generate(model, ["a red cat"], regions=plan, **KW), plain_b)
-    same = RegionalPlan((Region(FULL, "a red cat"),), mode=mode)
+    same = RegionalPlan((Region(FULL, "a red cat"),), mode=mode, start=0.0)
     assert_same(generate(model, ["a red cat"], regions=same, **KW), plain_a)
     # two full boxes with the same prompt average to that prompt
-    twice = RegionalPlan((Region(FULL, "a blue dog"), Region(FULL, "a blue dog")), mode=mode)
+    twice = RegionalPlan((Region(FULL, "a blue dog"), Region(FULL, "a blue dog")), mode=mode, start=0.0)
     assert_same(generate(model, ["a red cat"], regions=twice, **KW), plain_b)
 
 
@@ -206,7 +206,7 @@ def test_outside_the_boxes_nothing_changes(mode, sd1):
     from loraclr.regional import encode_regions, regional_sampling
 
     model = Model(sd1)
-    plan = RegionalPlan((Region((0, 0, 0.5, 1), "a blue dog"),), mode=mode)
+    plan = RegionalPlan((Region((0, 0, 0.5, 1), "a blue dog"),), mode=mode, start=0.0)
     enc = encode_regions(model, plan.regions)
     glob, _ = encode(sd1, ["a red cat"])
     reg, _ = encode(sd1, ["a blue dog"])
@@ -234,7 +234,7 @@ def test_outside_the_boxes_nothing_changes(mode, sd1):
 def test_regions_leave_no_hooks(mode, sd1):
     model = Model(sd1)
     procs = {n: type(m.processor) for n, m in cross_attention_modules(sd1.unet)}
-    left = RegionalPlan((Region((0, 0, 0.5, 1), "a blue dog"),), mode=mode)
+    left = RegionalPlan((Region((0, 0, 0.5, 1), "a blue dog"),), mode=mode, start=0.0)
     assert_differ(generate(model, ["a red cat"], regions=left, **KW), generate(model, ["a red cat"], **KW))
     assert {n: type(m.processor) for n, m in cross_attention_modules(sd1.unet)} == procs
     assert not sd1.unet._forward_hooks and not sd1.unet._forward_pre_hooks
@@ -242,8 +242,8 @@ def test_regions_leave_no_hooks(mode, sd1):
 
 def test_region_negative_prompt_is_used(sd1):
     model = Model(sd1)
-    base = RegionalPlan((Region(FULL, "a blue dog"),))
-    neg = RegionalPlan((Region(FULL, "a blue dog", negative="a green bird"),))
+    base = RegionalPlan((Region(FULL, "a blue dog"),), start=0.0)
+    neg = RegionalPlan((Region(FULL, "a blue dog", negative="a green bird"),), start=0.0)
     assert_same(generate(model, ["x"], regions=neg, **KW),
                 generate(model, ["a blue dog"], negative="a green bird", **KW))
     assert_differ(generate(model, ["x"], regions=neg, **KW), generate(model, ["x"], regions=base, **KW))
@@ -256,12 +256,12 @@ def test_noise_mode_with_a_lora_per_region_equals_that_lora_alone(tmp_path):
     model = Model(pipe)
     with apply_layers(pipe, lora.layers):
         expected = generate(model, ["a blue dog"], **KW)
-    plan = RegionalPlan((Region(FULL, "a blue dog"),), mode="noise")
+    plan = RegionalPlan((Region(FULL, "a blue dog"),), mode="noise", start=0.0)
     got = generate(model, ["a red cat"], regions=plan, region_layers=[lora.layers], **KW)
     assert_same(got, expected)
     assert_differ(got, generate(model, ["a blue dog"], **KW))
     with pytest.raises(ValueError, match="need the noise or area mode"):
-        generate(model, ["a red cat"], regions=RegionalPlan(plan.regions), region_layers=[lora.layers], **KW)
+        generate(model, ["a red cat"], regions=RegionalPlan(plan.regions, start=0.0), region_layers=[lora.layers], **KW)
 
 
 def test_layerwise_tokens_in_region_prompts():
@@ -275,7 +275,7 @@ def test_layerwise_tokens_in_region_prompts():
     model = Model(pipe, table, {"vee": table.tokens[0].name})
     plain = generate(model, ["a {vee} dog"], **KW)
     for mode in ("attention", "noise"):
-        got = generate(model, ["a red cat"], regions=RegionalPlan((Region(FULL, "a {vee} dog"),), mode=mode), **KW)
+        got = generate(model, ["a red cat"], regions=RegionalPlan((Region(FULL, "a {vee} dog"),), mode=mode, start=0.0), **KW)
         assert_same(got, plain)
     # the recipe's own token name is rewritten to the merged one
     assert_same(generate(model, ["a <v1> dog"], **KW), plain)
@@ -287,11 +287,11 @@ def test_prompt_checks_before_sampling(tiny_sd1):
     h = tiny_sd1.unet.register_forward_pre_hook(lambda *a: calls.append(1))
     try:
         with pytest.raises(ValueError, match=r"region 1 prompt .*unknown concept \{tobi\}; known: \{rubo\}"):
-            generate(model, ["a cat"], regions=RegionalPlan((Region(FULL, "{tobi} cat"),)), **KW)
+            generate(model, ["a cat"], regions=RegionalPlan((Region(FULL, "{tobi} cat"),), start=0.0), **KW)
         with pytest.raises(ValueError, match=r"unknown token '<nope>'"):
             generate(model, ["a <nope> cat"], **KW)
         with pytest.raises(ValueError, match=r"region 2 prompt .* tokens, the text encoder reads 77"):
-            generate(model, ["a cat"], regions=RegionalPlan((Region(FULL, "a"), Region(FULL, "cat " * 90))), **KW)
+            generate(model, ["a cat"], regions=RegionalPlan((Region(FULL, "a"), Region(FULL, "cat " * 90)), start=0.0), **KW)
     finally:
         h.remove()
     assert not calls  # nothing was sampled

@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 Box = tuple[float, float, float, float]  # (x0, y0, x1, y1) as fractions of width / height
 MODES = ("attention", "noise", "area")
 DEFAULT_MODE = "attention"  # see docs/regions.md for the measurements behind the defaults
-DEFAULT_START = 0.0
+DEFAULT_START = 0.4  # the global prompt lays out the scene first (docs/regions.md)
 MAX_REGIONS = 16  # every region costs a batch entry per cross-attention call (attention) or per step (noise)
 MIN_COVERAGE = 0.5  # a box must cover at least half of one cell of every grid it acts on
 
