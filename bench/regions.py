@@ -146,7 +146,8 @@ class Runner:
         from loraclr.merging import merge_model
 
         a = self.args
-        out: dict = {"n": n, "subset": k, "concepts": list(names), "method": method, "modes": {}}
+        out: dict = {"n": n, "subset": k, "concepts": list(names), "method": method, "modes": {},
+                     "argv": sys.argv[1:], "settings": {k_: v for k_, v in vars(a).items() if k_ != "out"}}
         t = time.perf_counter()
         if method == REFERENCE:
             source = OwnLorasPerRegion("mini", [self.specs[x] for x in names], allow_pickle=True)
@@ -159,7 +160,7 @@ class Runner:
         for mode in modes:
             res, secs = self.suite(source, names, "multi", mode)
             out["modes"][mode] = {"records": res["images"], "seconds": secs, "images": len(res["images"])}
-        if method != REFERENCE and n == len(self.specs):
+        if method != REFERENCE and n == len(self.specs) and "none" in modes:
             res, secs = self.suite(source, names, "single", None)
             out["single"] = {"records": res["images"], "seconds": secs}
         return out
@@ -170,14 +171,15 @@ def units(args, names: list[str]) -> list[tuple[int, int, tuple[str, ...], str]]
     for n in args.ns:
         n = min(n, len(names))
         for k, subset in enumerate(draw_subsets(names, n, args.subsets if n == 2 else args.large_subsets, args.seed)):
-            for method in [*args.methods, REFERENCE]:
+            for method in [*args.methods, *([REFERENCE] if args.reference else [])]:
                 out.append((n, k, subset, method))
     return out
 
 
 def unit_path(args, u) -> Path:
     n, k, _, method = u
-    return Path(str(args.out) + ".partial") / f"n{n}-s{k}-{method}.json"
+    modes = "noise" if method == REFERENCE else "_".join(args.modes)
+    return Path(str(args.out) + ".partial") / f"n{n}-s{k}-{method}-{modes}.json"
 
 
 def timing(args) -> dict:
@@ -217,6 +219,9 @@ def fmt(s: dict | None) -> str:
 
 
 def report(args, all_units: list[dict], timing_res: dict | None) -> tuple[dict, str]:
+    # the runs' own settings, not the report call's
+    args = argparse.Namespace(**{**vars(args), **all_units[0].get("settings", {})})
+    commands = sorted({" ".join(u.get("argv", [])) for u in all_units})
     cells: dict = {}
     singles: dict = {}
     for u in all_units:
@@ -228,8 +233,9 @@ def report(args, all_units: list[dict], timing_res: dict | None) -> tuple[dict, 
     single = {m: stat([float(x) for r in recs for x in r["identity"] if x is not None]) for m, recs in singles.items()}
     lines = [
         "# Multi-concept images with regions (miniature world)\n",
-        f"Command: `python bench/regions.py {' '.join(sys.argv[1:])}` (shards joined with `--report`); commit "
-        f"{git_commit()}; {platform.processor() or platform.machine()}, torch {torch.__version__}.\n",
+        "Commands: " + "; ".join(f"`python bench/regions.py {c}`" for c in commands) +
+        f", joined by `python bench/regions.py --report`; commit {git_commit()}; "
+        f"{platform.processor() or platform.machine()}, torch {torch.__version__}.\n",
         f"Merged N: {args.ns} (N = 2: {args.subsets} random pairs of concepts; other N: {args.large_subsets} "
         f"subset(s); N = all: one). Per subset {args.pairs} pair prompts and {args.triples} triple prompts (N >= 3) "
         f"x {args.seeds} seeds, seed {args.seed}; 25 steps, guidance 7.5. Region prompts '{{c}} on the left "
@@ -309,10 +315,12 @@ def main(argv=None) -> int:
                    "(default: loraclr.regional.DEFAULT_START)")
     p.add_argument("--subsets", type=int, default=12, help="random pairs at N = 2")
     p.add_argument("--large-subsets", type=int, default=1, help="random subsets at 2 < N < all")
-    p.add_argument("--pairs", type=int, default=12, help="pair prompts per subset (N >= 3)")
+    p.add_argument("--pairs", type=int, default=16, help="pair prompts per subset (N >= 3)")
     p.add_argument("--triples", type=int, default=8, help="triple prompts per subset (N >= 3)")
     p.add_argument("--prompts", type=int, default=2, help="single-suite prompts per concept (N = all)")
     p.add_argument("--seeds", type=int, default=4)
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help=f"skip the {REFERENCE} reference (e.g. in a second run that adds modes)")
     p.add_argument("--seed", type=int, default=1000, help="first seed (the defaults were chosen on seeds 0-3)")
     p.add_argument("--manifest")
     p.add_argument("--shard", default="0/1", help="K/M: run every M-th unit from K")
