@@ -18,10 +18,8 @@ Ablations (``--ablations``): on one fixed subset (N = 5 or the largest below), L
 at a time. ``--ablation-mode paper``: around the official recipe, margin, lambda_reg, solver steps (AdamW) and
 which layers LoRACLR merges (text encoder / + cross-attention k, v / all; the other layers take the naive sum of
 deltas). ``--ablation-mode converged``: around the recommended preset of ``loraclr merge``
-(``loraclr.recipe.RECOMMENDED``: converged, anchored at the mean of the deltas, ridge 0.1 since session 9; before:
-anchored at the sum, ridge 0.01 in sessions 7-8, 0.1 before),
-margin, lambda_reg, ridge and layers
-(no steps: it runs to convergence). Per row: the suites' alignments and the mean fraction of active
+(``loraclr.recipe.RECOMMENDED``: converged, anchored at the mean of the deltas, ridge 0.1), margin, lambda_reg,
+ridge and layers (no steps: it runs to convergence). Per row: the suites' alignments and the mean fraction of active
 hinge terms per layer type (layers LoRACLR merged only).
 
 Outputs: ``<out>.json`` (every number and per-image score, settings, seeds, subsets, git commit, the manifest's
@@ -31,14 +29,13 @@ base step, timings per merge and per evaluation), ``<out>.md`` (one table per N,
 ``--resume`` continues from it (same manifest and sizes only); ``--extend <old>.json`` reuses a finished run's
 units (e.g. to add N or methods to it, or to join runs made in parallel).
 
-Cost (2026-11-25, the 2-core machine under a load average of ~4, one torch thread, mini SD at 64 px): an image
-with 25 steps and guidance, scored: 1.24 CPU s (2.3 s wall). Merge wall seconds at N = 1 / 2 / 3: sum, average,
+Cost (one torch thread, mini SD at 64 px): an image with 25 steps and guidance, scored: about 1.2 CPU s. Merge wall seconds at N = 1 / 2 / 3: sum, average,
 svd, ties, dare 0.3-1.7; lstsq 1.9 / 2.3 / 4.8; converged (any ridge) 2-4 / 2-3 / 4-5; converged with
 normalize 3 / 16 / 46; converged with token distances 4 / 102 / 129 (majorise-minimise steps once hinges fire);
 paper 9 / 17 / 35 (50 AdamW steps per layer). Images per (subset, method): N x prompts x seeds single +
 (pairs + triples) x seeds multi. The default run (12 identities, 14 subsets, 16 methods, ~8900 images) is
 about 3 h of images on a quiet core plus ~1-2 h of merges (token and paper modes at N = 8, 12 dominate);
-``--resume`` spreads it over sessions.
+``--resume`` spreads it over several runs.
 
     python bench/quality.py                            # the N sweep, every method (hours: see the .md's cost)
     python bench/quality.py --ablations --methods loraclr-paper,loraclr-conv,sum
@@ -82,8 +79,8 @@ METHODS: dict[str, tuple[str, dict]] = {
     "loraclr-conv-mean-ridge1e-1": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1}),
     "loraclr-conv-mean-ridge1": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1.0}),
     # the same with another feature run: "features" (popped by Bench.recipe) overrides the recipe's feature
-    # settings; fsK = K steps, sp1 / sp2 = one / both feature prompts drive it. The merge's default since session
-    # 12 is fs5-sp2; fs10 is the default of sessions 9-11 (in bench/results/quality_defaults.md, which ran with
+    # settings; fsK = K steps, sp1 / sp2 = one / both feature prompts drive it. The merge's default is
+    # fs5-sp2; fs10 is the official-style run of one prompt (in bench/results/quality_defaults.md, which ran with
     # the sizes' feature_steps at 10, the plain label is fs10 and fs5 is fs5-sp1)
     "loraclr-conv-mean-ridge1e-1-fs10": ("loraclr", {**CONV, "anchor": "mean", "ridge": 1e-1,
                                                      "features": {"steps": 10, "spatial_prompts": 1}}),

@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--deltas", default="factors", choices=["factors", "dense"],
                     help="solve part: deltas as LoRA factors (what loraclr merge passes; the converged solve's "
-                    "factored closed form applies) or dense (out, in) tensors (session-4 results)")
+                    "factored closed form applies) or dense (out, in) tensors")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (solve part: this process)")
     # solve part
     ap.add_argument("--solve-methods", default=",".join(SOLVE_METHODS))
