@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraclr.merge.api import get_method
+
 log = logging.getLogger(__name__)
 
 # The round red group of the world (scenes.CONCEPTS): same body shape and colour, told apart only by
@@ -44,9 +46,6 @@ DEFAULT_CONCEPTS = ("rubo", "rika", "rono")
 DEMO_REGIONS = "attention"
 DEMO_STRUCTURE: str | None = None
 
-METHOD_LABELS = {"loraclr": "LoRACLR merge", "lstsq": "lstsq merge", "sum": "sum merge",
-                 "average": "average merge", "svd": "svd merge", "ties": "ties merge", "dare": "dare merge",
-                 "none": "tokens only"}
 SINGLE, NAIVE = "single", "naive"
 # Suite sizes by measurement (module docstring): with quick LoRAs, training takes ~170 of ~230 CPU s, so the
 # suites stay small (52 images); shipped LoRAs leave the time to more images (132) for tighter intervals.
@@ -125,8 +124,6 @@ class DemoConfig:
             raise ValueError("demo: name at least one merge method")
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"demo: methods listed twice: {list(self.methods)}")
-        from loraclr.merge.methods import get_method
-
         for m in self.methods:
             get_method(m)  # KeyError naming the known methods
         q = self.quick
@@ -544,7 +541,7 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
         # 2. naive stacking and 3. the merged models: both suites
         models = [(NAIVE, lambda: load_with_loras(str(base_dir), [(str(s.file), 1.0) for s in specs],
                                                   allow_pickle=allow_pickle), "naive stack (sum of LoRA deltas)")]
-        models += [(m, lambda m=m: load_merged(merged[m]), METHOD_LABELS.get(m, f"{m} merge")) for m in config.methods]
+        models += [(m, lambda m=m: load_merged(merged[m]), get_method(m).label) for m in config.methods]
         for key, load, label in models:
             src = source_for(load(), label)
             if scorer is not None:
@@ -556,7 +553,7 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
 
         # outputs
         labels = {SINGLE: COLUMN_LABELS[SINGLE], NAIVE: COLUMN_LABELS[NAIVE],
-                  **{m: METHOD_LABELS.get(m, f"{m} merge") for m in config.methods}}
+                  **{m: get_method(m).label for m in config.methods}}
         row_labels = [p.template.format(**{n: n for n in names}) for p in grid_prompts]
         footer = ("QUICK LoRAs on a " if quick else "shipped LoRAs, ") + base_note + \
             f"; seed {config.seed}, {config.steps} steps, guidance {config.guidance:g}"

@@ -5,7 +5,7 @@ Two input forms are accepted:
 * a YAML (or JSON) mapping::
 
       base: path/to/diffusers-folder | path/to/model.safetensors | mini
-      method: loraclr                  # = RECOMMENDED["loraclr"]; or {name: loraclr, mode: paper, ...settings}
+      method: loraclr                  # its registry preset; or {name: loraclr, mode: paper, ...settings}
       concepts:
         - name: alice
           lora: loras/alice.safetensors
@@ -31,6 +31,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loraclr.merge.api import all_methods, resolve_settings
 
 DEFAULT_PROMPTS = ("photo of a {trigger}", "{trigger}")  # the official code's two templates
 PRECISIONS = ("float32", "bfloat16", "float16")
@@ -79,32 +81,28 @@ class Concept:
 
 @dataclass(frozen=True)
 class FeatureSettings:
-    """How features are collected (DESIGN.md §2). Defaults are chosen for a CPU.
+    """How features are collected (the merge's stages: :mod:`loraclr.merging`). Defaults are chosen for a
+    CPU; bench/RESULTS.md has the measurements behind them.
 
     steps: sampling steps of the per-concept run for the spatial UNet layers (official: 20 DPM-Solver steps;
         every step is recorded). 5 by default, with ``spatial_prompts`` 2: the same UNet forwards as the
-        official single prompt at 10 steps, spent on two layouts instead of finer steps. Why (session 12,
-        bench/results/quality_defaults.md, N = 5 / 8 / 12, 408 paired images): 5 steps x 2 prompts kept more
-        identity than 10 steps x 1 prompt (+0.049 recognised, interval +0.020 to +0.078; distance to the
-        identity -0.003); 5 steps x 1 prompt scored the same as 10 x 1 (+0.007), 20 x 1 no better (N = 12).
-        Rows beyond ``max_rows`` are subsampled anyway, so more steps mostly cost time.
+        official single prompt at 10 steps, spent on two layouts instead of finer steps, which kept more
+        identity in the benchmark. Rows beyond ``max_rows`` are subsampled anyway, so more steps mostly cost
+        time.
     resolution: image side in pixels for that run; None = the model's native size (unet sample_size x VAE
         scale factor: 512 for SD 1.5, as the official code) capped at ``max_resolution``.
-    max_resolution: cap on that native size (None: no cap, the official setting). 256 by default, and why:
-        the spatial run costs concepts x steps UNet forwards, and one SD 1.5 forward at 512 px takes 16-19 s
-        on one CPU thread (256 px: 3.8 s, 128 px: 1.8 s; bench/merge_micro.py unet), so 12 concepts x 10
-        steps at 512 px alone are ~35 min, at 256 px ~8 min. The trade-off: features below the native
-        resolution are a proxy. Every layer still sees the concept's prompt through its own LoRA, but on a
-        4x smaller latent (SD 1.5: 32x32 instead of 64x64, 16 instead of 64 positions in the deepest blocks),
-        where self-attention mixes fewer positions and the model is off its training distribution, so the
-        input statistics X_i differ from those of a 512 px generation by an amount nobody has measured on
-        real SD 1.5 weights (none are available here). Set ``max_resolution: null`` (or ``resolution``) for
-        the native size where time allows, e.g. on a GPU. A no-op below the cap (the miniature world: 64 px).
+    max_resolution: cap on that native size (None: no cap, the official setting). 256 by default, because
+        the spatial run costs concepts x steps UNet forwards, and a forward's cost grows with the pixels. The
+        trade-off: features below the native resolution are a proxy. Every layer still sees the concept's
+        prompt through its own LoRA, but on a smaller latent, where self-attention mixes fewer positions and
+        the model is off its training distribution, so the input statistics X_i differ from those of a
+        native-size generation. Set ``max_resolution: null`` (or ``resolution``) for the native size where
+        time allows, e.g. on a GPU. A no-op below the cap (the miniature world: 64 px).
     seed: seed of the sampling run's initial noise (the official code is unseeded).
     precision: dtype of the sampling run ("bfloat16" autocasts on CPU; rows are stored in fp32 either way).
-        float32 by default: bf16 autocast measured 1.2-1.9x faster for an SD 1.5 forward at 128-512 px on a
-        CPU with AVX512-BF16, but slower on the miniature world's 64 px model, and without bf16 instructions
-        it falls back to slow emulation; for SD-sized models on such a CPU, "bfloat16" is the faster choice.
+        float32 by default: bf16 autocast helps SD-sized models only on a CPU with bf16 instructions, is
+        slower on the miniature world's small model, and without those instructions falls back to slow
+        emulation.
     max_rows: cap on the rows kept per layer per concept (deterministic subsample, same positions for every
         concept so blocks stay aligned); 0 = keep all.
     gram: also accumulate the exact fp32 statistics X^T X over *all* rows (memory: d_in^2 per layer and
@@ -117,10 +115,9 @@ class FeatureSettings:
     text_encoder_rows: rows of the text-encoder merge: "prompt" (official: every unpadded token) or
         "padded" (every position, padding included; the default).
         Why not the official rows by default: the UNet attends to all 77 positions, and a solve that never
-        saw the padding positions leaves them unconstrained. Measured on tiny SD1 with three random LoRAs
-        (tests/test_merge_cli.py): with the official rows the merged model's noise prediction was further
-        from each concept's own model than the naive sum (rel. error 0.22-0.28 vs 0.20-0.24); with padded
-        rows it was closer (0.13-0.14 vs 0.20-0.24). Use "prompt" / "trigger" for the paper's recipe.
+        saw the padding positions leaves them unconstrained; with padded rows the merged model's noise
+        prediction is closer to each concept's own model than the naive sum (tests/test_merge_cli.py), with
+        the official rows it is not. Use "prompt" / "trigger" for the paper's recipe.
     """
 
     steps: int = 5
@@ -135,23 +132,14 @@ class FeatureSettings:
     text_encoder_rows: str = "padded"
 
 
-# What ``loraclr`` means in a recipe that names no mode: the settings bench/quality.py found best in the
-# miniature world (session 9, bench/results/quality.md: anchored at the mean of the deltas, ridge 0.1, the most
-# identity averaged over N = 2-12 (0.41 against 0.37 for the session-7/8 preset, anchor "sum" with ridge 0.01,
-# which falls below averaging from N = 8 on), at least as much as ``average`` and ``lstsq`` at every N >= 5, and
-# text within 0.02 of the own LoRAs at every N where the sum-anchored preset lost 0.07 at N = 12; ~10x faster than
-# paper mode).
-# Any explicit ``mode`` starts from the method's own defaults instead, i.e. the official objective
-# (``mode: paper`` = the official recipe).
-RECOMMENDED = {"loraclr": {"mode": "converged", "anchor": "mean", "ridge": 0.1}}
+# Each method's preset (what a recipe naming no mode gets) lives in its registry entry
+# (:class:`loraclr.merge.api.MergeMethod`); this is a read-only view of them by method name.
+RECOMMENDED = {name: dict(m.preset) for name, m in all_methods().items() if m.preset}
 
 
 def with_recommended(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` completed with the recommended preset of ``name`` when they name no mode."""
-    preset = RECOMMENDED.get(name)
-    if preset is None or "mode" in settings:
-        return dict(settings)
-    return {**preset, **settings}
+    return resolve_settings(name, settings)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,36 @@ def test_registry_lists_every_method():
     assert get_method("loraclr").needs_features and get_method("lstsq").needs_features
 
 
+def test_registry_is_the_one_source_of_presets_labels_and_help():
+    """The recipe's preset, the CLI's help and the demo's labels are read from the registry entries."""
+    import dataclasses
+
+    from loraclr.cli import build_parser
+    from loraclr.merge.api import MergeMethod, all_methods, resolve_settings
+    from loraclr.recipe import RECOMMENDED, MethodSpec
+
+    methods = all_methods()
+    assert RECOMMENDED == {n: dict(m.preset) for n, m in methods.items() if m.preset} == {
+        "loraclr": {"mode": "converged", "anchor": "mean", "ridge": 0.1}}
+    assert MethodSpec("loraclr", {"margin": 0.25}).resolved == {**RECOMMENDED["loraclr"], "margin": 0.25}
+    assert MethodSpec("loraclr", {"mode": "paper"}).resolved == {"mode": "paper"}  # a mode: no preset
+    assert resolve_settings("not-registered", {"x": 1}) == {"x": 1}
+    assert get_method("loraclr").label == "LoRACLR merge" and get_method("none").label == "tokens only"
+    assert get_method("ties").label == "ties merge"  # the default label
+    assert all(m.summary and m.reference for m in methods.values())
+    help_text = " ".join(build_parser(["merge"])._subparsers._group_actions[0].choices["merge"].format_help().split())
+    for m in methods.values():
+        assert f"{m.name} = {' '.join(m.summary.split())}" in help_text
+    # keyword fields beyond the first five; the preset cannot be changed through the entry
+    with pytest.raises(TypeError):
+        MergeMethod("x", None, object, False, "ref", "summary")
+    spec = MergeMethod(name="x", fn=None, config_cls=object, needs_features=False, reference="r", preset={"a": 1})
+    with pytest.raises(TypeError):
+        spec.preset["a"] = 2
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.label = "y"
+
+
 def test_make_config_defaults_and_overrides():
     cfg = make_config("loraclr")
     assert (cfg.mode, cfg.margin, cfg.lambda_con, cfg.lambda_mse, cfg.lambda_reg) == (

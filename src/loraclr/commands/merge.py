@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from loraclr.merge.api import all_methods, describe_settings, get_method
 from loraclr.runtime import PRECISION_NAMES, add_runtime_arguments, apply_runtime, quiet_libraries
 
 
@@ -14,10 +15,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--out", required=True, help="output folder (must not exist, nor lie inside an input)")
     p.add_argument("--base", help="base model: diffusers folder, checkpoint file or 'mini' (overrides the recipe)")
     p.add_argument("--base-config", help="diffusers folder with the configs of a single-file base checkpoint")
-    p.add_argument("--method", help="merge method (loraclr, lstsq, sum, average, svd, ties, dare; "
-                   "none = learned tokens only, a reference)")
+    p.add_argument("--method", help="merge method: " + "; ".join(f"{m.name} = {m.summary}"
+                                                               for m in all_methods().values()))
     p.add_argument("--mode", help="loraclr mode: paper (official recipe) or converged (official objective, exact); "
-                   "default: the recipe's, else the recommended preset (converged, anchor mean, ridge 0.1)")
+                   "default: the recipe's, else the recommended preset "
+                   f"({describe_settings(get_method('loraclr').preset)})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a method setting, e.g. --set margin=0.25 (repeatable; values parsed as YAML)")
     p.add_argument("--rank", type=int, help="rank of the exported merged LoRA")

@@ -14,8 +14,9 @@ Shapes (convolutions are flattened: in = in_channels * kh * kw, and their inputs
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import KW_ONLY, dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -89,14 +90,34 @@ MethodFn = Callable[..., LayerResult]  # fn(problem: LayerProblem, config, callb
 
 @dataclass(frozen=True)
 class MergeMethod:
-    """A registered method. ``config_cls`` is a frozen dataclass of its settings (defaults = recommended)."""
+    """A registered method: everything the rest of the package says about it comes from here (the recipe's
+    preset, the CLI's help, the demo's and reports' labels). Write the fields as keywords.
+
+    name: the registry name (recipes, ``--method``). fn: the pure per-layer function
+    ``fn(problem, config, callback) -> LayerResult``. config_cls: a frozen dataclass of its settings (field
+    defaults = the paper's / reference's values). needs_features: True if it reads X (or gram), False if W0
+    and deltas are enough. reference: the paper / code it follows. summary: one line of what it computes
+    (CLI help). label: how images and tables name its merges (default: "<name> merge"). preset: the settings a
+    recipe gets when it names the method without a ``mode`` (empty: the config's defaults), see
+    :func:`resolve_settings`.
+    """
 
     name: str
     fn: MethodFn
     config_cls: type
-    needs_features: bool  # True: needs X (or gram); False: W0 and deltas are enough
-    reference: str  # paper / code the method follows
+    needs_features: bool
+    reference: str
+    # The five fields above may still be given by position (bench/stages.py registers a probe that way);
+    # the rest only by keyword.
+    _: KW_ONLY
     summary: str = ""
+    label: str = ""
+    preset: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self):
+        if not self.label:
+            object.__setattr__(self, "label", f"{self.name} merge")
+        object.__setattr__(self, "preset", MappingProxyType(dict(self.preset)))  # frozen all the way
 
 
 METHODS: dict[str, MergeMethod] = {}
@@ -118,6 +139,27 @@ def get_method(name: str) -> MergeMethod:
         raise ValueError(f"unknown merge method {name!r}; choose one of {sorted(METHODS)}") from None
 
 
+def all_methods() -> dict[str, MergeMethod]:
+    """Every registered method by name (the built-in ones loaded)."""
+    _load_builtin_methods()
+    return dict(METHODS)
+
+
+def resolve_settings(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a merge with method ``name`` uses: ``settings`` on top of the method's preset when they
+    name no ``mode``; any explicit mode starts from the config's own defaults (for ``loraclr``, ``mode:
+    paper`` is the official recipe). Unknown names pass through (the merge reports them)."""
+    method = all_methods().get(name)
+    if method is None or not method.preset or "mode" in settings:
+        return dict(settings)
+    return {**method.preset, **settings}
+
+
+def describe_settings(settings: Mapping[str, Any]) -> str:
+    """``{"mode": "converged", "ridge": 0.1}`` -> ``"mode converged, ridge 0.1"`` (help texts, labels)."""
+    return ", ".join(f"{k} {v}" for k, v in settings.items())
+
+
 def _load_builtin_methods() -> None:
-    # Importing the modules registers their methods (kept lazy to avoid import cycles).
+    # The built-in methods import this module to register themselves, so they are loaded on first lookup.
     import loraclr.merge.methods  # noqa: F401

@@ -223,54 +223,64 @@ def merge_dare(problem: LayerProblem, config: DareConfig, callback: Callback | N
     return _result(problem, offset)
 
 
-register(MergeMethod("sum", merge_sum, DeltaConfig, False, "naive LoRA stacking", "exact sum of the deltas"))
 register(
     MergeMethod(
-        "average",
-        merge_average,
-        DeltaConfig,
-        False,
-        "FedAvg (McMahan et al. 2017; Mix-of-Show baseline)",
-        "mean of the deltas",
+        name="sum",
+        fn=merge_sum,
+        config_cls=DeltaConfig,
+        needs_features=False,
+        reference="naive LoRA stacking",
+        summary="exact sum of the deltas",
     )
 )
 register(
     MergeMethod(
-        "none",
-        merge_none,
-        DeltaConfig,
-        False,
-        "reference: the base weights plus the concepts' learned tokens",
-        "no LoRA weight (learned tokens only)",
+        name="average",
+        fn=merge_average,
+        config_cls=DeltaConfig,
+        needs_features=False,
+        reference="FedAvg (McMahan et al. 2017; Mix-of-Show baseline)",
+        summary="mean of the deltas",
     )
 )
 register(
     MergeMethod(
-        "svd",
-        merge_svd,
-        SvdConfig,
-        False,
-        "PEFT add_weighted_adapter(combination_type='svd')",
-        "sum of the deltas truncated to a rank",
+        name="none",
+        fn=merge_none,
+        config_cls=DeltaConfig,
+        needs_features=False,
+        reference="reference: the base weights plus the concepts' learned tokens",
+        summary="no LoRA weight (learned tokens only)",
+        label="tokens only",
     )
 )
 register(
     MergeMethod(
-        "ties",
-        merge_ties,
-        TiesConfig,
-        False,
-        "TIES-merging, Yadav et al. 2023 (arXiv 2306.01708); PEFT ties",
-        "trim by magnitude, elect sign, disjoint mean",
+        name="svd",
+        fn=merge_svd,
+        config_cls=SvdConfig,
+        needs_features=False,
+        reference="PEFT add_weighted_adapter(combination_type='svd')",
+        summary="sum of the deltas truncated to a rank",
     )
 )
 register(
     MergeMethod(
-        "dare",
-        merge_dare,
-        DareConfig,
-        False,
-        "DARE, Yu et al. 2024 (arXiv 2311.03099); PEFT dare_linear",
-        "random drop with rescale (seeded), then sum",
+        name="ties",
+        fn=merge_ties,
+        config_cls=TiesConfig,
+        needs_features=False,
+        reference="TIES-merging, Yadav et al. 2023 (arXiv 2306.01708); PEFT ties",
+        summary="trim by magnitude, elect sign, disjoint mean",
+    )
+)
+register(
+    MergeMethod(
+        name="dare",
+        fn=merge_dare,
+        config_cls=DareConfig,
+        needs_features=False,
+        reference="DARE, Yu et al. 2024 (arXiv 2311.03099); PEFT dare_linear",
+        summary="random drop with rescale (seeded), then sum",
     )
 )

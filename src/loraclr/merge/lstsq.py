@@ -143,11 +143,11 @@ def merge_lstsq(problem: LayerProblem, config: LstsqConfig, callback: Callback |
 
 register(
     MergeMethod(
-        "lstsq",
-        merge_lstsq,
-        LstsqConfig,
-        True,
-        "Mix-of-Show gradient fusion (Gu et al. 2023, arXiv 2305.18292), solved in closed form",
-        "least squares over all concepts' features, exact from the Grams",
+        name="lstsq",
+        fn=merge_lstsq,
+        config_cls=LstsqConfig,
+        needs_features=True,
+        reference="Mix-of-Show gradient fusion (Gu et al. 2023, arXiv 2305.18292), solved in closed form",
+        summary="least squares over all concepts' features, exact from the Grams",
     )
 )
