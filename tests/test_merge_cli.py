@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent / "features"))
 from lora_factory import random_loraset, random_token  # noqa: E402
 
 from loraclr.cli import main  # noqa: E402
-from loraclr.features.hooks import apply_layers  # noqa: E402
-from loraclr.features.text import encode  # noqa: E402
 from loraclr.io import save_lora  # noqa: E402
+from loraclr.surgery.hooks import apply_layers  # noqa: E402
+from loraclr.surgery.tokens import encode  # noqa: E402
 
 TRIGGERS = ["sks man", "zwx dog", "qrt cat"]
 
@@ -150,10 +150,10 @@ def test_merge_and_generate_sdxl(tmp_path, tiny_sdxl, capsys):
 
 def test_learned_tokens_same_name_two_concepts(tmp_path, tiny_sd1):
     """Two LoRAs trained on the same token (and one ED-LoRA) still merge: tokens renamed, embeddings written."""
-    from loraclr.features.hooks import cross_attention_modules
     from loraclr.io import save_embeddings
     from loraclr.merging import merge
     from loraclr.recipe import load_recipe
+    from loraclr.surgery.hooks import cross_attention_modules
 
     tiny_sd1.save_pretrained(str(tmp_path / "base"))
     n_layers = len(cross_attention_modules(tiny_sd1.unet))

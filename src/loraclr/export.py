@@ -29,16 +29,16 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from torch import Tensor
 
-from loraclr.features.collect import ConceptFeaturesInput
-from loraclr.features.text import TokenTable
 from loraclr.io import factorize, save_embeddings, save_lora
 from loraclr.io.checkpoint import save_single_file
 from loraclr.io.safe import atomic_write
 from loraclr.lora import LoraLayer
 from loraclr.models import find_module
 from loraclr.recipe import Recipe, dump_recipe
+from loraclr.surgery.tokens import TokenTable
 
-if TYPE_CHECKING:  # annotations only: the merge imports this module to write its result
+if TYPE_CHECKING:  # annotations only: the merge imports this module, and generation must not load feature collection
+    from loraclr.features.collect import ConceptFeaturesInput
     from loraclr.merging import MergedModel
 
 # --- the output folder's layout ----------------------------------------------------------------------------

@@ -34,8 +34,6 @@ from loraclr.features.collect import (
     cross_attention_keys,
     spill_directory,
 )
-from loraclr.features.hooks import cross_attention_modules
-from loraclr.features.text import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
 from loraclr.io import load_embeddings, load_lora
 from loraclr.io.checkpoint import fuse_deltas
 from loraclr.io.safe import atomic_prefixes, check_output_path, sweep_stale
@@ -47,6 +45,8 @@ from loraclr.models import find_module
 from loraclr.offsets import OFFSETS_PREFIX, OffsetStore, default_offset_budget
 from loraclr.pipeline import Model, family_of, load_base, resolve_base
 from loraclr.recipe import Recipe
+from loraclr.surgery.hooks import cross_attention_modules
+from loraclr.surgery.tokens import TokenTable, add_tokens, plan_tokens, text_components, trigger_positions
 
 __all__ = ["MergeSummary", "MergedModel", "OffsetStore", "fidelity", "merge", "merge_model", "prepare_concepts"]
 

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 
 from loraclr.export import MANIFEST, PIPELINE, PROMPTS
-from loraclr.features.hooks import cross_attention_modules, layerwise_states
-from loraclr.features.text import AddedToken, TokenTable, add_tokens, encode, is_sdxl, plan_tokens
 from loraclr.regional import RegionalPlan
+from loraclr.surgery.hooks import cross_attention_modules, layerwise_states
+from loraclr.surgery.tokens import AddedToken, TokenTable, add_tokens, encode, is_sdxl, plan_tokens
 
 log = logging.getLogger(__name__)
 

@@ -91,8 +91,8 @@ def test_cli_evaluate_own_edlora_needs_allow_pickle(tiny_model, tiny_clip, tmp_p
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    from loraclr.features.hooks import cross_attention_modules
     from loraclr.lora import LearnedToken, LoraLayer
+    from loraclr.surgery.hooks import cross_attention_modules
     from loraclr.training.save import save_edlora
 
     h = CLIPTextModel.from_pretrained(str(tiny_model / "text_encoder")).config.hidden_size

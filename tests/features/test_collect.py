@@ -23,9 +23,9 @@ from loraclr.features import (
     sample_latents,
     trigger_positions,
 )
-from loraclr.features.hooks import cross_attention_modules
 from loraclr.models import build_pipeline, find_module
 from loraclr.recipe import FeatureSettings
+from loraclr.surgery.hooks import cross_attention_modules
 
 TRIGGERS = ["sks man", "zwx dog", "qrt cat"]
 

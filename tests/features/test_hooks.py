@@ -8,15 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraclr.features.hooks import (
-    InputCapture,
-    RowRecorder,
-    apply_layers,
-    cross_attention_modules,
-    layerwise_states,
-    module_rows,
-)
+from loraclr.features.hooks import InputCapture, RowRecorder, module_rows
 from loraclr.lora import DenseDelta, LoraLayer
+from loraclr.surgery.hooks import apply_layers, cross_attention_modules, layerwise_states
 
 
 def _no_hooks(model: nn.Module) -> bool:
@@ -160,3 +154,14 @@ def test_layerwise_states_reach_each_cross_attention_layer(tiny_sd1):
     with pytest.raises(ValueError, match="3 layer-wise states for 7"):
         with layerwise_states(unet, states[:3]):
             pass
+
+
+def test_generation_and_training_do_not_load_feature_collection():
+    """Model surgery (tokens, hooks) lives apart from feature collection: drawing or training loads none of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, loraclr.pipeline, loraclr.training.trainer, loraclr.surgery.hooks, loraclr.surgery.tokens; "
+            "print(sorted(m for m in sys.modules if m.startswith('loraclr.features')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

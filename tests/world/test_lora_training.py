@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
-from loraclr.features.hooks import apply_layers, cross_attention_modules
 from loraclr.io import load_lora
 from loraclr.lora import LoraLayer
 from loraclr.models import build_pipeline
+from loraclr.surgery.hooks import apply_layers, cross_attention_modules
 from loraclr.training import (
     ConceptData,
     TrainConfig,

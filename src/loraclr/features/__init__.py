@@ -1,6 +1,8 @@
-"""Feature collection: per-layer inputs X_i of every concept, in the paper's order (DESIGN.md §2).
+"""Feature collection: per-layer inputs X_i of every concept, in the paper's order (:mod:`loraclr.merging`).
 
-Hooks live here and nowhere else; everything they produce is plain tensors handed to the merge methods as
+The recording hooks live here; the hooks and token tables that change the model (LoRAs applied, learned
+tokens, layer-wise states) are model surgery (:mod:`loraclr.surgery`), shared with generation and training
+and re-exported here for convenience. Everything collected is plain tensors handed to the merge methods as
 :class:`loraclr.merge.api.LayerProblem`.
 """
 
@@ -18,8 +20,9 @@ from loraclr.features.collect import (
     spatial_keys,
     spill_directory,
 )
-from loraclr.features.hooks import InputCapture, RowRecorder, apply_layers, layerwise_states, module_rows
-from loraclr.features.text import AddedToken, TokenTable, add_tokens, encode, plan_tokens, trigger_positions
+from loraclr.features.hooks import InputCapture, RowRecorder, module_rows
+from loraclr.surgery.hooks import apply_layers, layerwise_states
+from loraclr.surgery.tokens import AddedToken, TokenTable, add_tokens, encode, plan_tokens, trigger_positions
 
 __all__ = [
     "AddedToken", "ConceptFeaturesInput", "FeatureStore", "InputCapture", "RowRecorder",

@@ -25,18 +25,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from loraclr.features.hooks import (
-    InputCapture,
-    apply_layers,
-    cross_attention_modules,
-    layerwise_states,
-)
-from loraclr.features.text import TokenTable, encode, is_sdxl, text_components, token_ids, trigger_positions
+from loraclr.features.hooks import InputCapture
 from loraclr.io.safe import owner_tag
 from loraclr.lora import DenseDelta, Layer, LoraLayer, split_key
 from loraclr.merge.api import LayerProblem, LowRankDeltas
 from loraclr.models import find_module
 from loraclr.recipe import FeatureSettings
+from loraclr.surgery.hooks import apply_layers, cross_attention_modules, layerwise_states
+from loraclr.surgery.tokens import TokenTable, encode, is_sdxl, text_components, token_ids, trigger_positions
 
 log = logging.getLogger(__name__)
 

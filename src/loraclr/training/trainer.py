@@ -229,7 +229,7 @@ def train_lora(pipe, data: ConceptData, config: TrainConfig = TrainConfig(), *,
     from diffusers import DDPMScheduler
     from peft import LoraConfig, inject_adapter_in_model
 
-    from loraclr.features.hooks import cross_attention_modules, layerwise_states
+    from loraclr.surgery.hooks import cross_attention_modules, layerwise_states
 
     if getattr(pipe, "text_encoder_2", None) is not None:
         raise ValueError("training LoRAs for SDXL pipelines is not supported yet (SD 1.x / 2.x only)")
@@ -424,7 +424,7 @@ def denoising_loss(pipe, data: ConceptData, layers: dict[str, LoraLayer] | None 
     """
     from diffusers import DDPMScheduler
 
-    from loraclr.features.hooks import apply_layers
+    from loraclr.surgery.hooks import apply_layers
 
     gen = torch.Generator().manual_seed(seed)  # draws on the CPU, then moved to the pipeline's device
     dev = _module_device(pipe.unet)
