@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from loraclr.evaluate import load_evaluators, metrics, regions
     from loraclr.evaluate.base import to_tensor
-    from loraclr.evaluate.train import camera_roundtrip, near_misses
     from loraclr.evaluate.world import identity_references
     from loraclr.pipeline import generate, load_model, resolve_base
     from loraclr.world import scenes as S
+    from loraclr.world.evaluator_training import camera_roundtrip, near_misses
     from loraclr.world.model import read_training_state
 
     ev = load_evaluators()

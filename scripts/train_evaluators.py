@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from loraclr.evaluate import train as T
 from loraclr.evaluate.nets import save_net
 from loraclr.evaluate.world import ASSETS, calibrate, evaluate_retrieval, load_world_evaluator
+from loraclr.world import evaluator_training as T
 
 log = logging.getLogger("train_evaluators")
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loraclr.evaluate import train as T
 from loraclr.evaluate.nets import IdentityNet, TextImageNet, load_net, save_net
+from loraclr.world import evaluator_training as T
 
 
 def test_save_load_round_trip(tmp_path):

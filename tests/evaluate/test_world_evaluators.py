@@ -81,7 +81,7 @@ def test_identity_through_the_world_vae(ev, gallery):
     """The evaluators were trained and calibrated on renders seen through the mini model's VAE as well: a
     concept round-tripped through it (the best any generated image can be) is still mostly recognised, and a
     creature with one trait changed mostly is not (calibration: 0.83 recognised, 5 % near misses accepted)."""
-    from loraclr.evaluate.train import camera_roundtrip, near_misses
+    from loraclr.world.evaluator_training import camera_roundtrip, near_misses
     from loraclr.world.model import load_base_pipeline
 
     vae = load_base_pipeline().vae

@@ -1,7 +1,7 @@
 """The evaluator networks of the miniature world: an identity embedder and a small image-text model.
 
 * :class:`IdentityNet` ("our ArcFace"): a small CNN on one character's region, L2-normalised embedding.
-  Trained with a margin softmax over many identities plus per-trait heads (``loraclr.evaluate.train``).
+  Trained with a margin softmax over many identities plus per-trait heads (``loraclr.world.evaluator_training``).
 * :class:`TextImageNet` ("our CLIP"): a CNN image tower and a small transformer text tower over the real CLIP
   tokenizer's ids, trained CLIP-style on (render, caption) pairs. Only the token ids that occur in the world's
   captions have their own embedding; every other id (e.g. a LoRA trigger word) maps to one "unknown" entry.
@@ -29,7 +29,7 @@ def _conv(c_in: int, c_out: int, stride: int) -> nn.Sequential:
 class ConvTower(nn.Module):
     """(B, 3, S, S) in [0, 1] -> (B, dim): two stem convs that halve the side once, then per further width a
     stride-2 and a stride-1 conv, global average pooling, linear projection. Halving early keeps a training
-    step at ~0.3-0.5 s for 128 crops of 48 px on one busy core (bf16 autocast)."""
+    step cheap on a CPU."""
 
     def __init__(self, widths: tuple[int, ...] = (32, 64, 128), dim: int = 128, stem_stride: int = 2):
         super().__init__()

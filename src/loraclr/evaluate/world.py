@@ -21,6 +21,7 @@ from torch import Tensor
 from loraclr.evaluate import metrics, regions
 from loraclr.evaluate.base import FULL, Evaluators, batched, to_tensor
 from loraclr.evaluate.nets import IdentityNet, TextImageNet, load_net
+from loraclr.world import evaluator_training as T
 from loraclr.world import scenes as S
 
 log = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ def _sample_embeddings(identity: WorldIdentity, idents: list[S.Identity], n: int
                        n_chars_p=(0.5, 0.35, 0.15), camera=None) -> tuple[Tensor, Tensor, Tensor]:
     """Embeddings of ``n`` held-out renders per identity (in varied layouts with base-pool neighbours, each
     scored in its slot region); (B, D), identity index (B,), number of characters (B,). ``camera``: a VAE
-    the renders are first round-tripped through (:func:`loraclr.evaluate.train.camera_roundtrip`)."""
+    the renders are first round-tripped through (:func:`loraclr.world.evaluator_training.camera_roundtrip`)."""
     imgs, boxes, who, nch = [], [], [], []
     for k, ident in enumerate(idents):
         for r, i in S.identity_samples(ident, n, seed=seed, n_chars_p=n_chars_p):
@@ -109,9 +110,7 @@ def _sample_embeddings(identity: WorldIdentity, idents: list[S.Identity], n: int
             who.append(k)
             nch.append(len(chars))
     if camera is not None:
-        from loraclr.evaluate.train import camera_roundtrip
-
-        imgs = list(camera_roundtrip(torch.from_numpy(np.stack(imgs)), camera).numpy())
+        imgs = list(T.camera_roundtrip(torch.from_numpy(np.stack(imgs)), camera).numpy())
     emb = identity.embed_regions(to_tensor(imgs), torch.tensor(boxes))
     return emb, torch.tensor(who), torch.tensor(nch)
 
@@ -123,15 +122,13 @@ def calibrate(ev: Evaluators, seed: int = 0, n_per_concept: int = 40, n_base: in
     ``camera``: the world's VAE. Then the threshold is set on set A seen through it (generated images can
     at best look like that) and set B is measured both clean (``accuracy`` etc.) and through it (``camera``).
     """
-    from loraclr.evaluate.train import near_misses
-
     ident = ev.identity
     names = list(S.CONCEPTS)
     concepts = [S.CONCEPTS[n] for n in names]
     refs = identity_references(ident, concepts)
     rng = np.random.default_rng([seed, 4242])
     base = [S.sample_base_identity(rng) for _ in range(2 * n_base)]
-    near = near_misses(concepts)
+    near = T.near_misses(concepts)
     near_owner = torch.tensor([next(k for k, c in enumerate(concepts) if _n_diff(c, x) == 1) for x in near])
 
     def split(offset: int, base_ids: list[S.Identity], cam=None):
@@ -201,8 +198,6 @@ def _n_diff(a: S.Identity, b: S.Identity) -> int:
 def evaluate_retrieval(ev: Evaluators, seed: int = 0, batches: int = 10, batch: int = 100) -> dict:
     """Rate at which the true caption ranks first among ``batch`` held-out renders' captions (and the true
     image among the images), averaged over ``batches`` batches; scenes as in training (concepts, styles)."""
-    from loraclr.evaluate import train as T
-
     rng = np.random.default_rng([seed, 9090])
     pool = T.identity_pool(200, seed + 77)
     i2t, t2i, pos, neg = [], [], [], []

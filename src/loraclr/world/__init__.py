@@ -5,6 +5,8 @@
 - ``loraclr.world.model``: the mini SD's configs and pipeline folder; ``base_model_path()`` and
   ``load_base_pipeline()`` give the built-in base model.
 - ``loraclr.world.training``: how the base model is trained (``scripts/train_world.py``).
+- ``loraclr.world.evaluator_training``: how the world's evaluators are trained and calibrated
+  (``scripts/train_evaluators.py``).
 """
 
 __all__ = ["base_model_path", "load_base_pipeline"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from loraclr.evaluate import train as T
+from loraclr.world import evaluator_training as T
 
 
 def _same(a: T.WorldData, b: T.WorldData) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraclr.evaluate import train as T
+from loraclr.world import evaluator_training as T
 
 
 @pytest.fixture(scope="module")
