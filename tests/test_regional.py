@@ -310,3 +310,39 @@ def test_generate_cli_with_regions(tmp_path, capsys, tiny_sd1):
     assert rc == 0 and (tmp_path / "o2" / "000-0.png").is_file()
     rc = main(["generate", str(tmp_path / "base"), "a cat", "--region", "0,0,1.5,1:x", "-o", str(out), "--quiet"])
     assert rc == 2 and "coordinates are fractions" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mode", ["attention", "noise"])
+def test_regions_with_a_structure_condition(mode, sd1, tmp_path):
+    """A T2I-Adapter / ControlNet folder combined with regions: the condition is drawn from the boxes when no
+    image is given, it changes the image, and the regional hooks still act under the structure pipeline."""
+    from diffusers import ControlNetModel, T2IAdapter
+
+    from loraclr.structure import layout_image, load_structure
+
+    torch.manual_seed(1)
+    adapter = T2IAdapter(in_channels=3, channels=list(sd1.unet.config.block_out_channels), num_res_blocks=1,
+                         downscale_factor=sd1.vae_scale_factor, adapter_type="full_adapter")
+    adapter.save_pretrained(str(tmp_path / "adapter"))
+    cn = ControlNetModel.from_unet(sd1.unet, conditioning_embedding_out_channels=(8, 16))
+    with torch.no_grad():
+        for m in [*cn.controlnet_down_blocks, cn.controlnet_mid_block, cn.controlnet_cond_embedding.conv_out]:
+            m.weight.normal_(0, 0.3)
+    cn.save_pretrained(str(tmp_path / "cn"))
+    model = Model(sd1)
+    plan = RegionalPlan((Region((0, 0.25, 0.5, 1), "a blue dog"), Region((0.5, 0.25, 1, 1), "a green bird")),
+                        mode=mode, start=0.0)
+    regional = generate(model, ["a red cat"], regions=plan, **KW)
+    for folder, scale in (("adapter", 4.0), ("cn", 1.0)):  # a random adapter steers little at scale 1
+        structure = load_structure(tmp_path / folder, scale=scale)
+        with_structure = generate(model, ["a red cat"], regions=plan, structure=structure, **KW)
+        assert_differ(with_structure, regional)
+        same_layout = layout_image([r.box for r in plan.regions], 16, 16)
+        assert_same(generate(model, ["a red cat"], regions=plan, structure=structure, structure_image=same_layout,
+                             **KW), with_structure)
+        assert_differ(with_structure, generate(model, ["a red cat"], structure=structure,
+                                               structure_image=same_layout, **KW))
+    with pytest.raises(ValueError, match="needs a condition image"):
+        generate(model, ["a red cat"], structure=structure, **KW)
+    with pytest.raises(ValueError, match="area mode"):
+        generate(model, ["a red cat"], regions=RegionalPlan(plan.regions, mode="area"), structure=structure, **KW)
