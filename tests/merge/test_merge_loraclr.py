@@ -464,10 +464,11 @@ def test_factored_path_measures_wide_layers_in_reduced_output_coordinates(distan
     """A GEGLU-like layer (outputs 8x the inputs): the hinge check runs in the coordinates of [W0, U] (k =
     in + R instead of out), with the same distances as the dense path's products over all outputs."""
     from loraclr.merge import contrastive as C
+    from loraclr.merge.contrastive import converged
 
     calls = []
-    orig = C._output_coordinates
-    monkeypatch.setattr(C, "_output_coordinates", lambda *a: calls.append(a) or orig(*a))
+    orig = converged._output_coordinates
+    monkeypatch.setattr(converged, "_output_coordinates", lambda *a: calls.append(a) or orig(*a))
     low, dense = _factored((40, 40, 40), out=128, inn=16, rank=2)
     config = make_config("loraclr", mode="converged", anchor="mean", ridge=0.1, distance=distance)
     f, d = C.merge_loraclr(low, config), C.merge_loraclr(dense, config)

@@ -50,7 +50,7 @@ class LstsqConfig:
     precision the Grams are formed; solve_dtype: precision of the (in, in) solve. solver: "auto" (default)
     solves by Cholesky when a shifted factorisation proves that no eigen-direction falls below the rcond
     cut-off, else by eigendecomposition; "eigh" always by eigendecomposition (the reference, see
-    :class:`loraclr.merge._common.QuadSolver`)."""
+    :class:`loraclr.merge.linalg.QuadSolver`)."""
 
     rcond: float = 1e-6
     ridge: float = 0.0

@@ -1,85 +1,44 @@
-"""``loraclr``: the LoRACLR contrastive merge of one layer (Simsar et al., CVPR 2025, arXiv 2412.09622).
+"""LoRACLR converged mode: the official objective solved to a tolerance (objective:
+:mod:`loraclr.merge.contrastive`).
 
-Objective (official code ``enisimsar/LoRACLR`` ``weight_fusion.py:update_contrastive``; DESIGN.md §2).
-For concepts i = 1..N with inputs X_i (n_i, in), deltas dW_i and one shared offset D (out, in):
-
-    P_i = X_i (W0 + D)^T                 prediction of the merged layer      (n_i, out)
-    Y_i = X_i (W0 + dW_i)^T              concept i's own LoRA model output    (n_i, out)
-    dist[i, j] = || vec(P_i) - vec(Y_j) ||_2
-    L_con = mean_i ( dist[i, i]^2 + relu(margin - min_{j != i} dist[i, j])^2 )     (LoRACLR eq. for L_con)
-    L     = lambda_con * L_con + lambda_mse * MSE(P, Y) + lambda_reg * ||D||_F       (||D||_F not squared)
-
-Options (both modes; defaults reproduce the official objective):
-
-- ``distance="block"``: dist as above, one positive and one hardest negative per concept (N hinge terms).
-  ``distance="token"``: per-row distances d_pos[i, r] = ||P_i[r] - Y_i[r]||,
-  d_neg[i, r] = min_{j != i} ||P_i[r] - Y_j[r]||, and
-  L_con = mean_i ( mean_r d_pos[i, r]^2 + mean_r relu(margin - d_neg[i, r])^2 )  (N * m hinge terms).
-- ``normalize=True``: every distance is divided by the square root of the number of values it compares
-  (rows * out for a block, out for a row), i.e. it becomes an RMS difference per output value, so that a
-  margin of 0.5 has the same meaning at every layer size. ``normalize=False`` is the official, raw norm.
-
-Unequal row counts (prompts that tokenise to different lengths): positives and the MSE use all rows of
-each concept (the MSE is the mean over all rows of all concepts); negatives compare blocks on a common
-m = min_i n_i rows, taken evenly spaced in each block (:func:`loraclr.merge._common.common_row_index`).
-With equal row counts this is exactly the official stacking.
-
-Modes:
-
-- ``mode="paper"``: the official recipe. D = 0 on the base weight; per step the loss of the current D is
-  evaluated (distances through the expansion ||a||^2 + ||b||^2 - 2 a.b clamped at 1e-12, then sqrt) and
-  kept if it is the lowest so far, then one full-batch AdamW step (lr 1e-4, weight decay 1e-4, torch's
-  default betas / eps); 50 steps; the lowest-loss iterate is returned. Distances in fp32: the official fp16
-  autocast overflows on large blocks (switching the contrastive term off), which is not copied. Needs X.
-- ``mode="converged"``: the same objective solved to a relative tolerance. Everything but the hinge is
-  quadratic in D and depends on the data only through G_i = X_i^T X_i and dW_i, and the non-squared
-  ||D||_F is handled exactly (:func:`loraclr.merge._common.solve_quadratic_fro`). The solver:
-  1. minimises the convex part (positives + MSE + lambda_reg ||D||_F) in closed form;
-  2. evaluates every negative distance exactly at that D; if no hinge is active, that D is the global
-     minimiser of L (L >= its convex part everywhere, with equality there) and the solve stops;
-  3. otherwise majorise-minimise: each active hinge term relu(mu - ||v||)^2, v = vec(P_i - Y_j*), is
-     replaced by its upper bound ||v - mu * v_k / ||v_k|| ||^2 (exact at the current v_k, valid for all v),
-     the resulting convex surrogate is minimised in closed form, and a line search on the true L
-     (halving from the full step, or doubling while L keeps falling) keeps every step a descent step.
-     It stops when the relative decrease of L falls below ``tol`` (``converged``), or at ``max_iter``;
-     a fixed point is a stationary point of L (the hinge makes L non-convex, so not necessarily global).
-  When all concepts together have fewer rows than the layer has inputs (text encoder, cross-attention
-  k/v), the problem is solved exactly in the span of the rows (an (rows x rows) instead of (in x in)
-  solve). Cost with n rows per concept, N concepts: Grams N n in^2, one in^3 solve (a few Cholesky
-  factorisations when the rcond cut-off provably removes nothing, else an eigen-solve:
-  :class:`loraclr.merge._common.QuadSolver`), two products N n in out for the exact negative distances,
-  plus one product per majorise-minimise step and one in^3 solve each time the set of active hinges
-  changes; the official recipe costs about 100 products N n in out (50 x forward+backward).
-  It needs the Grams (from ``gram`` or ``X``) and, for the negatives, the raw rows X. With Grams only and
-  equal row counts, block distances are bounded below by | ||P_i|| - ||Y_j|| | (both norms come from the
-  Grams); if that certifies every hinge inactive the closed form is the exact answer, else it raises.
-  LoRA factors: when the deltas come as :class:`loraclr.merge.api.LowRankDeltas` (what ``loraclr merge``
-  passes) of total rank R < out, and the rows are at least as many as the inputs, steps 1-2 run in factored
-  form (:func:`_solve_lowrank`: the right-hand side is U M with U the scaled ups, so D = U Z with R instead
-  of out right-hand sides, and one base-output product serves predictions and targets); the same minimiser.
-  If a hinge is active there, the dense path above takes over. On SD 1.5's widest layers (12 rank-16
-  LoRAs) this roughly halves the solve (bench/results/merge_speed.md, Run 4).
-
-Report (JSON-serialisable): ``loss`` (final objective), ``loss_terms`` (con, mse, reg), ``pos_dist`` and
-``neg_dist`` per concept (the objective's distance; for ``token``: root-mean-square over rows),
-``hinge_active`` (fraction of active hinge terms), ``steps``, ``converged``, ``rel_change``; ``paper``
-adds ``best_step`` and ``best_is_last`` (whether the best iterate was the last one evaluated).
+``mode="converged"``: the same objective solved to a relative tolerance. Everything but the hinge is
+quadratic in D and depends on the data only through G_i = X_i^T X_i and dW_i, and the non-squared
+||D||_F is handled exactly (:func:`loraclr.merge.linalg.solve_quadratic_fro`). The solver:
+1. minimises the convex part (positives + MSE + lambda_reg ||D||_F) in closed form;
+2. evaluates every negative distance exactly at that D; if no hinge is active, that D is the global
+   minimiser of L (L >= its convex part everywhere, with equality there) and the solve stops;
+3. otherwise majorise-minimise: each active hinge term relu(mu - ||v||)^2, v = vec(P_i - Y_j*), is
+   replaced by its upper bound ||v - mu * v_k / ||v_k|| ||^2 (exact at the current v_k, valid for all v),
+   the resulting convex surrogate is minimised in closed form, and a line search on the true L
+   (halving from the full step, or doubling while L keeps falling) keeps every step a descent step.
+   It stops when the relative decrease of L falls below ``tol`` (``converged``), or at ``max_iter``;
+   a fixed point is a stationary point of L (the hinge makes L non-convex, so not necessarily global).
+When all concepts together have fewer rows than the layer has inputs (text encoder, cross-attention
+k/v), the problem is solved exactly in the span of the rows (an (rows x rows) instead of (in x in)
+solve). Cost with n rows per concept, N concepts: Grams N n in^2, one in^3 solve (a few Cholesky
+factorisations when the rcond cut-off provably removes nothing, else an eigen-solve:
+:class:`loraclr.merge.linalg.QuadSolver`), two products N n in out for the exact negative distances,
+plus one product per majorise-minimise step and one in^3 solve each time the set of active hinges
+changes; the official recipe costs about 100 products N n in out (50 x forward+backward).
+It needs the Grams (from ``gram`` or ``X``) and, for the negatives, the raw rows X. With Grams only and
+equal row counts, block distances are bounded below by | ||P_i|| - ||Y_j|| | (both norms come from the
+Grams); if that certifies every hinge inactive the closed form is the exact answer, else it raises.
+LoRA factors: when the deltas come as :class:`loraclr.merge.api.LowRankDeltas` (what ``loraclr merge``
+passes) of total rank R < out, and the rows are at least as many as the inputs, steps 1-2 run in factored
+form (:func:`solve_lowrank`: the right-hand side is U M with U the scaled ups, so D = U Z with R instead
+of out right-hand sides, and one base-output product serves predictions and targets); the same minimiser.
+If a hinge is active there, the dense path above takes over.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import logging
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from loraclr.merge._common import (
     GramStats,
-    check_device,
-    check_problem,
     common_row_index,
     gram_stats,
     has_rows,
@@ -88,343 +47,10 @@ from loraclr.merge._common import (
     rows,
     sq_errors,
     stacked_deltas,
-    summed_deltas,
 )
-from loraclr.merge.api import Callback, LayerProblem, LayerResult, LowRankDeltas, MergeMethod, register
-from loraclr.merge.linalg import (
-    QuadSolver,
-    check_solver,
-    gram_matrix,
-    gram_sum,
-    relative_ridge,
-    row_basis,
-    symmetrize,
-)
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LoraclrConfig:
-    """Settings of the ``loraclr`` method; defaults are the official recipe (objective and 50 AdamW steps).
-
-    mode: "paper" (the official 50 AdamW steps) or "converged" (the same objective solved exactly / to ``tol``).
-    The field defaults here are the official objective and recipe; ``loraclr merge`` recipes that name no mode
-    use the preset ``loraclr.recipe.RECOMMENDED`` (converged, anchor "mean", ridge 0.1), the best setting of
-    ``bench/quality.py`` (bench/results/quality.md). Unregularised, the converged solve over-fits on the
-    miniature world (offsets 4-50x the sum of the LoRA deltas, broken images); paper mode's small steps under-move
-    (0.07-0.33x) and no hinge fires with its raw distances. margin, lambda_con, lambda_mse, lambda_reg: the objective (official 0.5, 1, 0.1,
-    0.001). distance, normalize: see the module docstring. lr, weight_decay, steps: the paper-mode
-    optimiser (AdamW 1e-4, 1e-4, 50). tol, max_iter: converged-mode stopping rule (relative decrease of the
-    objective) and cap on majorise-minimise iterations. rcond: eigen-directions of the quadratic part below
-    rcond * its largest eigenvalue count as unexcited (D = 0 there). ridge (converged only, default 0 = the
-    official objective): adds ridge * e * ||D||_F^2, e = the mean eigenvalue of the quadratic part (the
-    layer's feature energy per input direction), so the weight is scale-free across layers. It damps the
-    directions that few rows excite, where fitting several concepts' different targets on nearly identical
-    inputs asks for offsets far larger than any LoRA delta (what the unregularised solve did on the miniature
-    world; ``bench/quality.py`` compares values). anchor: what the offset is measured from. "base" (default,
-    the official objective): D is the offset from the base weight, lambda_reg and ridge pull the merged layer
-    towards the base, and input directions no concept excites keep the base weight. "sum": the solve runs
-    on E = D - sum_i dW_i (the naive sum of deltas, i.e. naive LoRA stacking), so lambda_reg and ridge pull
-    towards the sum and unexcited directions keep the sum; the positive, MSE and hinge terms are unchanged
-    (they only see W0 + D). A large ridge then gives naive stacking, a small one the exact fit where the
-    features pin the weight down. "mean": the same with the mean of the deltas (FedAvg, ``average``) in place
-    of their sum. device, dtype: where and in which precision features are multiplied (fp32 default);
-    solve_dtype: precision of the (in, in) solves.
-    solver: "auto" (default) solves with Cholesky factorisations when a shifted factorisation proves that no
-    eigen-direction falls below the rcond cut-off, else eigen-solves; "eigh" always eigen-solves (the
-    reference; :class:`loraclr.merge._common.QuadSolver`). Both give the same minimiser up to rounding.
-    """
-
-    mode: str = "paper"
-    margin: float = 0.5
-    lambda_con: float = 1.0
-    lambda_mse: float = 0.1
-    lambda_reg: float = 0.001
-    distance: str = "block"
-    normalize: bool = False
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    steps: int = 50
-    tol: float = 1e-7
-    max_iter: int = 200
-    rcond: float = 1e-6
-    ridge: float = 0.0
-    anchor: str = "base"
-    device: str = "cpu"
-    dtype: str = "float32"
-    solve_dtype: str = "float64"
-    solver: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("paper", "converged"):
-            raise ValueError(f"mode must be 'paper' or 'converged', got {self.mode!r}")
-        if self.anchor not in ("base", "sum", "mean"):
-            raise ValueError(f"anchor must be 'base', 'sum' or 'mean', got {self.anchor!r}")
-        if self.distance not in ("block", "token"):
-            raise ValueError(f"distance must be 'block' or 'token', got {self.distance!r}")
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"normalize must be true or false, got {self.normalize!r}")
-        for name in ("margin", "lambda_con", "lambda_mse", "lambda_reg", "weight_decay", "ridge"):
-            v = getattr(self, name)
-            if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr!r}")
-        for name in ("steps", "max_iter"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-        if not 0 < self.tol < 1:
-            raise ValueError(f"tol must be in (0, 1), got {self.tol!r}")
-        if not 0 <= self.rcond < 1:
-            raise ValueError(f"rcond must be in [0, 1), got {self.rcond!r}")
-        if self.ridge and self.mode == "paper":
-            raise ValueError("ridge is a converged-mode option (paper mode reproduces the official recipe)")
-        resolve_dtype(self.dtype)
-        resolve_dtype(self.solve_dtype, "solve_dtype")
-        check_solver(self.solver)
-        check_device(self.device)
-
-
-@dataclass
-class _Weights:
-    """Coefficients turning the objective into sums of squared norms (see ``_weights``)."""
-
-    a_pos: Tensor  # (N,) weight of ||X_i (D - dW_i)^T||^2 from the positive term
-    a_mse: float  # weight of the same from the MSE term
-    w_hinge: float  # weight of each hinge term relu(mu - d_raw)^2
-    mu: float  # margin in raw (unnormalised) distance units
-    pos_scale: Tensor  # (N,) divide raw squared positive sums by this to report the objective's distance
-    neg_scale: float  # divide raw negative distances by sqrt of this
-
-
-def _weights(cfg: LoraclrConfig, n_rows: list[int], out_dim: int) -> _Weights:
-    n = len(n_rows)
-    m = min(n_rows)
-    nr = torch.tensor(n_rows, dtype=torch.float64)
-    if cfg.distance == "block":
-        s_pos, s_neg = nr * out_dim, float(m * out_dim)  # values per compared block
-        a_pos = torch.full((n,), cfg.lambda_con / n, dtype=torch.float64)
-        w_h = cfg.lambda_con / n
-        pos_scale = torch.ones(n, dtype=torch.float64)
-    else:
-        s_pos, s_neg = torch.full((n,), float(out_dim), dtype=torch.float64), float(out_dim)
-        a_pos = cfg.lambda_con / (n * nr)  # mean over the n_i rows
-        w_h = cfg.lambda_con / (n * m)  # mean over the m common rows
-        pos_scale = nr.clone()  # report RMS over rows
-    if cfg.normalize:
-        a_pos = a_pos / s_pos
-        w_h = w_h / s_neg
-        pos_scale = pos_scale * s_pos
-        mu = cfg.margin * math.sqrt(s_neg)  # relu(margin - d / sqrt(s))^2 = relu(margin sqrt(s) - d)^2 / s
-        neg_scale = s_neg
-    else:
-        mu, neg_scale = cfg.margin, 1.0
-    a_mse = cfg.lambda_mse / (out_dim * float(nr.sum()))
-    return _Weights(a_pos, a_mse, w_h, mu, pos_scale, neg_scale)
-
-
-def merge_loraclr(
-    problem: LayerProblem, config: LoraclrConfig, callback: Callback | None = None
-) -> LayerResult:
-    """Merge one layer with LoRACLR (module docstring). ``paper`` needs X; ``converged`` needs X or gram."""
-    n, out_dim, in_dim = check_problem(problem)
-    if n == 0:
-        zero = torch.zeros_like(problem.W0, dtype=torch.float32)
-        return LayerResult(
-            zero,
-            {
-                "loss": None,
-                "converged": True,
-                "pos_dist": [],
-                "neg_dist": [],
-                "hinge_active": 0.0,
-                "steps": 0,
-            },
-        )
-    if config.mode == "converged" and _lowrank_applies(problem, config):
-        fast = _solve_lowrank(problem, config)
-        if fast is not None:
-            D, report = fast
-            if callback is not None:
-                callback(problem.key, 0, report["loss"])
-            return LayerResult(D.to(device=problem.W0.device, dtype=torch.float32), report)
-    anchor = None
-    if config.anchor in ("sum", "mean"):  # solve for E = D - anchor: the same outputs, measured from the anchor
-        anchor = summed_deltas(problem, torch.float32, problem.W0.device)
-        if config.anchor == "mean":
-            anchor = anchor / max(1, len(problem.deltas))
-        problem = dataclasses.replace(problem, W0=problem.W0.float() + anchor, ranks=None,  # dense now
-                                      deltas=[d.float() - anchor for d in problem.deltas])
-    if config.mode == "paper":
-        D, report = _solve_paper(problem, config, callback)
-    else:
-        D, report = _solve_converged(problem, config, callback)
-    if anchor is not None:
-        D = D.to(device=anchor.device, dtype=torch.float32) + anchor
-        report["anchor"] = config.anchor
-    if not torch.isfinite(D).all():
-        raise ValueError(
-            f"layer {problem.key}: loraclr ({config.mode}) produced NaN/inf; check this layer's features "
-            "(NaN/inf or extreme values) and the lambdas"
-        )
-    return LayerResult(D.to(device=problem.W0.device, dtype=torch.float32), report)
-
-
-# ----------------------------------------------------------------------------------------------- paper mode
-
-
-def _expansion_dist(a: Tensor, b: Tensor) -> Tensor:
-    """Official pairwise distance: sqrt(clamp(||a||^2 + ||b||^2 - 2 a.b, 1e-12)). a (N, K), b (M, K)."""
-    a_sq = a.pow(2).sum(dim=1, keepdim=True)
-    b_sq = b.pow(2).sum(dim=1, keepdim=True).T
-    return torch.sqrt(torch.clamp(a_sq + b_sq - 2 * a @ b.T, min=1e-12))
-
-
-def _paper_loss(
-    P: Tensor | list[Tensor],
-    Y: Tensor | list[Tensor],
-    idx: list[Tensor],
-    D: Tensor,
-    cfg: LoraclrConfig,
-    out_dim: int,
-) -> tuple[Tensor, dict]:
-    """The official loss with autograd. P, Y: stacked (N, n, out) when all concepts have n rows (the
-    official case), else lists of (n_i, out). Returns (loss, distances for the report)."""
-    n = len(P)
-    n_rows = [p.shape[0] for p in P]
-    m = min(n_rows)
-    equal = isinstance(P, Tensor)
-    loss = P[0].new_zeros(())
-    info: dict = {}
-    if cfg.lambda_con:
-        if cfg.distance == "block":
-            if equal:
-                Kc, Vc = P.reshape(n, -1), Y.reshape(n, -1)  # (N, n*out), official flattening
-            else:
-                Kc = torch.stack([p[i] for p, i in zip(P, idx, strict=True)]).reshape(n, -1)  # (N, m*out)
-                Vc = torch.stack([y[i] for y, i in zip(Y, idx, strict=True)]).reshape(n, -1)
-            dist = _expansion_dist(Kc, Vc)  # (N, N)
-            if equal:
-                pos = torch.diagonal(dist)
-            else:
-                pos = torch.stack(
-                    [
-                        _expansion_dist(p.reshape(1, -1), y.reshape(1, -1))[0, 0]
-                        for p, y in zip(P, Y, strict=True)
-                    ]
-                )
-            eye = torch.eye(n, dtype=torch.bool, device=dist.device)
-            neg = dist.masked_fill(eye, float("inf")).min(dim=1)[0] if n > 1 else None
-            if cfg.normalize:
-                pos = pos / torch.tensor([math.sqrt(k * out_dim) for k in n_rows], dtype=pos.dtype)
-                neg = neg / math.sqrt(m * out_dim) if neg is not None else None
-            hinge = (
-                torch.clamp(cfg.margin - neg, min=0.0).pow(2) if neg is not None else torch.zeros_like(pos)
-            )
-            con = (pos.pow(2) + hinge).mean()
-            info["pos"] = pos.detach()
-            info["neg"] = neg.detach() if neg is not None else None
-            info["active"] = float((hinge > 0).float().mean()) if neg is not None else 0.0
-        else:
-            scale = math.sqrt(out_dim) if cfg.normalize else 1.0
-            pos_terms, pos_rms = [], []
-            for p, y in zip(P, Y, strict=True):
-                d = torch.sqrt(torch.clamp(p.pow(2).sum(1) + y.pow(2).sum(1) - 2 * (p * y).sum(1), min=1e-12))
-                d = d / scale  # (n_i,)
-                pos_terms.append(d.pow(2).mean())
-                pos_rms.append(d.pow(2).mean().sqrt())
-            con = torch.stack(pos_terms)
-            if n > 1:
-                if equal:
-                    Pc, Yc = P, Y
-                else:
-                    Pc = torch.stack([p[i] for p, i in zip(P, idx, strict=True)])  # (N, m, out)
-                    Yc = torch.stack([y[i] for y, i in zip(Y, idx, strict=True)])
-                cross = torch.einsum("irk,jrk->ijr", Pc, Yc)
-                d2 = Pc.pow(2).sum(2)[:, None, :] + Yc.pow(2).sum(2)[None, :, :] - 2 * cross  # (N, N, m)
-                d = torch.sqrt(torch.clamp(d2, min=1e-12)) / scale
-                eye = torch.eye(n, dtype=torch.bool, device=d.device)[:, :, None]
-                neg = d.masked_fill(eye, float("inf")).min(dim=1)[0]  # (N, m)
-                hinge = torch.clamp(cfg.margin - neg, min=0.0).pow(2)
-                con = con + hinge.mean(1)
-                info["neg"] = neg.detach().pow(2).mean(1).sqrt()
-                info["active"] = float((hinge > 0).float().mean())
-            else:
-                info["neg"], info["active"] = None, 0.0
-            con = con.mean()
-            info["pos"] = torch.stack(pos_rms).detach()
-        loss = loss + cfg.lambda_con * con
-        info["con"] = float(con.detach())
-    if cfg.lambda_mse:
-        if equal:
-            mse = torch.nn.functional.mse_loss(P, Y)
-        else:
-            mse = sum((p - y).pow(2).sum() for p, y in zip(P, Y, strict=True)) / (out_dim * sum(n_rows))
-        loss = loss + cfg.lambda_mse * mse
-        info["mse"] = float(mse.detach())
-    if cfg.lambda_reg:
-        reg = torch.norm(D, p=2)
-        loss = loss + cfg.lambda_reg * reg
-        info["reg"] = float(reg.detach())
-    return loss, info
-
-
-def _solve_paper(problem: LayerProblem, cfg: LoraclrConfig, callback: Callback | None) -> tuple[Tensor, dict]:
-    dtype = resolve_dtype(cfg.dtype)
-    X = rows(problem, "loraclr (mode='paper')", dtype, cfg.device)
-    W0 = problem.W0.to(device=cfg.device, dtype=dtype)
-    dW = stacked_deltas(problem, dtype, cfg.device)
-    out_dim = W0.shape[0]
-    n_rows = [x.shape[0] for x in X]
-    idx = common_row_index(n_rows, device=cfg.device)
-    equal = len(set(n_rows)) == 1
-    with torch.no_grad():
-        Y = [x @ (W0 + d).T for x, d in zip(X, dW, strict=True)]  # recorded targets, (n_i, out)
-    Xs = torch.stack(X) if equal else None  # (N, n, in)
-    if equal:
-        Y = torch.stack(Y)  # (N, n, out)
-    offset = torch.zeros_like(W0, requires_grad=True)
-    opt = torch.optim.AdamW([offset], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best_loss, best_D, best_step, best_info = math.inf, offset.detach().clone(), 0, {}
-    losses = []
-    for step in range(cfg.steps):
-        opt.zero_grad()
-        W = W0 + offset
-        P = torch.nn.functional.linear(Xs, W) if equal else [x @ W.T for x in X]
-        loss, info = _paper_loss(P, Y, idx, offset, cfg, out_dim)
-        value = float(loss.detach())
-        losses.append(value)
-        if callback is not None:
-            callback(problem.key, step, value)
-        if value < best_loss:  # official: keep W + offset of the lowest loss seen, *before* the step
-            best_loss, best_D, best_step, best_info = value, offset.detach().clone(), step, info
-        loss.backward()
-        opt.step()
-    rel = abs(losses[-1] - losses[-2]) / max(abs(losses[-2]), 1e-300) if len(losses) > 1 else math.inf
-    report = {
-        "loss": best_loss,
-        "loss_terms": {k: best_info.get(k, 0.0) for k in ("con", "mse", "reg")},
-        "pos_dist": _floats(best_info.get("pos")),
-        "neg_dist": _floats(best_info.get("neg"), len(X)),
-        "hinge_active": best_info.get("active", 0.0),
-        "steps": cfg.steps,
-        "converged": rel <= cfg.tol,
-        "rel_change": rel,
-        "best_step": best_step,
-        "best_is_last": best_step == cfg.steps - 1,
-    }
-    return best_D, report
-
-
-def _floats(t: Tensor | None, n: int | None = None) -> list:
-    if t is None:
-        return [None] * n if n is not None else []
-    return [float(v) for v in t]
-
-
-# ------------------------------------------------------------------------------------------- converged mode
+from loraclr.merge.api import Callback, LayerProblem, LowRankDeltas
+from loraclr.merge.contrastive.objective import LoraclrConfig, Weights, floats, objective_weights
+from loraclr.merge.linalg import QuadSolver, gram_matrix, gram_sum, relative_ridge, row_basis, symmetrize
 
 
 class _Converged:
@@ -457,7 +83,7 @@ class _Converged:
         self.dW = stacked_deltas(problem, dtype, cfg.device)  # (N, out, in), original coordinates
         self.out_dim = self.W0.shape[0]
         self.in_dim = stats.gram.shape[-1]  # solve dimension (K or in)
-        self.w = _weights(cfg, self.n_rows, self.out_dim)
+        self.w = objective_weights(cfg, self.n_rows, self.out_dim)
         self.G = stats.gram  # (N, k, k), compute dtype
         self.X, self.Xr = xs, xr
         self.grams_from_rows = problem.gram is None
@@ -599,7 +225,7 @@ class _Converged:
 
 
 def _hinge_weights(cfg: LoraclrConfig, n: int, m: int, out_dim: int) -> tuple[float, float, float]:
-    w = _weights(cfg, [m] * n, out_dim)
+    w = objective_weights(cfg, [m] * n, out_dim)
     return w.w_hinge, w.mu, w.neg_scale
 
 
@@ -659,7 +285,7 @@ def _line_point(S: _Converged, line: tuple, s: float) -> tuple:
     return s, neg, j, loss
 
 
-def _converged_report(cfg: LoraclrConfig, w: _Weights, sq: Tensor, neg: Tensor | None, hinge_term: float,
+def _converged_report(cfg: LoraclrConfig, w: Weights, sq: Tensor, neg: Tensor | None, hinge_term: float,
                       d_norm: float, ridge_abs: float, out_dim: int, n_rows: list[int], *, steps: int,
                       converged: bool, rel: float, note: str) -> dict:
     """The converged solve's report (module docstring) from the per-concept squared errors ``sq`` on all rows,
@@ -673,7 +299,7 @@ def _converged_report(cfg: LoraclrConfig, w: _Weights, sq: Tensor, neg: Tensor |
     else:
         active = float((neg < w.mu).double().mean()) if cfg.lambda_con > 0 else 0.0
         negn = neg / math.sqrt(w.neg_scale)
-        neg_rep = _floats(negn if cfg.distance == "block" else negn.pow(2).mean(1).sqrt())
+        neg_rep = floats(negn if cfg.distance == "block" else negn.pow(2).mean(1).sqrt())
     report = {
         "loss": loss,
         "loss_terms": {
@@ -681,7 +307,7 @@ def _converged_report(cfg: LoraclrConfig, w: _Weights, sq: Tensor, neg: Tensor |
             "mse": float(sq.sum()) / (out_dim * sum(n_rows)),
             "reg": d_norm,
         },
-        "pos_dist": _floats((sq / w.pos_scale).sqrt()),
+        "pos_dist": floats((sq / w.pos_scale).sqrt()),
         "neg_dist": neg_rep,
         "hinge_active": active,
         "steps": steps,
@@ -694,9 +320,10 @@ def _converged_report(cfg: LoraclrConfig, w: _Weights, sq: Tensor, neg: Tensor |
     return report
 
 
-def _solve_converged(
+def solve_converged(
     problem: LayerProblem, cfg: LoraclrConfig, callback: Callback | None
 ) -> tuple[Tensor, dict]:
+    """The dense converged solve of one layer: (D, report); see the module docstring."""
     S = _Converged(problem, cfg)
     w, lam = S.w, cfg.lambda_reg
     sol = QuadSolver(S.A0, cfg.rcond, cfg.solver).solve(S.B0, lam)  # minimiser of the convex part
@@ -784,10 +411,10 @@ def _solve_converged(
     return D, report
 
 
-# ------------------------------------------------------------------------ converged mode, LoRA-factor path
+# --- the LoRA-factor path -----------------------------------------------------------------------------------
 
 
-def _lowrank_applies(problem: LayerProblem, cfg: LoraclrConfig) -> bool:
+def lowrank_applies(problem: LayerProblem, cfg: LoraclrConfig) -> bool:
     """The factored closed form pays off: deltas are LoRA factors of total rank R below the layer's outputs,
     the raw rows are there (no Grams-only statistics), and they are not fewer than the inputs (where the
     row-space path is already small)."""
@@ -808,7 +435,7 @@ def _output_coordinates(W0: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
     return L[: W0.shape[1]], L[W0.shape[1] :]
 
 
-def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, dict] | None:
+def solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, dict] | None:
     """Converged mode when every delta is a LoRA product: the same minimiser as the dense path, cheaper.
 
     With U = [s_1 up_1, ..., s_N up_N] (out, R) and V = [down_1; ...; down_N] (R, in), each delta is
@@ -829,7 +456,7 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
     n_rows = [x.shape[0] for x in xs]
     W0 = problem.W0.to(device=dev, dtype=dtype)
     out_dim, in_dim = W0.shape
-    w = _weights(cfg, n_rows, out_dim)
+    w = objective_weights(cfg, n_rows, out_dim)
     a = (w.a_pos + w.a_mse).tolist()
     U = torch.cat([u.to(device=dev, dtype=dtype) * sc for u, sc in zip(lr.ups, lr.scales, strict=True)], 1)
     V = torch.cat([d.to(device=dev, dtype=dtype) for d in lr.downs], 0)  # (R, in)
@@ -837,8 +464,8 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
     blocks = [slice(ends[i], ends[i + 1]) for i in range(n)]
     # A0 = sum_i a_i G_i and M's own-concept rows a_i V_i G_i, one Gram at a time (no (N, in, in) stack).
     # V_i G_i = (V_i X_i^T) X_i: rank_i x rows x in multiply-adds in the compute dtype instead of
-    # rank_i x in x in in the solve dtype (at SD 1.5's ff.net.2, 5120 inputs: ~10x fewer, and float32),
-    # as exact as the Gram itself, which is accumulated in the compute dtype too.
+    # rank_i x in x in in the solve dtype (fewer where rows < in, and float32), as exact as the Gram itself,
+    # which is accumulated in the compute dtype too.
     A0 = torch.zeros(in_dim, in_dim, dtype=sd, device=dev)
     M = torch.zeros(V.shape[0], in_dim, dtype=sd, device=dev)
     for i, x in enumerate(xs):
@@ -895,19 +522,3 @@ def _solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, d
     if c:
         report["anchor"] = cfg.anchor
     return U @ Zp, report
-
-
-register(
-    MergeMethod(
-        name="loraclr",
-        fn=merge_loraclr,
-        config_cls=LoraclrConfig,
-        needs_features=True,
-        reference="LoRACLR, Simsar et al., CVPR 2025 (arXiv 2412.09622); official code enisimsar/LoRACLR weight_fusion.py",
-        summary="contrastive merge: positives attract, hardest negatives repelled beyond a margin",
-        label="LoRACLR merge",
-        # what a recipe naming no mode gets: the setting bench/quality.py scores best (bench/RESULTS.md);
-        # converged, and anchored at the mean of the deltas with a ridge, so it never falls below averaging
-        preset={"mode": "converged", "anchor": "mean", "ridge": 0.1},
-    )
-)
