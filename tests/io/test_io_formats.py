@@ -417,3 +417,25 @@ def test_merged_from_records_file_names_and_hashes_not_paths(tmp_path, fmt):
     if fmt == "kohya":
         assert meta["modelspec.merged_from"] == "concept0.safetensors, concept1.safetensors"
     assert "private" not in json.dumps(meta)
+
+
+def test_formats_are_one_table_tried_in_order(tmp_path, monkeypatch):
+    """The reader picks the format from io.read.FORMATS, first match wins, diffusers takes the rest; a new
+    format is one entry there."""
+    from loraclr.io import read
+
+    assert [f.name for f in read.FORMATS] == ["edlora", "textual-inversion", "kohya", "diffusers"]
+    assert all(f.summary for f in read.FORMATS)
+    path = tmp_path / "odd.safetensors"
+    save_file({"my_format.delta": torch.ones(2, 3)}, str(path))
+    with pytest.raises(ValueError, match="unknown keys"):  # nothing recognises it: diffusers reports the keys
+        load_lora(path)
+
+    def read_mine(f):
+        if "my_format.delta" not in f.keyed:
+            return None
+        return "mine", {"unet.down_blocks.0.proj": DenseDelta(f.keyed["my_format.delta"])}, []
+
+    monkeypatch.setattr(read, "FORMATS", (read.LoraFormat("mine", read_mine, "a test format"), *read.FORMATS))
+    lora = load_lora(path)
+    assert lora.format == "mine" and torch.equal(lora.layers["unet.down_blocks.0.proj"].weight, torch.ones(2, 3))

@@ -2,8 +2,9 @@
 
 Formats: kohya/A1111 (SD1 diffusers-style names, SDXL SGM names, hybrids, LoCon, LyCORIS), diffusers/PEFT
 (and the legacy attention-processor, ``.lora.down``, ``lora_linear_layer`` and ``base_model.model.``
-variants), Mix-of-Show ED-LoRA ``.pth``, textual inversions. Converters are loud: every key is consumed or
-reported, alpha always travels with its factors, and pickles are loaded weights-only after an opt-in.
+variants), Mix-of-Show ED-LoRA ``.pth``, textual inversions: one entry each in :data:`FORMATS`, tried in
+order. Converters are loud: every key is consumed or reported, alpha always travels with its factors, and
+pickles are loaded weights-only after an opt-in.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import re
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -424,6 +426,93 @@ def _is_edlora(obj: dict[str, Any]) -> bool:
     return isinstance(p, dict) and ("new_concept_embedding" in p or "unet" in p or "text_encoder" in p)
 
 
+# --- the format table -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _OpenedFile:
+    """One opened file as every format's reader sees it (see :data:`FORMATS`)."""
+
+    file: Path
+    source: str
+    obj: Any  # what the file holds: a pickle's object, or safetensors' {key: tensor}
+    tensors: dict[str, Tensor]  # every tensor of obj, by its flattened key
+    keyed: dict[str, Any]  # the key -> value mapping the LoRA formats read (a pickle's state_dict if it has one)
+    meta: dict[str, str]
+    is_pickle: bool
+    adapter_cfg: dict | None  # a PEFT adapter_config.json beside the file
+    family: str | None
+    unet_config: dict | None
+    strict: bool
+    report: ReadReport
+    base: Any
+
+
+# (format name, layers by canonical key, learned tokens)
+Parsed = tuple[str, dict[str, Any], list[LearnedToken]]
+
+
+@dataclass(frozen=True)
+class LoraFormat:
+    """A file format the reader knows. ``read`` returns the file's contents, or None when the file is not in
+    this format; it reports every key it does not understand in ``report.unknown_keys``."""
+
+    name: str
+    read: Callable[[_OpenedFile], Parsed | None]
+    summary: str
+
+
+def _read_edlora(f: _OpenedFile) -> Parsed | None:
+    if not (f.is_pickle and _is_edlora(f.obj)):
+        return None
+    params = f.obj["params"]
+    tokens = [LearnedToken(name, {"text_encoder": emb}, layerwise=True)
+              for name, emb in (params.get("new_concept_embedding") or {}).items()]
+    layers = {}
+    for comp in ("text_encoder", "unet"):
+        sub = params.get(comp) or {}
+        got, _ = parse_diffusers(_flatten(sub), f.source, {}, None, comp, f.report, f.base)
+        layers.update(got)
+    other = set(params) - {"new_concept_embedding", "text_encoder", "unet"}
+    f.report.unknown_keys.extend(f"params.{k}" for k in sorted(other))
+    return "edlora", layers, tokens
+
+
+def _read_textual_inversion(f: _OpenedFile) -> Parsed | None:
+    tokens = _as_ti(f.obj if f.is_pickle else f.tensors, f.file)
+    return None if tokens is None else ("textual-inversion", {}, tokens)
+
+
+def _read_kohya(f: _OpenedFile) -> Parsed | None:
+    if not any(k.startswith(KOHYA_PREFIXES) for k in f.keyed):
+        return None
+    unet_config = f.unet_config or _kohya_unet_layout(f.keyed, f.family)
+    layers = parse_kohya({k: v for k, v in f.keyed.items() if isinstance(v, Tensor)}, f.source, unet_config,
+                         f.strict, f.report, f.base)
+    return "kohya", layers, []
+
+
+def _read_diffusers(f: _OpenedFile) -> Parsed:
+    layers, styles = parse_diffusers({k: v for k, v in f.keyed.items() if isinstance(v, Tensor)}, f.source, f.meta,
+                                     f.adapter_cfg, None, f.report, f.base)
+    fmt = "diffusers" if styles <= {"peft"} else "diffusers-legacy"
+    if any(k.startswith("base_model.model.") for k in f.keyed):
+        fmt = "peft"
+    return fmt, layers, []
+
+
+# Tried in order; the first that recognises the file reads it. Diffusers comes last and takes any other file
+# (its unknown keys then say what did not fit). A new format is one reader function and one entry here.
+FORMATS: tuple[LoraFormat, ...] = (
+    LoraFormat("edlora", _read_edlora, "Mix-of-Show ED-LoRA .pth (layer-wise tokens and LoRA layers)"),
+    LoraFormat("textual-inversion", _read_textual_inversion,
+               "learned tokens only: A1111 .pt, SDXL clip_l / clip_g, diffusers learned_embeds"),
+    LoraFormat("kohya", _read_kohya, "kohya / A1111 lora_unet_ / lora_te_ keys, LoCon and LyCORIS"),
+    LoraFormat("diffusers", _read_diffusers,
+               "diffusers / PEFT module paths (also legacy attention-processor and base_model.model. names)"),
+)
+
+
 # --- the public reader ---------------------------------------------------------------------------------------
 
 
@@ -445,8 +534,6 @@ def read_lora(
     source = str(file)
     obj, meta, is_pickle = read_raw(file, allow_pickle)
     report = ReadReport()
-    tokens: list[LearnedToken] = []
-    fmt: str
     flat = _flatten(obj) if is_pickle else obj
     tensors = {k: v for k, v in flat.items() if isinstance(v, Tensor)}
     try:
@@ -457,39 +544,14 @@ def read_lora(
         report.warnings.append(str(e).removeprefix(source + ": "))
     report.dtypes = {str(v.dtype).replace("torch.", "") for v in tensors.values()}
 
-    if is_pickle and _is_edlora(obj):
-        fmt = "edlora"
-        params = obj["params"]
-        for name, emb in (params.get("new_concept_embedding") or {}).items():
-            tokens.append(LearnedToken(name, {"text_encoder": emb}, layerwise=True))
-        layers = {}
-        for comp in ("text_encoder", "unet"):
-            sub = params.get(comp) or {}
-            got, _ = parse_diffusers(_flatten(sub), source, {}, None, comp, report, base)
-            layers.update(got)
-        other = set(params) - {"new_concept_embedding", "text_encoder", "unet"}
-        report.unknown_keys.extend(f"params.{k}" for k in sorted(other))
-    else:
-        if is_pickle and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-            flat = obj["state_dict"]
-        ti = _as_ti(obj if is_pickle else tensors, file)
-        if ti is not None:
-            fmt, layers, tokens = "textual-inversion", {}, ti
-        elif any(k.startswith(KOHYA_PREFIXES) for k in flat):
-            fmt = "kohya"
-            unet_config = unet_config or _kohya_unet_layout(flat, family)
-            layers = parse_kohya({k: v for k, v in flat.items() if isinstance(v, Tensor)}, source, unet_config,
-                                 strict, report, base)
-        else:
-            layers, styles = parse_diffusers({k: v for k, v in flat.items() if isinstance(v, Tensor)}, source, meta,
-                                             adapter_cfg, None, report, base)
-            fmt = "diffusers" if styles <= {"peft"} else "diffusers-legacy"
-            if any(k.startswith("base_model.model.") for k in flat):
-                fmt = "peft"
+    keyed = obj["state_dict"] if is_pickle and isinstance(obj.get("state_dict"), dict) else flat
+    opened = _OpenedFile(file, source, obj, tensors, keyed, meta, is_pickle, adapter_cfg, family, unet_config,
+                         strict, report, base)
+    fmt, layers, tokens = next(p for p in (f.read(opened) for f in FORMATS) if p is not None)
     # the family evidence first: an error about unknown keys can then say which model the file is for
     shapes = {k: layer.weight_shape for k, layer in layers.items()}
     evidence = _layer_evidence(layers, shapes)
-    if fmt == "kohya" and any(n.startswith(("lora_te1_", "lora_te2_")) for n in flat):
+    if fmt == "kohya" and any(n.startswith(("lora_te1_", "lora_te2_")) for n in keyed):
         evidence.append(("sdxl", "kohya lora_te1_/lora_te2_ prefixes (two text encoders)"))
     for t in tokens:
         if "text_encoder_2" in t.embeddings:
