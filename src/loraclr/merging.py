@@ -1,6 +1,6 @@
 """The merge, end to end: recipe -> features -> per-layer solves, stage by stage -> written outputs.
 
-Order (DESIGN.md §2; each stage uses the result of the one before):
+Order (each stage uses the result of the one before):
 1. learned tokens renamed per concept and added to the tokenizer(s) / text encoder(s);
 2. text-encoder layers: features with each concept's LoRA, solved, merged weights written into the model;
 3. UNet cross-attention to_k / to_v: features from the merged text encoder, solved;

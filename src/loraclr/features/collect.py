@@ -1,4 +1,5 @@
-"""Feature collection in the paper's order (DESIGN.md §2): text encoder, cross-attention k/v, spatial layers.
+"""Feature collection in the paper's order (:mod:`loraclr.merging`): text encoder, cross-attention k/v, spatial
+layers.
 
 Each stage returns per-layer inputs X_i (rows, subsampled to a cap) for every concept; the targets
 Y_i = X_i (W0 + dW_i)^T are implied (closed form), so no layer output is ever stored. The caller turns a
@@ -43,7 +44,7 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 class ConceptFeaturesInput:
     """A concept as feature collection sees it (tokens already renamed).
 
-    layers: its LoRA layers by canonical key; strengths: component -> strength (DESIGN.md: dW_i includes it).
+    layers: its LoRA layers by canonical key; strengths: component -> strength (dW_i includes it).
     prompts: feature prompts with the trigger substituted and base token names (not yet expanded per layer).
     trigger: the text whose token positions feed the cross-attention k/v features (renamed base names).
     """

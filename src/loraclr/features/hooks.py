@@ -93,7 +93,7 @@ class RowRecorder:
 class InputCapture:
     """Records the inputs of many modules at once; modules fed the very same tensor share one recorder.
 
-    q/k/v projections receive one tensor object, so their inputs are recorded once (DESIGN.md §2): the
+    q/k/v projections receive one tensor object, so their inputs are recorded once: the
     first module that sees a tensor owns the recorder; a sibling (same parent module) called next with the
     very same object becomes an alias of it. ``select`` optionally picks rows (e.g. token positions) from each input
     before it is stored: ``select(key, module, x) -> rows`` replacing :func:`module_rows`.

@@ -27,8 +27,8 @@ class LowRankDeltas(Sequence):
     """N deltas kept as LoRA factors: ``self[i] = scales[i] * ups[i] @ downs[i]`` (out, in), built on access
     and not cached. A drop-in for ``LayerProblem.deltas`` where every concept's delta is low-rank (or zero:
     rank 0), so methods that only need their sum get it as one product of the concatenated factors
-    (:meth:`sum`) instead of N dense (out, in) deltas: for 12 rank-16 SD 1.5 ff deltas, 0.16 s instead of
-    ~1 s, and no 630 MB of dense deltas at once. Still a sum of deltas (STYLE.md): each up is scaled by its own
+    (:meth:`sum`) instead of N dense (out, in) deltas: one product of rank sum_i r_i, and no N dense deltas
+    in memory at once. Still a sum of deltas (STYLE.md): each up is scaled by its own
     concept's factor, never averaged with another concept's.
 
     ups[i] (out, r_i), downs[i] (r_i, in), scales[i] a number (alpha / rank x strength).

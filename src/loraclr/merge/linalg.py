@@ -97,8 +97,8 @@ class QuadSolver:
     succeeds only if every eigenvalue of A exceeds s, so the reference keeps every direction, and the
     minimiser is D = B (A + t I)^{-1}, computed with Cholesky factorisations (t by safeguarded Newton).
     When the proof fails (A rank-deficient or worse conditioned than 1 / rcond) it falls back to eigh.
-    Why: a float64 eigendecomposition of a 5120 x 5120 Gram takes ~65-95 s on one core, a Cholesky ~3 s
-    and a triangular solve with 1280 right-hand sides ~1.7 s (bench/results/merge_speed.md). The factor or
+    Why: on the widest layers an eigendecomposition costs many times a Cholesky factorisation plus the
+    triangular solves (bench/RESULTS.md has the timings). The factor or
     eigendecomposition is kept, so repeated solves with the same A (majorise-minimise steps whose active
     hinge set did not change) cost only the right-hand side's work.
     """
