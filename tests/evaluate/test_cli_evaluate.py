@@ -147,3 +147,5 @@ def test_cli_evaluate_regions_and_the_per_region_reference(tiny_model, tiny_clip
     assert main([*common, "--own-loras", "--regions", "attention"]) == 2
     assert main([*common[:-8], "--suite", "single", "--regions", "noise"]) == 2
     assert "applies to the multi suite" in capsys.readouterr().err
+    assert main([*common, "--structure", "layout"]) == 2
+    assert "--structure need --regions" in capsys.readouterr().err

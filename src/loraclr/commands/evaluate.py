@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "attention (Mix-of-Show) or noise (area conditioning); default: no regions")
     p.add_argument("--region-start", type=float, default=None, metavar="FRACTION",
                    help=f"fraction of the steps drawn with the global prompt alone first (default {DEFAULT_START})")
+    p.add_argument("--structure", metavar="DIR", help="with --regions: a structure condition drawn from the region "
+                   "boxes: 'layout' (the miniature world's layout adapter) or a T2I-Adapter / ControlNet folder")
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--clip", metavar="DIR", help="a local transformers CLIPModel folder for text/image alignment "
@@ -88,8 +90,12 @@ def run(args) -> int:
     kw = dict(n_prompts=args.prompts, seeds=args.seeds, seed=args.seed, n_pairs=args.pairs,
               n_triples=args.triples, image_dir=args.images, progress=not getattr(args, "quiet", False),
               steps=args.steps, guidance=args.guidance)
-    if args.regions is None and args.region_start is not None:
-        raise ValueError("--region-start needs --regions MODE")
+    if args.regions is None and (args.region_start is not None or args.structure):
+        raise ValueError("--region-start and --structure need --regions MODE")
+    if args.structure:
+        from loraclr.structure import load_structure
+
+        kw["structure"] = load_structure(args.structure)
     if args.regions is not None and (args.suite == "single" or (args.own_loras and args.suite != "multi")):
         raise ValueError("--regions applies to the multi suite (--suite multi, or all without --own-loras)")
     if args.own_loras:

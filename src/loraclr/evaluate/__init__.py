@@ -66,10 +66,11 @@ def load_evaluators(clip: str | Path | None = None, face: bool = False, folder: 
 def evaluate_model(model, specs: list[ConceptSpec], evaluators: Evaluators, suites=("single", "multi"), *,
                    loras: list[tuple[str, float]] | None = None, name: str | None = None, steps: int = 25,
                    guidance: float = 7.5, allow_pickle: bool = False, regions: str | None = None,
-                   region_start: float | None = None, **kw) -> list[dict]:
+                   region_start: float | None = None, structure=None, **kw) -> list[dict]:
     """Run ``suites`` on one model: a merged output folder, a base model (``mini``, folder, checkpoint) with
     ``loras`` stacked naively, or a loaded :class:`loraclr.pipeline.Model`. ``regions``: draw the multi suite
-    with each character bound to its region (a mode of :mod:`loraclr.regional`)."""
+    with each character bound to its region (a mode of :mod:`loraclr.regional`), with ``structure`` (a
+    :class:`loraclr.structure.Structure`) drawn from the boxes if given."""
     from loraclr.pipeline import Model, load_model
 
     m = model if isinstance(model, Model) else load_model(model, loras or [], allow_pickle=allow_pickle)
@@ -77,6 +78,7 @@ def evaluate_model(model, specs: list[ConceptSpec], evaluators: Evaluators, suit
     if loras:
         label += " + " + " + ".join(Path(f).stem for f, _ in loras)
     source = PipelineSource(m, label, steps=steps, guidance=guidance)
+    source.structure = structure
     scorer = Scorer(evaluators, specs)
     return [run_suite(source, specs, evaluators, s, scorer=scorer,
                       **(dict(regions=regions, region_start=region_start) if s == "multi" else {}), **kw)
@@ -85,13 +87,14 @@ def evaluate_model(model, specs: list[ConceptSpec], evaluators: Evaluators, suit
 
 def evaluate_own_loras_per_region(base: str | Path, specs: list[ConceptSpec], evaluators: Evaluators, *,
                                   steps: int = 25, guidance: float = 7.5, allow_pickle: bool = False,
-                                  region_start: float | None = None, **kw) -> dict:
+                                  region_start: float | None = None, structure=None, **kw) -> dict:
     """The multi suite drawn by the base model with each region denoised by its own concept's LoRA alone
     (:class:`loraclr.evaluate.suites.OwnLorasPerRegion`): the upper reference for regional images."""
     from loraclr.evaluate.suites import OwnLorasPerRegion
 
     source = OwnLorasPerRegion(base, [s for s in specs if s.kind == "identity"], steps=steps, guidance=guidance,
                                allow_pickle=allow_pickle)
+    source.structure = structure
     return run_suite(source, specs, evaluators, "multi", regions="noise", region_start=region_start, **kw)
 
 
