@@ -1,5 +1,10 @@
-"""Merge methods: pure per-layer tensor functions found by name (see :mod:`loraclr.merge.api`)."""
+"""Merge methods: pure per-layer tensor functions found by name (see :mod:`loraclr.merge.api`).
 
-from loraclr.merge.api import LayerProblem, LayerResult, MergeMethod, get_method, register
+Importing the package registers the built-in methods (their modules call :func:`register` at import), so
+the registry is complete wherever any part of ``loraclr.merge`` is used.
+"""
 
-__all__ = ["LayerProblem", "LayerResult", "MergeMethod", "get_method", "register"]
+from loraclr.merge import baselines, contrastive, lstsq  # noqa: F401  (registers the built-in methods)
+from loraclr.merge.api import LayerProblem, LayerResult, MergeMethod, all_methods, get_method, register
+
+__all__ = ["LayerProblem", "LayerResult", "MergeMethod", "all_methods", "get_method", "register"]

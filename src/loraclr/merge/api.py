@@ -132,7 +132,6 @@ def register(method: MergeMethod) -> MergeMethod:
 
 def get_method(name: str) -> MergeMethod:
     """Look a method up by name; the error lists the known ones."""
-    _load_builtin_methods()
     try:
         return METHODS[name]
     except KeyError:
@@ -140,8 +139,7 @@ def get_method(name: str) -> MergeMethod:
 
 
 def all_methods() -> dict[str, MergeMethod]:
-    """Every registered method by name (the built-in ones loaded)."""
-    _load_builtin_methods()
+    """Every registered method by name."""
     return dict(METHODS)
 
 
@@ -158,8 +156,3 @@ def resolve_settings(name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
 def describe_settings(settings: Mapping[str, Any]) -> str:
     """``{"mode": "converged", "ridge": 0.1}`` -> ``"mode converged, ridge 0.1"`` (help texts, labels)."""
     return ", ".join(f"{k} {v}" for k, v in settings.items())
-
-
-def _load_builtin_methods() -> None:
-    # The built-in methods import this module to register themselves, so they are loaded on first lookup.
-    import loraclr.merge.methods  # noqa: F401

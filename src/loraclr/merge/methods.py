@@ -1,8 +1,9 @@
-"""The built-in merge methods (importing this module registers them) and the per-layer driver.
+"""The per-layer driver (:func:`solve_layers`) and method configs by name.
 
-Methods: ``loraclr`` (modes ``paper`` / ``converged``), ``lstsq``, ``sum``, ``average``, ``svd``, ``ties``,
-``dare``, and the reference ``none`` (no LoRA weight, learned tokens only); see each function's docstring for
-what it computes and which features it needs.
+The built-in methods, registered when ``loraclr.merge`` is imported: ``loraclr`` (modes ``paper`` /
+``converged``), ``lstsq``, ``sum``, ``average``, ``svd``, ``ties``, ``dare``, and the reference ``none`` (no
+LoRA weight, learned tokens only); see each function's docstring for what it computes and which features it
+needs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from loraclr.merge import baselines, contrastive, lstsq  # noqa: F401  (registers the methods)
 from loraclr.merge._common import all_finite, has_rows
 from loraclr.merge.api import Callback, LayerProblem, LayerResult, get_method
 
