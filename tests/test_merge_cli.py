@@ -258,26 +258,6 @@ def test_bad_recipes_write_nothing(bad_setup, capsys, case, kw, extra, match):
     assert sorted(p.name for p in tmp.iterdir()) == before  # no temp folders left behind
 
 
-def test_offset_store_spills_past_its_budget(tmp_path):
-    from loraclr.offsets import OffsetStore
-
-    a, b, c = torch.randn(3, 4), torch.randn(5, 2), torch.randn(2, 2)
-    store = OffsetStore(max_bytes=a.numel() * 4, parent=tmp_path / "spill")
-    store["a"], store["b"], store["c"] = a, b, c  # "a" fills the budget: "b" and "c" go to disk
-    assert list(store) == ["a", "b", "c"] and len(store) == 3 and store.spilled == 2
-    for k, v in (("a", a), ("b", b), ("c", c)):
-        assert torch.equal(store[k], v)
-    store["b"] = 2 * b  # overwriting keeps one entry
-    assert torch.equal(store["b"], 2 * b) and len(store) == 3
-    del store["a"]
-    assert "a" not in store and list(store) == ["b", "c"]
-    assert [p for p in (tmp_path / "spill").iterdir()]  # the temporary folder lives under the parent
-    store.close()
-    assert not list((tmp_path / "spill").iterdir()) and len(store) == 0  # spilled entries are gone with it
-    with pytest.raises(KeyError):
-        store["zz"]
-
-
 def test_offsets_spilled_to_disk_merge_like_in_memory(tmp_path, tiny_sd1):
     """A merge whose offsets all go to disk (the large-model path) writes the same weights."""
     from loraclr.merging import merge_model
