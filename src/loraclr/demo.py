@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 DEFAULT_CONCEPTS = ("rubo", "rika", "rono")
 # how the demo's multi-concept rows are drawn (docs/regions.md has the measurements behind the choice)
 DEMO_REGIONS = "attention"
-DEMO_STRUCTURE: str | None = None
+DEMO_STRUCTURE: str | None = "auto"  # auto: the world's layout adapter on the world's base, none elsewhere
 
 SINGLE, NAIVE = "single", "naive"
 # Suite sizes by measurement (module docstring): with quick LoRAs, training takes ~170 of ~230 CPU s, so the
@@ -92,7 +92,8 @@ class DemoConfig:
     evaluators: a folder of world evaluator weights (None = the built-in ones).
     regions: how multi-concept prompts bind each character to its box (a mode of :mod:`loraclr.regional`,
         or None for the global prompt alone); region_start: the fraction of steps before they act;
-        structure: a structure condition for regional rows ("layout": the world's layout adapter; None: none).
+        structure: a structure condition for regional rows ("layout": the world's layout adapter; a folder;
+        "auto": the layout adapter when the base is the world's ``mini``; None: none).
     """
 
     base: str = "mini"
@@ -135,7 +136,7 @@ class DemoConfig:
 
         if self.regions is not None and self.regions not in MODES:
             raise ValueError(f"demo: unknown region mode {self.regions!r}; use one of {', '.join(MODES)} or none")
-        if self.structure is not None and self.regions is None:
+        if self.structure not in (None, "auto") and self.regions is None:
             raise ValueError("demo: a structure condition is drawn from the region boxes: set a region mode")
 
 
@@ -505,11 +506,14 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
 
         start = DEFAULT_START if config.region_start is None else config.region_start
         multi_kw = {"regions": config.regions, "region_start": start} if config.regions else {}
+        structure_name = config.structure
+        if structure_name == "auto":
+            structure_name = "layout" if config.base == "mini" and config.regions else None
         structure = None
-        if config.structure:
+        if structure_name:
             from loraclr.structure import load_structure
 
-            structure = load_structure(config.structure)
+            structure = load_structure(structure_name)
 
         def plan_for(p, src):
             """The regional plan of a multi prompt (None for single prompts or without regions)."""
@@ -559,7 +563,7 @@ def run_demo(config: DemoConfig = DemoConfig(), out_dir: str | Path = "demo-out"
             f"; seed {config.seed}, {config.steps} steps, guidance {config.guidance:g}"
         if config.regions:
             footer += f"; multi rows: {config.regions} regions from {start:.0%} of the steps" + \
-                (f", {config.structure} structure" if config.structure else "")
+                (f", {structure_name} structure" if structure_name else "")
         boxes = [[r.box for r in p.plan({n: n for n in names}, config.regions, start).regions]
                  if config.regions and len(p.concepts) > 1 else None for p in grid_prompts]
         canvas = draw_grid([[cells[c][r] for c in columns] for r in range(len(grid_prompts))], row_labels,
