@@ -153,21 +153,22 @@ def check_compatible(pipe, structure: Structure) -> None:
         if diff:
             raise ValueError(f"{where}: ControlNet does not fit the pipeline's UNet: " + "; ".join(diff))
         return
-    adapter_type = model.config.get("adapter_type")
-    if (adapter_type == "full_adapter_xl") != sdxl:
-        raise ValueError(f"{where}: a T2I-Adapter of type {adapter_type!r} is for "
-                         f"{_family(adapter_type == 'full_adapter_xl')}, the pipeline is {_family(sdxl)}")
     # a condition image whose side every downsampling on both paths divides
     n = len(unet.down_blocks)
     side = math.lcm(pipe.vae_scale_factor * 2 ** n, model.total_downscale_factor)
     slots = unet_adapter_slots(unet, side // pipe.vae_scale_factor)
     feats = _adapter_features(model, side)
     # the UNet takes one feature per down block (a surplus one goes to the mid block when shapes match)
-    if len(feats) < len(slots) or feats[:len(slots)] != slots:
-        raise ValueError(f"{where}: T2I-Adapter features (channels, side) {feats} for a {side} px condition do not "
-                         f"fit the UNet's down blocks {slots}; its channels must be the UNet's block_out_channels "
-                         f"{list(unet.config.block_out_channels)} and its downscale_factor the VAE's "
-                         f"{pipe.vae_scale_factor} times the blocks' own")
+    if len(feats) >= len(slots) and feats[:len(slots)] == slots:
+        return
+    adapter_type = model.config.get("adapter_type")
+    if (adapter_type == "full_adapter_xl") != sdxl:
+        raise ValueError(f"{where}: a T2I-Adapter of type {adapter_type!r} is for "
+                         f"{_family(adapter_type == 'full_adapter_xl')}, the pipeline is {_family(sdxl)}")
+    raise ValueError(f"{where}: T2I-Adapter features (channels, side) {feats} for a {side} px condition do not "
+                     f"fit the UNet's down blocks {slots}; its channels must be the UNet's block_out_channels "
+                     f"{list(unet.config.block_out_channels)} and its downscale_factor the VAE's "
+                     f"{pipe.vae_scale_factor} times the blocks' own")
 
 
 def _norm(v):
