@@ -13,8 +13,6 @@ sys.path.insert(0, str(Path(__file__).parent / "features"))
 from lora_factory import random_loraset, random_token  # noqa: E402
 
 from loraclr.cli import main  # noqa: E402
-from loraclr.features.hooks import apply_layers, cross_attention_modules  # noqa: E402
-from loraclr.features.text import TokenTable, add_tokens, encode, plan_tokens  # noqa: E402
 from loraclr.models import build_pipeline  # noqa: E402
 from loraclr.pipeline import Model, generate  # noqa: E402
 from loraclr.regional import (  # noqa: E402
@@ -27,6 +25,8 @@ from loraclr.regional import (  # noqa: E402
     load_regions,
     parse_region,
 )
+from loraclr.surgery.hooks import apply_layers, cross_attention_modules  # noqa: E402
+from loraclr.surgery.tokens import TokenTable, add_tokens, encode, plan_tokens  # noqa: E402
 
 FULL = (0.0, 0.0, 1.0, 1.0)
 KW = dict(steps=4, guidance=3.0, progress=False)
@@ -202,8 +202,8 @@ def test_outside_the_boxes_nothing_changes(mode, sd1):
     """Exact locality where the mechanism guarantees it: noise mode blends predictions per latent cell, so
     outside the box the prediction is the global one and inside it the region prompt's; attention mode
     does the same per cross-attention position."""
-    from loraclr.features.text import encode
     from loraclr.regional import encode_regions, regional_sampling
+    from loraclr.surgery.tokens import encode
 
     model = Model(sd1)
     plan = RegionalPlan((Region((0, 0, 0.5, 1), "a blue dog"),), mode=mode, start=0.0)

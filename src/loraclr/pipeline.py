@@ -7,7 +7,7 @@
 
 ED-LoRA layer-wise tokens: a prompt that uses one is encoded once per UNet cross-attention layer (the
 token's layer-l vocabulary entry in place of its name) and cross-attention layer l receives its own states
-through a forward pre-hook (:func:`loraclr.features.hooks.layerwise_states`), as Mix-of-Show's EDLoRA
+through a forward pre-hook (:func:`loraclr.surgery.hooks.layerwise_states`), as Mix-of-Show's EDLoRA
 attention processor does. The pipeline itself receives the layer-0 states (which only matter for layers
 that are not cross-attention; there are none in SD). Plain diffusers cannot do this: use ``generate``.
 """

@@ -184,7 +184,7 @@ def attention_grids(unet: nn.Module, latent_hw: tuple[int, int]) -> list[tuple[s
 
     Each down block that has a downsampler halves the grid (rounding up, as a padded stride-2 conv does).
     """
-    from loraclr.features.hooks import cross_attention_modules
+    from loraclr.surgery.hooks import cross_attention_modules
 
     h, w = latent_hw
     sizes: dict[str, tuple[int, int]] = {}
@@ -315,7 +315,7 @@ class RegionalAttnProcessor:
 
 @contextlib.contextmanager
 def _attention_mode(unet: nn.Module, state: _State) -> Iterator[None]:
-    from loraclr.features.hooks import cross_attention_modules
+    from loraclr.surgery.hooks import cross_attention_modules
 
     originals = []
     try:
@@ -352,7 +352,7 @@ _UNET_ARGS = ("sample", "timestep", "encoder_hidden_states")
 @contextlib.contextmanager
 def _noise_mode(unet: nn.Module, state: _State,
                 region_context: Callable[[int], contextlib.AbstractContextManager] | None) -> Iterator[None]:
-    from loraclr.features.hooks import cross_attention_modules
+    from loraclr.surgery.hooks import cross_attention_modules
 
     def hook(module, args, kwargs, output):
         if state.inside or not state.active:
@@ -473,8 +473,8 @@ def encode_regions(model, regions: Sequence[Region], region_layers: Sequence[Map
     """Encoder states of every region's prompt and negative prompt (expanded per layer for layer-wise tokens),
     each under its own LoRA's text-encoder weights when ``region_layers`` gives them (then a region without a
     negative prompt gets the global ``negative`` encoded under those weights, as that LoRA alone would)."""
-    from loraclr.features.hooks import apply_layers
-    from loraclr.features.text import encode
+    from loraclr.surgery.hooks import apply_layers
+    from loraclr.surgery.tokens import encode
 
     pipe, table = model.pipe, model.table
     out = []
@@ -507,7 +507,7 @@ def regional_sampling(model, plan: RegionalPlan, encoded: list[_Encoded], *, siz
     region_layers: per region, LoRA layers (canonical key -> layer) active only in that region's pass
     (``noise`` mode only; their text-encoder part must already be in ``encoded``).
     """
-    from loraclr.features.hooks import apply_layers
+    from loraclr.surgery.hooks import apply_layers
 
     pipe = model.pipe
     height, width = size
@@ -554,7 +554,7 @@ def check_prompt(model, text: str, where: str = "prompt", *, full_length: bool =
     """An unknown ``{concept}`` placeholder or ``<token>`` is an error (it would draw something else without a
     word); with ``full_length`` so is a prompt longer than the text encoder reads (a region prompt cut short
     loses what makes its region)."""
-    from loraclr.features.text import text_components
+    from loraclr.surgery.tokens import text_components
 
     for name in _PLACEHOLDER.findall(text):
         if name not in model.triggers:
