@@ -151,7 +151,7 @@ class Runner:
         t = time.perf_counter()
         if method == REFERENCE:
             source = OwnLorasPerRegion("mini", [self.specs[x] for x in names], allow_pickle=True)
-            modes = ["noise"]
+            modes = reference_modes(a.modes)
         else:
             model = merge_model(self.recipe(names, method), progress=False).model()
             source = PipelineSource(model, method)
@@ -176,9 +176,14 @@ def units(args, names: list[str]) -> list[tuple[int, int, tuple[str, ...], str]]
     return out
 
 
+def reference_modes(modes: list[str]) -> list[str]:
+    """The reference draws each region with its own weights: the noise mode, with the layout where asked."""
+    return ["noise+layout"] if any(m.endswith("+layout") for m in modes) else ["noise"]
+
+
 def unit_path(args, u) -> Path:
     n, k, _, method = u
-    modes = "noise" if method == REFERENCE else "_".join(args.modes)
+    modes = "_".join(reference_modes(args.modes) if method == REFERENCE else args.modes)
     return Path(str(args.out) + ".partial") / f"n{n}-s{k}-{method}-{modes}.json"
 
 

@@ -342,6 +342,11 @@ def test_regions_with_a_structure_condition(mode, sd1, tmp_path):
                              **KW), with_structure)
         assert_differ(with_structure, generate(model, ["a red cat"], structure=structure,
                                                structure_image=same_layout, **KW))
+        # every region pass gets the structure's residuals too: a full box with the global prompt changes nothing
+        same = RegionalPlan((Region(FULL, "a red cat"),), mode=mode, start=0.0)
+        assert_same(generate(model, ["a red cat"], regions=same, structure=structure, structure_image=same_layout,
+                             **KW), generate(model, ["a red cat"], structure=structure, structure_image=same_layout,
+                                             **KW))
     with pytest.raises(ValueError, match="needs a condition image"):
         generate(model, ["a red cat"], structure=structure, **KW)
     with pytest.raises(ValueError, match="area mode"):

@@ -254,6 +254,7 @@ class _State:
     step: int = -1
     inside: bool = False  # a region pass of the noise mode is running: hooks stand aside
     pass_states: Callable[[int | None], Tensor] | None = None  # that pass's encoder states, per layer
+    unconsumed: dict[str, list] = field(default_factory=dict)  # the global call's list arguments, as passed
     weights: dict[tuple[int, int], tuple[Tensor, Tensor]] = field(default_factory=dict)
 
     @property
@@ -357,7 +358,7 @@ def _noise_mode(unet: nn.Module, state: _State,
     def hook(module, args, kwargs, output):
         if state.inside or not state.active:
             return None
-        call = dict(zip(_UNET_ARGS, args, strict=False)) | kwargs
+        call = dict(zip(_UNET_ARGS, args, strict=False)) | kwargs | state.unconsumed
         sample, ehs = call["sample"], call["encoder_hidden_states"]
         eps = output[0] if isinstance(output, tuple) else output.sample
         b = sample.shape[0]
@@ -421,7 +422,14 @@ def _noise_mode(unet: nn.Module, state: _State,
 
         return pre_hook
 
-    handles = [unet.register_forward_hook(hook, with_kwargs=True)]
+    def keep_lists(module, args, kwargs):
+        # the UNet pops T2I-Adapter residuals off their list as it uses them: keep the full lists for the
+        # region passes that follow the global one
+        if not state.inside:
+            state.unconsumed = {k: list(v) for k, v in kwargs.items() if isinstance(v, list)}
+
+    handles = [unet.register_forward_pre_hook(keep_lists, with_kwargs=True),
+               unet.register_forward_hook(hook, with_kwargs=True)]
     try:
         if any(len(e.positive) > 1 or (e.negative is not None and len(e.negative) > 1) for e in state.encoded):
             for i, (_, mod) in enumerate(cross_attention_modules(unet)):
