@@ -274,9 +274,16 @@ def test_layerwise_tokens_in_region_prompts():
     add_tokens(pipe, table)
     model = Model(pipe, table, {"vee": table.tokens[0].name})
     plain = generate(model, ["a {vee} dog"], **KW)
-    for mode in ("attention", "noise"):
+    for mode in ("attention", "noise", "area"):
         got = generate(model, ["a red cat"], regions=RegionalPlan((Region(FULL, "a {vee} dog"),), mode=mode, start=0.0), **KW)
         assert_same(got, plain)
+        # the global prompt with layer-wise tokens too, and regions of another batch size than the global call
+        got = generate(model, ["a {vee} dog"], regions=RegionalPlan((Region(FULL, "a {vee} dog"),), mode=mode,
+                                                                    start=0.5), **KW)
+        assert_same(got, plain)
+        halves = RegionalPlan((Region((0, 0, 0.5, 1), "a {vee} dog"), Region((0.5, 0, 1, 1), "a red cat"),
+                               Region((0.25, 0, 0.75, 1), "a cat")), mode=mode, start=0.0)
+        assert_differ(generate(model, ["a {vee} dog"], regions=halves, **KW), plain)
     # the recipe's own token name is rewritten to the merged one
     assert_same(generate(model, ["a <v1> dog"], **KW), plain)
 

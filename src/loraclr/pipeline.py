@@ -257,7 +257,7 @@ def generate(
     ``structure_image``; without an image and with regions, the image is drawn from the regions' boxes
     (:func:`loraclr.structure.layout_image`, what the built-in layout adapter reads).
     """
-    from loraclr.regional import check_plan, check_prompt, encode_regions, regional_sampling
+    from loraclr.regional import check_plan, check_prompt, encode_regions, feeds_layers, regional_sampling
 
     m = model if isinstance(model, Model) else load_model(model, loras)
     pipe = m.pipe
@@ -301,11 +301,12 @@ def generate(
             if pooled is not None:
                 kw["pooled_prompt_embeds"] = pooled
             with contextlib.ExitStack() as stack:
-                if per_layer is not None:
+                if per_layer is not None and (regions is None or not feeds_layers(regions)):
                     stack.enter_context(layerwise_states(pipe.unet, per_layer))
                 if regions is not None:
                     stack.enter_context(regional_sampling(m, regions, encoded, size=size, steps=steps,
-                                                          guidance=guidance, region_layers=region_layers))
+                                                          guidance=guidance, region_layers=region_layers,
+                                                          global_layer_states=per_layer))
                 image = runner(**kw).images[0]
             row.append(image)
             if out_dir is not None:
