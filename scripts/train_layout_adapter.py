@@ -136,6 +136,11 @@ def save_adapter(adapter, out: Path, report: dict) -> None:
     tmp = out.parent / f".{out.name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     half.save_pretrained(str(tmp), safe_serialization=True)
+    # a resumed adapter remembers the folder it was loaded from: no machine's path in the shipped config
+    cfg_path = tmp / "config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg.pop("_name_or_path", None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     if (out / "README.md").exists():
         shutil.copy2(out / "README.md", tmp / "README.md")
     (tmp / "training.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -212,6 +212,7 @@ def test_shipped_layout_adapter_fits_the_mini_base():
 
     weights = LAYOUT_DIR / "diffusion_pytorch_model.safetensors"
     assert weights.stat().st_size < 0.65e6  # the package's asset budget
+    assert "_name_or_path" not in json.loads((LAYOUT_DIR / "config.json").read_text())  # no machine's path
     s = load_structure("layout")
     assert s.kind == "t2i-adapter" and s.source == str(LAYOUT_DIR)
     pipe = load_base_pipeline()
