@@ -291,10 +291,15 @@ def plot(result: dict, path: Path) -> None:
                 n, method, mode = key.split("|")
                 if label in s and s[label][metric] is not None:
                     series.setdefault(f"{method} / {mode}", []).append((int(n), s[label][metric]["mean"]))
+            methods = sorted({name.split(" / ")[0] for name in series})
+            colours = {m: ("black" if m == REFERENCE else plt.cm.tab10(i)) for i, m in enumerate(methods)}
+            styles = {"none": ":", "attention": "-", "noise": "--"}  # + layout: the same line with square marks
             for name, pts in sorted(series.items()):
                 pts.sort()
-                style = "k--" if name.startswith(REFERENCE) else "-o"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name, markersize=3)
+                method, mode = name.split(" / ")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], styles.get(mode.split("+")[0], "-"),
+                        color=colours[method], marker="s" if mode.endswith("+layout") else "o", markersize=4,
+                        label=name)
             ax.set_title(f"{label}: {'identity per region' if metric == 'identity' else 'all characters right'}")
             ax.set_ylim(0, 1)
             ax.set_xlabel("merged concepts N")
