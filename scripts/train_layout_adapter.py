@@ -232,7 +232,7 @@ def presence_detector(ident, vae, n: int, seed: int):
     two-character scenes, negatives the empty half of one-character scenes whose character stays in the
     other half and both halves of one character in the middle. Returns (predict: embeddings -> bool, accuracy on held-out renders).
     """
-    from loraclr.evaluate.train import camera_roundtrip
+    from loraclr.world.evaluator_training import camera_roundtrip
 
     rng = np.random.default_rng([seed, 27])
     images, boxes, labels = [], [], []
@@ -284,7 +284,7 @@ def check(args) -> dict:
     :func:`presence_detector`), and is it the one asked for (the identity evaluator's calibrated threshold)."""
     from loraclr.evaluate import load_evaluators
     from loraclr.evaluate.world import identity_references
-    from loraclr.features.text import encode
+    from loraclr.surgery.tokens import encode
 
     pipe = load_base_pipeline()
     structure = Structure("t2i-adapter", _load(args.out), args.scale, str(args.out))

@@ -10,7 +10,6 @@ import pytest
 import torch
 from diffusers import ControlNetModel, T2IAdapter
 
-from loraclr.features.text import encode
 from loraclr.structure import (
     LAYOUT_DIR,
     Structure,
@@ -21,6 +20,7 @@ from loraclr.structure import (
     structure_pipeline,
     unet_adapter_slots,
 )
+from loraclr.surgery.tokens import encode
 
 HALVES = [(0.0, 0.25, 0.5, 1.0), (0.5, 0.25, 1.0, 1.0)]
 

@@ -16,12 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# The surgery hooks under their old path, for code outside the package that still imports them from here
-# (loraclr.regional, its tests, scripts); new code imports loraclr.surgery.hooks.
-from loraclr.surgery.hooks import apply_layers, apply_offsets, cross_attention_modules, layerwise_states
-
-__all__ = ["InputCapture", "RowRecorder", "apply_layers", "apply_offsets", "cross_attention_modules",
-           "layerwise_states", "module_rows"]
+__all__ = ["InputCapture", "RowRecorder", "module_rows"]
 
 log = logging.getLogger(__name__)
 
