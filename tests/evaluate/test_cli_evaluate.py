@@ -118,7 +118,7 @@ def test_cli_evaluate_own_edlora_needs_allow_pickle(tiny_model, tiny_clip, tmp_p
 
 def test_cli_evaluate_regions_and_the_per_region_reference(tiny_model, tiny_clip, tmp_path, capsys):
     """--regions draws the multi suite with each character in its scoring box; --own-loras --suite multi
-    --regions noise draws each region with its own concept's LoRA alone."""
+    --region-mode noise draws each region with its own concept's LoRA alone."""
     from loraclr.io import save_lora
     from loraclr.pipeline import load_base
 
@@ -136,16 +136,16 @@ def test_cli_evaluate_regions_and_the_per_region_reference(tiny_model, tiny_clip
     manifest.write_text(json.dumps({"base": "mini", "concepts": concepts}))
     common = ["-q", "evaluate", str(tiny_model), "--manifest", str(manifest), "--suite", "multi", "--pairs", "1",
               "--triples", "0", "--seeds", "1", "--steps", "2", "--clip", str(tiny_clip)]
-    for extra in (["--regions", "attention", "--region-start", "0.5"], ["--own-loras", "--regions", "noise"]):
+    for extra in (["--region-mode", "attention", "--region-start", "0.5"], ["--own-loras", "--region-mode", "noise"]):
         out = tmp_path / "res.json"
         assert main([*common, *extra, "--json", str(out)]) == 0
         (res,) = json.loads(out.read_text())["results"]
-        assert res["settings"]["regions"] == extra[extra.index("--regions") + 1]
+        assert res["settings"]["regions"] == extra[extra.index("--region-mode") + 1]
         assert len(res["images"]) == 1 and "leakage" in res["overall"]
     assert main([*common, "--own-loras"]) == 2
-    assert "needs --regions noise" in capsys.readouterr().err
-    assert main([*common, "--own-loras", "--regions", "attention"]) == 2
-    assert main([*common[:-8], "--suite", "single", "--regions", "noise"]) == 2
+    assert "needs --region-mode noise" in capsys.readouterr().err
+    assert main([*common, "--own-loras", "--region-mode", "attention"]) == 2
+    assert main([*common[:-8], "--suite", "single", "--region-mode", "noise"]) == 2
     assert "applies to the multi suite" in capsys.readouterr().err
     assert main([*common, "--structure", "layout"]) == 2
-    assert "--structure need --regions" in capsys.readouterr().err
+    assert "--structure need --region-mode" in capsys.readouterr().err

@@ -31,7 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, help="first seed")
     p.add_argument("--evaluators", metavar="DIR", help="folder of world evaluator weights (default: built-in)")
-    p.add_argument("--regions", choices=(*MODES, "none"), default=None,
+    p.add_argument("--region-mode", dest="regions", choices=(*MODES, "none"), default=None,
                    help=f"how multi-concept rows bind each character to its box (default: {DEMO_REGIONS})")
     p.add_argument("--region-start", type=float, default=None, metavar="FRACTION",
                    help="fraction of the steps drawn with the global prompt alone first")

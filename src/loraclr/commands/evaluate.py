@@ -20,7 +20,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="LoRA to stack on the model (repeatable; naive sum of deltas)")
     p.add_argument("--own-loras", action="store_true",
                    help="single suite with each concept drawn by MODEL + only its own LoRA (from the manifest); "
-                        "with --suite multi --regions noise, each region drawn by its own concept's LoRA alone "
+                        "with --suite multi --region-mode noise, each region drawn by its own concept's LoRA alone "
                         "(the upper reference for regional images)")
     p.add_argument("--suite", choices=["single", "multi", "all"], default="all")
     p.add_argument("--manifest", help="concept manifest JSON (default: the built-in world's concepts)")
@@ -30,9 +30,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", type=int, default=4, help="prompts per concept in the single suite")
     p.add_argument("--pairs", type=int, default=6, help="two-concept prompts in the multi suite")
     p.add_argument("--triples", type=int, default=3, help="three-concept prompts in the multi suite")
-    p.add_argument("--regions", choices=MODES, default=None,
-                   help="draw the multi suite with each character bound to the region it is scored in: "
-                        "attention (Mix-of-Show) or noise (area conditioning); default: no regions")
+    p.add_argument("--region-mode", dest="regions", choices=MODES, default=None,
+                   help="draw the multi suite with each character bound to the box it is scored in: attention "
+                        "(Mix-of-Show), noise (one noise prediction per region) or area (the same on each box's "
+                        "crop); default: no regions")
     p.add_argument("--region-start", type=float, default=None, metavar="FRACTION",
                    help=f"fraction of the steps drawn with the global prompt alone first (default {DEFAULT_START})")
     p.add_argument("--structure", metavar="DIR", help="with --regions: a structure condition drawn from the region "
@@ -91,16 +92,16 @@ def run(args) -> int:
               n_triples=args.triples, image_dir=args.images, progress=not getattr(args, "quiet", False),
               steps=args.steps, guidance=args.guidance)
     if args.regions is None and (args.region_start is not None or args.structure):
-        raise ValueError("--region-start and --structure need --regions MODE")
+        raise ValueError("--region-start and --structure need --region-mode MODE")
     if args.structure:
         from loraclr.structure import load_structure
 
         kw["structure"] = load_structure(args.structure)
     if args.regions is not None and (args.suite == "single" or (args.own_loras and args.suite != "multi")):
-        raise ValueError("--regions applies to the multi suite (--suite multi, or all without --own-loras)")
+        raise ValueError("--region-mode applies to the multi suite (--suite multi, or all without --own-loras)")
     if args.own_loras:
         if args.suite == "multi" and args.regions != "noise":
-            raise ValueError("--own-loras --suite multi needs --regions noise (each region drawn by its own LoRA)")
+            raise ValueError("--own-loras --suite multi needs --region-mode noise (each region drawn by its own LoRA)")
         if args.suite == "multi":
             results = [evaluate_own_loras_per_region(args.model, specs, evaluators, allow_pickle=args.allow_pickle,
                                                      region_start=args.region_start, **kw)]
