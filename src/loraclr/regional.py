@@ -2,7 +2,7 @@
 
 A global prompt describes the whole scene ("{a} on the left and {b} on the right at the beach"); each
 :class:`Region` gives a box (fractions of the image) and the prompt that should hold inside it ("{a} at the
-beach"). Two mechanisms, chosen by name in :data:`MODES`:
+beach"). Three mechanisms, chosen by name in :data:`MODES`:
 
 * ``attention`` — Mix-of-Show's regionally controllable sampling (Gu et al., NeurIPS 2023, §3.3), as LoRACLR
   (Simsar et al., CVPR 2025, §4) composes its multi-concept images: inside every UNet cross-attention layer
@@ -20,7 +20,7 @@ In ``noise`` and ``area`` modes each region's prediction may come from its own w
 LoRA applied only in that region's pass), which is how the per-region own-LoRA reference of the evaluation is
 drawn. 1 + R UNet passes per step.
 
-Both can leave the first steps to the global prompt alone (``start``, a fraction of the steps), so that the
+All can leave the first steps to the global prompt alone (``start``, a fraction of the steps), so that the
 global prompt lays out the scene before regions bind each character to its place (as OMG does with its first
 stage).
 
