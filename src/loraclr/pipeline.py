@@ -257,7 +257,7 @@ def generate(
     ``structure_image``; without an image and with regions, the image is drawn from the regions' boxes
     (:func:`loraclr.structure.layout_image`, what the built-in layout adapter reads).
     """
-    from loraclr.regional import check_plan, check_prompt, encode_regions, feeds_layers, regional_sampling
+    from loraclr.regional import check_plan, check_prompt, encode_regions, regional_sampling
 
     m = model if isinstance(model, Model) else load_model(model, loras)
     pipe = m.pipe
@@ -301,7 +301,7 @@ def generate(
             if pooled is not None:
                 kw["pooled_prompt_embeds"] = pooled
             with contextlib.ExitStack() as stack:
-                if per_layer is not None and (regions is None or not feeds_layers(regions)):
+                if per_layer is not None and regions is None:  # with regions, regional_sampling feeds them
                     stack.enter_context(layerwise_states(pipe.unet, per_layer))
                 if regions is not None:
                     stack.enter_context(regional_sampling(m, regions, encoded, size=size, steps=steps,

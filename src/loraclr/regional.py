@@ -352,8 +352,7 @@ _UNET_ARGS = ("sample", "timestep", "encoder_hidden_states")
 
 @contextlib.contextmanager
 def _noise_mode(unet: nn.Module, state: _State,
-                region_context: Callable[[int], contextlib.AbstractContextManager] | None,
-                global_states: Sequence[Tensor] | None = None) -> Iterator[None]:
+                region_context: Callable[[int], contextlib.AbstractContextManager] | None) -> Iterator[None]:
     from loraclr.surgery.hooks import cross_attention_modules
 
     def hook(module, args, kwargs, output):
@@ -415,20 +414,11 @@ def _noise_mode(unet: nn.Module, state: _State,
 
     def layer_hook(layer: int):
         # ED-LoRA layer-wise tokens: each cross-attention layer of a region pass reads the region's states of
-        # that layer; outside region passes, the global prompt's states of that layer (this mode feeds both,
-        # as loraclr.surgery.hooks.layerwise_states would, whose batch check a region pass would trip)
+        # that layer (the global prompt's layer-wise hook stands aside during region passes)
         def pre_hook(module, args, kwargs):
-            ehs = kwargs.get("encoder_hidden_states")
-            if ehs is None:
+            if not state.inside or state.pass_states is None or kwargs.get("encoder_hidden_states") is None:
                 return None
-            if state.inside:
-                new = state.pass_states(layer) if state.pass_states is not None else None
-            elif global_states is not None:
-                pos = global_states[layer].to(ehs.dtype)
-                new = pos if ehs.shape[0] == pos.shape[0] else torch.cat([ehs[: ehs.shape[0] - pos.shape[0]], pos])
-            else:
-                new = None
-            return None if new is None else (args, dict(kwargs, encoder_hidden_states=new))
+            return args, dict(kwargs, encoder_hidden_states=state.pass_states(layer))
 
         return pre_hook
 
@@ -441,8 +431,7 @@ def _noise_mode(unet: nn.Module, state: _State,
     handles = [unet.register_forward_pre_hook(keep_lists, with_kwargs=True),
                unet.register_forward_hook(hook, with_kwargs=True)]
     try:
-        if global_states is not None or any(len(e.positive) > 1 or (e.negative is not None and len(e.negative) > 1)
-                                            for e in state.encoded):
+        if any(len(e.positive) > 1 or (e.negative is not None and len(e.negative) > 1) for e in state.encoded):
             for i, (_, mod) in enumerate(cross_attention_modules(unet)):
                 handles.append(mod.register_forward_pre_hook(layer_hook(i), with_kwargs=True))
         yield
@@ -525,11 +514,10 @@ def regional_sampling(model, plan: RegionalPlan, encoded: list[_Encoded], *, siz
     encoded: :func:`encode_regions` of the plan's regions (once per prompt, reused across seeds).
     region_layers: per region, LoRA layers (canonical key -> layer) active only in that region's pass
     (``noise`` mode only; their text-encoder part must already be in ``encoded``).
-    global_layer_states: the global prompt's states per cross-attention layer when it uses layer-wise tokens;
-    the attention mode leaves them to :func:`loraclr.surgery.hooks.layerwise_states` (see :func:`feeds_layers`),
-    the noise modes feed them themselves.
+    global_layer_states: the global prompt's states per cross-attention layer when it uses layer-wise tokens
+    (fed by :func:`loraclr.surgery.hooks.layerwise_states`, which stands aside in region passes).
     """
-    from loraclr.surgery.hooks import apply_layers
+    from loraclr.surgery.hooks import apply_layers, layerwise_states
 
     pipe = model.pipe
     height, width = size
@@ -537,6 +525,8 @@ def regional_sampling(model, plan: RegionalPlan, encoded: list[_Encoded], *, siz
     state = _State(plan, encoded, latent_hw, steps, cfg=guidance > 1.0)
     with contextlib.ExitStack() as stack:
         stack.enter_context(_step_counter(pipe.unet, state))
+        if global_layer_states is not None:  # registered before the region passes' own layer hooks
+            stack.enter_context(layerwise_states(pipe.unet, global_layer_states, skip=lambda: state.inside))
         if plan.mode == "attention":
             if region_layers is not None:
                 raise ValueError("per-region LoRAs need the noise or area mode (one UNet pass per region)")
@@ -549,14 +539,8 @@ def regional_sampling(model, plan: RegionalPlan, encoded: list[_Encoded], *, siz
                 def ctx(i: int):
                     return apply_layers(pipe, unet_layers[i])
 
-            stack.enter_context(_noise_mode(pipe.unet, state, ctx, global_layer_states))
+            stack.enter_context(_noise_mode(pipe.unet, state, ctx))
         yield
-
-
-def feeds_layers(plan: RegionalPlan) -> bool:
-    """Whether :func:`regional_sampling` feeds the global prompt's layer-wise states itself (the noise modes:
-    their region passes run the UNet again, where a separate global hook would get in the way)."""
-    return plan.mode != "attention"
 
 
 def check_plan(model, plan: RegionalPlan, size: tuple[int, int], prompts: Sequence[str] = ()) -> None:

@@ -9,7 +9,7 @@ raises. Nothing here changes a weight, so the model is exactly as it was after e
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,11 +93,13 @@ def cross_attention_modules(unet: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @contextlib.contextmanager
-def layerwise_states(unet: nn.Module, states: Sequence[Tensor]) -> Iterator[None]:
+def layerwise_states(unet: nn.Module, states: Sequence[Tensor],
+                     skip: Callable[[], bool] | None = None) -> Iterator[None]:
     """Feed cross-attention layer l the encoder states ``states[l]`` (B, L, D) instead of the shared ones.
 
     With classifier-free guidance the pipeline calls the UNet with ``cat([negative, positive])``; the hook
     keeps the first (negative) half and swaps in the layer's positive states for the second half.
+    ``skip``: while it returns True the hook stands aside (UNet calls with other prompts, e.g. region passes).
     """
     layers = cross_attention_modules(unet)
     if len(states) != len(layers):
@@ -107,7 +109,7 @@ def layerwise_states(unet: nn.Module, states: Sequence[Tensor]) -> Iterator[None
     def make(l_idx: int):
         def pre_hook(module, args, kwargs):
             ehs = kwargs.get("encoder_hidden_states")
-            if ehs is None:
+            if ehs is None or (skip is not None and skip()):
                 return None
             pos = states[l_idx].to(ehs.dtype)
             if ehs.shape[0] == pos.shape[0]:
