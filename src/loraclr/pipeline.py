@@ -27,7 +27,7 @@ import torch
 from loraclr.export import MANIFEST, PIPELINE, PROMPTS
 from loraclr.regional import RegionalPlan
 from loraclr.surgery.hooks import cross_attention_modules, layerwise_states
-from loraclr.surgery.tokens import AddedToken, TokenTable, add_tokens, encode, is_sdxl, plan_tokens
+from loraclr.surgery.tokens import AddedToken, TokenTable, add_tokens, encode_prompts, is_sdxl, plan_tokens
 
 log = logging.getLogger(__name__)
 
@@ -214,17 +214,6 @@ def load_model(model: str | Path, loras: list[tuple[str, float]] | None = None, 
 # --- generation ------------------------------------------------------------------------------------------
 
 
-def _prompt_states(model: Model, prompts: list[str]):
-    """prompt_embeds (B, 77, D), pooled or None, and per-layer states or None."""
-    pipe, table = model.pipe, model.table
-    states, pooled = encode(pipe, [table.expand(p) for p in prompts], pad=True)
-    per_layer = None
-    if any(table.uses_layerwise(p) for p in prompts):
-        per_layer = [encode(pipe, [table.expand(p, layer) for p in prompts], pad=True)[0]
-                     for layer in range(table.n_layers)]
-    return states, pooled, per_layer
-
-
 @torch.no_grad()
 def generate(
     model: str | Path | Model,
@@ -290,7 +279,7 @@ def generate(
     images, rows = [], []
     for i, raw in enumerate(prompts):
         text = m.prompt(raw)
-        states, pooled, per_layer = _prompt_states(m, [text])
+        states, pooled, per_layer = encode_prompts(m.pipe, m.table, [text])
         row = []
         for j in range(n):
             gen = torch.Generator().manual_seed(seed + j)

@@ -482,7 +482,7 @@ def encode_regions(model, regions: Sequence[Region], region_layers: Sequence[Map
     each under its own LoRA's text-encoder weights when ``region_layers`` gives them (then a region without a
     negative prompt gets the global ``negative`` encoded under those weights, as that LoRA alone would)."""
     from loraclr.surgery.hooks import apply_layers
-    from loraclr.surgery.tokens import encode
+    from loraclr.surgery.tokens import encode_prompts
 
     pipe, table = model.pipe, model.table
     out = []
@@ -492,11 +492,8 @@ def encode_regions(model, regions: Sequence[Region], region_layers: Sequence[Map
             if layers else contextlib.nullcontext()
         with ctx:
             def states(text: str) -> tuple[list[Tensor], Tensor | None]:
-                s, pooled = encode(pipe, [table.expand(text)], pad=True)
-                if not table.uses_layerwise(text):
-                    return [s], pooled
-                return [encode(pipe, [table.expand(text, layer)], pad=True)[0]
-                        for layer in range(table.n_layers)], pooled
+                shared, pooled, per_layer = encode_prompts(pipe, table, [text])
+                return (per_layer or [shared]), pooled
 
             pos, pooled = states(model.prompt(r.prompt))
             neg_text = r.negative if r.negative is not None else (negative if layers else None)

@@ -225,6 +225,18 @@ def encode(pipe, texts: list[str], *, pad: bool = True) -> tuple[Tensor, Tensor 
     return torch.cat(states, dim=-1), pooled
 
 
+@torch.no_grad()
+def encode_prompts(pipe, table: TokenTable, texts: list[str]) -> tuple[Tensor, Tensor | None, list[Tensor] | None]:
+    """Encoder states (B, L, D), pooled (SDXL) or None, and, when a text uses a layer-wise token, the states
+    of every cross-attention layer (each text expanded with that layer's vocabulary entries), else None."""
+    states, pooled = encode(pipe, [table.expand(t) for t in texts], pad=True)
+    per_layer = None
+    if any(table.uses_layerwise(t) for t in texts):
+        per_layer = [encode(pipe, [table.expand(t, layer) for t in texts], pad=True)[0]
+                     for layer in range(table.n_layers)]
+    return states, pooled, per_layer
+
+
 def trigger_positions(tokenizer, prompt: str, trigger: str, *, where: str = "") -> list[int]:
     """Positions of the trigger's tokens in the (unpadded) tokenised prompt, plus the end-of-text position."""
     ids = token_ids(tokenizer, prompt, pad=False)
