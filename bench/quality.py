@@ -141,12 +141,9 @@ QUICK_SIZES = Sizes(steps=10, prompts=1, seeds=2, pairs=1, triples=0, feature_st
 
 def stat(values: list[float]) -> dict | None:
     """Mean with a bootstrap 95 % interval over the values (images), or None without values."""
-    from loraclr.evaluate.metrics import mean_ci
+    from loraclr.evaluate.metrics import summary
 
-    if not values:
-        return None
-    m, lo, hi = mean_ci(torch.tensor(values, dtype=torch.float64))
-    return {"mean": m, "low": lo, "high": hi, "n": len(values)}
+    return summary(values)
 
 
 def ratio_ci(num: list[float], den: list[float], n_boot: int = 1000, level: float = 0.95,

@@ -65,12 +65,10 @@ def draw_subsets(names: list[str], n: int, count: int, seed: int) -> list[tuple[
 
 
 def stat(values: list[float]) -> dict | None:
-    from loraclr.evaluate.metrics import mean_ci
+    """Mean with a bootstrap 95 % interval over the values (images), or None without values."""
+    from loraclr.evaluate.metrics import summary
 
-    if not values:
-        return None
-    m, lo, hi = mean_ci(torch.tensor(values, dtype=torch.float64))
-    return {"mean": m, "low": lo, "high": hi, "n": len(values)}
+    return summary(values)
 
 
 def summarise(records: list[dict]) -> dict:

@@ -86,3 +86,11 @@ def mean_ci(values: Tensor, n_boot: int = 1000, level: float = 0.95, seed: int =
     boots = v[idx].mean(1)
     alpha = (1 - level) / 2
     return mean, float(torch.quantile(boots, alpha)), float(torch.quantile(boots, 1 - alpha))
+
+
+def summary(values) -> dict | None:
+    """``{"mean", "low", "high", "n"}`` of :func:`mean_ci` over the values (float64), or None without values."""
+    if len(values) == 0:
+        return None
+    m, lo, hi = mean_ci(torch.as_tensor(values, dtype=torch.float64))
+    return {"mean": m, "low": lo, "high": hi, "n": len(values)}

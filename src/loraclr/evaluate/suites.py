@@ -301,12 +301,7 @@ def summarise(records: list[dict], suite: str, source: str, evaluators: Evaluato
             if r["identity"][j] is not None:
                 d["identity"].append(float(r["identity"][j]))
 
-    def stat(values):
-        if not values:
-            return None
-        m, lo, hi = metrics.mean_ci(torch.tensor(values))
-        return {"mean": m, "low": lo, "high": hi, "n": len(values)}
-
+    stat = metrics.summary
     per_concept = {n: {k: stat(v) for k, v in d.items()} for n, d in per.items()}
     ident_all = [float(x) for r in records for x in r["identity"] if x is not None]
     overall = {
