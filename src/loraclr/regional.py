@@ -572,9 +572,10 @@ def check_prompt(model, text: str, where: str = "prompt", *, full_length: bool =
     filled = model.prompt(text)
     expanded = model.table.expand(filled)
     comps = text_components(model.pipe)
-    vocab = comps[0][1].get_vocab()
+    tokenizer = comps[0][1]
     for tok in _TOKEN.findall(expanded):
-        if tok not in vocab:
+        # one lookup per token, not a copy of the whole vocabulary per prompt (this runs before every image)
+        if tok != tokenizer.unk_token and tokenizer.convert_tokens_to_ids(tok) == tokenizer.unk_token_id:
             known = ", ".join(t.name for t in model.table.tokens) or "none"
             raise ValueError(f"{where} {text!r}: unknown token {tok!r}; learned tokens of this model: {known}")
     for _, tokenizer, _ in comps if full_length else ():
