@@ -9,7 +9,9 @@ With regions, each character gets a box and its own prompt (``loraclr.regional``
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,12 +58,45 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from loraclr.pipeline import generate, load_model, parse_lora_arg, parse_size
+    from loraclr.pipeline import generate
     from loraclr.runtime import apply_runtime, quiet_libraries
 
     if getattr(args, "quiet", False):
         quiet_libraries()
     runtime = apply_runtime(args)
+    request = build_request(args)
+    model = request.load(runtime["precision"])
+    out = Path(args.out)
+    images = generate(model, request.prompts, out_dir=out, grid=args.grid,
+                      progress=not getattr(args, "quiet", False), **request.options)
+    print(f"wrote {len(images)} images to {out}")
+    return 0
+
+
+@dataclass
+class GenerateRequest:
+    """What ``generate`` was asked for, checked: the model to load and the arguments of
+    :func:`loraclr.pipeline.generate`. The web page builds it from the same argument list, so that its images
+    are the command's."""
+
+    model: str
+    loras: list[tuple[str, float]]
+    allow_pickle: bool
+    base_config: str | None
+    prompts: list[str]
+    options: dict[str, Any]  # n, seed, negative, guidance, steps, size, regions, structure, structure_image
+
+    def load(self, precision: torch.dtype | None = None):
+        from loraclr.pipeline import load_model
+
+        return load_model(self.model, self.loras, allow_pickle=self.allow_pickle, config=self.base_config,
+                          dtype=precision or torch.float32)
+
+
+def build_request(args) -> GenerateRequest:
+    """The checked request of parsed ``generate`` arguments (every user error is raised here, before loading)."""
+    from loraclr.pipeline import parse_lora_arg, parse_size
+
     if args.num < 1 or args.steps < 1:
         raise ValueError("-n and --steps must be >= 1")
     size = parse_size(args.size) if args.size else None
@@ -76,15 +111,9 @@ def run(args) -> int:
     elif args.structure_image:
         raise ValueError("--structure-image needs --structure DIR")
     loras = [parse_lora_arg(x) for x in args.lora]
-    model = load_model(args.model, loras, allow_pickle=args.allow_pickle, config=args.base_config,
-                       dtype=runtime["precision"] or torch.float32)
-    out = Path(args.out)
-    images = generate(model, prompts, n=args.num, seed=args.seed, negative=negative,
-                      guidance=args.guidance, steps=args.steps, size=size, out_dir=out, grid=args.grid,
-                      progress=not getattr(args, "quiet", False), regions=plan, structure=structure,
-                      structure_image=image)
-    print(f"wrote {len(images)} images to {out}")
-    return 0
+    options = dict(n=args.num, seed=args.seed, negative=negative, guidance=args.guidance, steps=args.steps,
+                   size=size, regions=plan, structure=structure, structure_image=image)
+    return GenerateRequest(args.model, loras, args.allow_pickle, args.base_config, prompts, options)
 
 
 def regional_arguments(args):
