@@ -15,6 +15,7 @@ Two input forms are accepted:
           text_encoder_strength: 1.0
       features: {steps: 5, spatial_prompts: 2, resolution: null, max_resolution: 256, seed: 0, max_rows: 2048}
       output: {pipeline: true, lora_formats: [kohya, diffusers], rank: 64}
+      executor: local                  # or {kind: ray, address: local | auto | host:port, workers: 2}
 
 * the official LoRACLR concept JSON list ``[{lora_path, unet_alpha, text_encoder_alpha, concept_name}]``;
   ``concept_name`` (e.g. ``"<elsa1> <elsa2>"``) becomes the trigger, and the base model must be given on the
@@ -32,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loraclr.executors import EXECUTORS
 from loraclr.merge.api import all_methods, resolve_settings
 
 DEFAULT_PROMPTS = ("photo of a {trigger}", "{trigger}")  # the official code's two templates
@@ -169,12 +171,39 @@ class OutputSettings:
 
 
 @dataclass(frozen=True)
+class ExecutorSettings:
+    """Where the merge's feature runs and per-layer solves run (:mod:`loraclr.executors`, docs/distributed.md).
+
+    kind: ``local`` (this process, the default) or ``ray`` (tasks on a Ray cluster).
+    address (ray): ``local`` starts a Ray instance on this machine for the merge (``workers`` x
+        ``cpus_per_worker`` CPUs) and stops it afterwards; ``auto`` joins the cluster that ``ray start`` runs
+        here; ``host:port`` joins that cluster. A Ray session already open in this process is used as it is.
+    workers (ray): worker processes; each holds the base model and every LoRA (memory: one model each).
+    cpus_per_worker (ray): CPUs each worker asks for, and its torch threads (one per CPU: torch's default
+        threads oversubscribe cores that processes share).
+    gpus (ray): ``auto``: each worker asks for a GPU where the cluster has them; ``none``: never.
+    max_retries (ray): how often a failed task is retried and a dead worker restarted before the merge gives up.
+    shared_dir (ray): a folder every worker and the driver can read and write; features travel through files
+        there instead of Ray's object store (None: the object store).
+    """
+
+    kind: str = "local"
+    address: str = "local"
+    workers: int = 2
+    cpus_per_worker: int = 1
+    gpus: str = "auto"
+    max_retries: int = 3
+    shared_dir: str | None = None
+
+
+@dataclass(frozen=True)
 class Recipe:
     base: BaseModel
     concepts: tuple[Concept, ...]
     method: MethodSpec = field(default_factory=MethodSpec)
     features: FeatureSettings = field(default_factory=FeatureSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
     allow_pickle: bool = False
     source: str = ""  # the file it was read from (for messages)
 
@@ -258,6 +287,21 @@ class Recipe:
             raise ValueError(f"{where}: output.energy must be in (0, 1], got {o.energy}")
         if not self.method.name:
             raise ValueError(f"{where}: field 'method' is empty; name a merge method")
+        e = self.executor
+        if e.kind not in EXECUTORS:
+            raise ValueError(f"{where}: executor.kind: unknown executor {e.kind!r}; choose one of {sorted(EXECUTORS)}")
+        if not isinstance(e.address, str) or not e.address:
+            raise ValueError(f"{where}: executor.address must be 'local', 'auto' or host:port, got {e.address!r}")
+        for name in ("workers", "cpus_per_worker"):
+            v = getattr(e, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{where}: executor.{name} must be an integer >= 1, got {v!r}")
+        if not isinstance(e.max_retries, int) or isinstance(e.max_retries, bool) or e.max_retries < 0:
+            raise ValueError(f"{where}: executor.max_retries must be an integer >= 0, got {e.max_retries!r}")
+        if e.gpus not in ("auto", "none"):
+            raise ValueError(f"{where}: executor.gpus must be 'auto' or 'none', got {e.gpus!r}")
+        if e.shared_dir is not None and not isinstance(e.shared_dir, str):
+            raise ValueError(f"{where}: executor.shared_dir must be a folder path, got {e.shared_dir!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON/YAML-serialisable form (the resolved recipe written beside every output)."""
@@ -272,7 +316,7 @@ class Recipe:
 
 # --- loading ---------------------------------------------------------------------------------------------
 
-_TOP = {"base", "concepts", "method", "features", "output", "allow_pickle"}
+_TOP = {"base", "concepts", "method", "features", "output", "executor", "allow_pickle"}
 
 
 def _check_keys(obj: Any, allowed: set[str], where: str) -> dict[str, Any]:
@@ -382,10 +426,16 @@ def recipe_from_dict(data: Any, *, source: str = "recipe", root: str | Path = ".
 
     features = _dataclass_from(FeatureSettings, data.get("features") or {}, f"{source}: features")
     output = _dataclass_from(OutputSettings, data.get("output") or {}, f"{source}: output")
+    executor = data.get("executor") or {}
+    if isinstance(executor, str):  # `executor: ray`
+        executor = {"kind": executor}
+    executor = _dataclass_from(ExecutorSettings, executor, f"{source}: executor")
+    if executor.shared_dir:
+        executor = dataclasses.replace(executor, shared_dir=_resolve_path(executor.shared_dir, root))
     allow_pickle = _typed(data.get("allow_pickle", False), bool, source, "allow_pickle")
     recipe = Recipe(
         base=base_model, concepts=tuple(concepts), method=method_spec, features=features, output=output,
-        allow_pickle=allow_pickle, source=source,
+        executor=executor, allow_pickle=allow_pickle, source=source,
     )
     if recipe.base.path:  # the official list has no base; load_recipe's caller supplies it
         recipe.validate()

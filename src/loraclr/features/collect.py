@@ -6,6 +6,12 @@ Y_i = X_i (W0 + dW_i)^T are implied (closed form), so no layer output is ever st
 :class:`StageFeatures` into :class:`loraclr.merge.api.LayerProblem`s one layer at a time
 (:meth:`StageFeatures.problems`), so dense deltas and (spilled) rows exist for one layer at a time.
 
+``keys`` (each collector): the stage's layers; default every layer of the stage that any of ``concepts`` has a
+LoRA on. A worker that collects one concept (:mod:`loraclr.executors`) passes the whole merge's keys, so it also
+records the layers where only other concepts have LoRAs; a layer's rows do not depend on which other layers are
+recorded (each layer's subsample is seeded by its key alone), so the rows equal those of a collection over all
+concepts at once. :func:`concept_features` / :func:`features_from` carry one concept's rows to another process.
+
 Subsampling tolerance: the rows kept are a uniform deterministic sample of each call (every position and
 timestep is equally likely), so Gram statistics are unbiased up to a scale; ``features.max_rows`` bounds
 memory at ``max_rows * d_in`` floats per layer and concept (see tests/features for the measured effect on a
@@ -195,7 +201,7 @@ def _store_capture(store: FeatureStore, i: int, cap: InputCapture, keys: list[st
 @torch.no_grad()
 def collect_text_encoder(
     pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: FeatureSettings,
-    progress: Progress | None = None,
+    progress: Progress | None = None, keys: list[str] | None = None,
 ) -> StageFeatures:
     """X_i of every text-encoder layer any LoRA touches, from concept i's prompts with its LoRA applied.
 
@@ -203,7 +209,8 @@ def collect_text_encoder(
     ``text_encoder_rows="padded"`` (default) the padding positions too, as the UNet sees them at inference;
     ``"prompt"`` keeps the official unpadded tokens only. See :class:`loraclr.recipe.FeatureSettings`.
     """
-    keys = sorted({k for c in concepts for k in c.layers if split_key(k)[0].startswith("text_encoder")})
+    if keys is None:
+        keys = sorted({k for c in concepts for k in c.layers if split_key(k)[0].startswith("text_encoder")})
     weights, shapes, versions = _snapshot_weights(pipe, keys)
     store = FeatureStore(len(concepts))
     modules = {k: find_module(pipe, k) for k in keys}
@@ -233,15 +240,15 @@ def cross_attention_keys(pipe, keys) -> list[str]:
 @torch.no_grad()
 def collect_cross_attention(
     pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: FeatureSettings,
-    progress: Progress | None = None,
+    progress: Progress | None = None, keys: list[str] | None = None,
 ) -> StageFeatures:
     """X_i for cross-attention to_k / to_v: the (already merged) text encoder's states over the concept's
     prompts: at the trigger-token positions plus end-of-text (``cross_attention_rows="trigger"``, official),
     every unpadded token ("prompt") or every position the UNet attends to ("padded", default). Layer-wise
     tokens: layer l gets the states of the prompts bound to its own token variant. No hooks: the rows are
     the encoder states themselves."""
-    all_keys = {k for c in concepts for k in c.layers if k.startswith("unet.")}
-    keys = cross_attention_keys(pipe, all_keys)
+    if keys is None:
+        keys = cross_attention_keys(pipe, {k for c in concepts for k in c.layers if k.startswith("unet.")})
     weights, shapes, versions = _snapshot_weights(pipe, keys)
     store = FeatureStore(len(concepts))
     layer_names = [f"unet.{n}" for n, _ in cross_attention_modules(pipe.unet)]
@@ -360,13 +367,14 @@ def spatial_keys(pipe, concepts: list[ConceptFeaturesInput]) -> list[str]:
 @torch.no_grad()
 def collect_spatial(
     pipe, concepts: list[ConceptFeaturesInput], table: TokenTable, settings: FeatureSettings,
-    progress: Progress | None = None, spill_dir: str | Path | None = None,
+    progress: Progress | None = None, spill_dir: str | Path | None = None, keys: list[str] | None = None,
 ) -> StageFeatures:
     """X_i of every other UNet layer with a LoRA, from a short sampling run per concept with its UNet LoRA.
 
     The text encoder is the merged one (as in the official code); every step is recorded.
     """
-    keys = spatial_keys(pipe, concepts)
+    if keys is None:
+        keys = spatial_keys(pipe, concepts)
     weights, shapes, versions = _snapshot_weights(pipe, keys)
     store = FeatureStore(len(concepts), spill_dir)
     modules: dict[str, nn.Module] = {k: find_module(pipe, k) for k in keys}
@@ -405,8 +413,30 @@ def layer_shapes(model, keys) -> dict[str, tuple[int, ...]]:
     return {k: tuple(find_module(model, k).weight.shape) for k in keys}
 
 
+def concept_features(feats: StageFeatures, i: int, key: str) -> dict[str, Tensor]:
+    """Concept ``i``'s features at one layer as :meth:`FeatureStore.put` takes them: rows (n, d_in), the row
+    count and the Gram statistics (d_in, d_in) when kept; what a solve in another process needs."""
+    out = {key: feats.store.get(i, key)}
+    for suffix in ("#gram", "#n"):
+        t = feats.store.get(i, key + suffix)
+        if t is not None:
+            out[key + suffix] = t
+    return out
+
+
+def features_from(pipe, stage: str, keys: list[str], concepts: list[ConceptFeaturesInput],
+                  features: list[dict[str, Tensor]]) -> StageFeatures:
+    """A stage's features rebuilt from each concept's :func:`concept_features` (``features[i]``: concept i's,
+    for every key), against ``pipe``'s current weights, as the collectors snapshot them."""
+    weights, shapes, versions = _snapshot_weights(pipe, keys)
+    store = FeatureStore(len(concepts))
+    for i, f in enumerate(features):
+        store.put(i, dict(f))
+    return StageFeatures(stage, keys, concepts, store, weights, shapes, versions)
+
+
 __all__ = [
-    "ConceptFeaturesInput", "FeatureStore", "StageFeatures", "collect_text_encoder",
+    "ConceptFeaturesInput", "concept_features", "features_from", "FeatureStore", "StageFeatures", "collect_text_encoder",
     "collect_cross_attention", "collect_spatial", "conditioning", "sample_latents", "spill_directory", "SPILL_PREFIX",
     "cross_attention_keys", "spatial_keys", "native_resolution", "spatial_resolution", "token_ids",
 ]
