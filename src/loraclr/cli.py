@@ -22,7 +22,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "text / image / identity alignment of a model"),
     "train-lora": ("train_lora", "train a concept LoRA (DreamBooth-LoRA / ED-LoRA style)"),
     "demo": ("demo", "merge, generate and evaluate on the built-in miniature world"),
+    "ui": ("ui", "a local web page: merge, draw regions and generate (needs the ui extra)"),
 }
+
+# Exceptions that are the user's to fix: one line, no traceback. The web page shows the same line.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError)
+
+
+def error_line(command: str, error: BaseException) -> str:
+    """``loraclr COMMAND: error: MESSAGE`` for a user error (a KeyError's message without its quotes)."""
+    msg = error.args[0] if isinstance(error, KeyError) and error.args else error
+    return f"loraclr {command}: error: {msg}"
 
 
 def _load(name: str):
@@ -61,12 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(_load(args.command).run(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, KeyError) as e:
+    except USER_ERRORS as e:
         # User errors: one clear line, no traceback (use -vv to see it).
         if args.verbose >= 2:
             raise
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"loraclr {args.command}: error: {msg}", file=sys.stderr)
+        print(error_line(args.command, e), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C: the writers' cleanup ran as the exception unwound (atomic writes, spill folders); one line and
