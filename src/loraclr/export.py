@@ -10,7 +10,8 @@ Output folder::
     embeddings/             EMBEDDINGS: the added tokens (A1111 format, one file per token, new names)
     prompts.json            PROMPTS: concept -> trigger to use in prompts (renamed tokens), feature prompts, tokens
     recipe.yaml             RECIPE: the resolved recipe and package versions
-    report.json             REPORT: per-layer solver reports, fidelity numbers, timings per phase
+    report.json             REPORT: per-layer solver reports, fidelity numbers, timings per phase (and a
+                            distributed merge's workers: tasks and peak memory per process)
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ class MergeSummary:
 
     fidelity: concept -> {"merged": mean relative error of the merged layers on the concept's own
     features, "sum": the same for the naive sum of deltas} (lower is better; only with features).
+    workers: a distributed executor's worker processes (worker, pid, node, tasks, peak_rss_mb) and the
+    driver's peak memory; empty for a local merge.
     """
 
     out_dir: Path
@@ -77,6 +80,7 @@ class MergeSummary:
     fidelity: dict[str, dict[str, float]] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     lora_errors: dict[str, float] = field(default_factory=dict)
+    workers: list[dict[str, Any]] = field(default_factory=list)
 
 
 def package_versions() -> dict[str, str]:
@@ -127,12 +131,15 @@ def write_merged(recipe: Recipe, out_dir: Path, m: MergedModel, inputs: list[str
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
             "layers": m.reports,
         }
+        if m.workers:
+            report["executor"] = {"kind": recipe.executor.kind, "workers": m.workers}
         timings["export"] = time.perf_counter() - t
         report["timings_s"]["export"] = round(timings["export"], 3)
         (tmp / REPORT).write_text(json.dumps(report, indent=1))
         files.append(REPORT)
     summary.timings = timings
     summary.files = files
+    summary.workers = m.workers
     return summary
 
 

@@ -181,7 +181,6 @@ class ExecutorSettings:
     workers (ray): worker processes; each holds the base model and every LoRA (memory: one model each).
     cpus_per_worker (ray): CPUs each worker asks for, and its torch threads (one per CPU: torch's default
         threads oversubscribe cores that processes share).
-    gpus (ray): ``auto``: each worker asks for a GPU where the cluster has them; ``none``: never.
     max_retries (ray): how often a failed task is retried and a dead worker restarted before the merge gives up.
     shared_dir (ray): a folder every worker and the driver can read and write; features travel through files
         there instead of Ray's object store (None: the object store).
@@ -191,7 +190,6 @@ class ExecutorSettings:
     address: str = "local"
     workers: int = 2
     cpus_per_worker: int = 1
-    gpus: str = "auto"
     max_retries: int = 3
     shared_dir: str | None = None
 
@@ -298,8 +296,6 @@ class Recipe:
                 raise ValueError(f"{where}: executor.{name} must be an integer >= 1, got {v!r}")
         if not isinstance(e.max_retries, int) or isinstance(e.max_retries, bool) or e.max_retries < 0:
             raise ValueError(f"{where}: executor.max_retries must be an integer >= 0, got {e.max_retries!r}")
-        if e.gpus not in ("auto", "none"):
-            raise ValueError(f"{where}: executor.gpus must be 'auto' or 'none', got {e.gpus!r}")
         if e.shared_dir is not None and not isinstance(e.shared_dir, str):
             raise ValueError(f"{where}: executor.shared_dir must be a folder path, got {e.shared_dir!r}")
 
