@@ -258,9 +258,11 @@ def run_merge(job: Job, plan: MergePlan) -> MergeView:
     with atomic_write(plan.recipe_path) as tmp:
         tmp.write_text(yaml.safe_dump(plan.recipe, sort_keys=False), encoding="utf-8")
     job.report("starting the merge command")
-    run_command(job, plan.argv)
+    printed = run_command(job, plan.argv)
     job.report("done", 1.0)
-    return open_merge(plan.out_dir)
+    view = open_merge(plan.out_dir)
+    view.printed = json.loads(printed)
+    return view
 
 
 @dataclass
@@ -274,6 +276,7 @@ class MergeView:
     files: dict[str, Path]  # download label -> file
     base: str
     concepts: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> trigger, lora, strengths
+    printed: dict[str, Any] | None = None  # what the merge command printed, when the page ran it
 
     def insert_text(self, name: str) -> str:
         """What the concept picker writes: the words the concept's LoRA was trained with (its first feature
