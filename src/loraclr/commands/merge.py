@@ -30,6 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", default=None,
                    help="allow .pt/.pth/.ckpt LoRA files (loaded weights-only)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="run feature collection and solves as tasks on Ray (pip install -e '.[ray]'); without "
+                        "ADDRESS: the recipe's executor.address, by default a local Ray instance started for the "
+                        "merge; 'auto': the cluster `ray start` runs here; HOST:PORT: that cluster "
+                        "(docs/distributed.md)")
+    p.add_argument("--ray-workers", type=int, metavar="N",
+                   help="Ray worker processes, each holding the base model and every LoRA (default: the recipe's "
+                        "executor.workers, 2)")
     p.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS,
                    help="no progress bars, no notices from the model libraries")
     add_runtime_arguments(p, precision_default=None,
@@ -62,7 +70,11 @@ def build_recipe(args):
         "method.name": args.method, "output.rank": args.rank, "features.steps": args.steps,
         "features.resolution": args.resolution, "features.seed": args.seed,
         "features.max_rows": args.max_rows, "allow_pickle": args.allow_pickle,
+        "executor.workers": args.ray_workers,
     }
+    if args.ray is not None:
+        changes["executor.kind"] = "ray"
+        changes["executor.address"] = args.ray or None  # empty: keep the recipe's
     if args.method and args.method != recipe.method.name:
         # settings belong to a method: a new method starts from its own defaults (or recommended preset)
         changes["method.settings"] = {}
@@ -71,6 +83,7 @@ def build_recipe(args):
 
 
 def run(args) -> int:
+    from loraclr.executors import ExecutorError
     from loraclr.merging import merge
 
     if getattr(args, "quiet", False):
@@ -79,11 +92,17 @@ def run(args) -> int:
     recipe = build_recipe(args)
     if runtime["precision"] is not None:
         recipe = recipe.replace(**{"features.precision": PRECISION_NAMES[runtime["precision"]]})
-    summary = merge(recipe, args.out, progress=not getattr(args, "quiet", False), overwrite=args.overwrite)
+    try:
+        summary = merge(recipe, args.out, progress=not getattr(args, "quiet", False), overwrite=args.overwrite)
+    except ExecutorError as e:  # a merge that could not finish where it ran: one line, nothing written
+        print(f"loraclr merge: error: {e}", file=sys.stderr)
+        return 1
     out = {
         "out": str(summary.out_dir), "method": summary.method, "layers": summary.n_layers,
         "timings_s": {k: round(v, 2) for k, v in summary.timings.items()},
         "fidelity": {k: {m: round(v, 4) for m, v in d.items()} for k, d in summary.fidelity.items()},
     }
+    if summary.workers:
+        out["workers"] = summary.workers
     print(json.dumps(out, indent=1), file=sys.stdout)
     return 0
