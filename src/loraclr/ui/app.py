@@ -139,7 +139,7 @@ def build_app(settings: Settings):
             return gr.update(choices=[]), gr.update(), gr.update(), gr.update(value=error_text("generate", e))
         names = list(view.concepts)
         layout = view.base == "mini"  # the world's layout adapter draws a character in each box
-        if prompt.strip() or boxes.clean_rows(rows) or len(names) < 2:
+        if (prompt or "").strip() or boxes.clean_rows(rows) or len(names) < 2:
             return gr.update(choices=names, value=names[0] if names else None), gr.update(), gr.update(), ""
         a, b = (view.insert_text(n) for n in names[:2])
         new_rows = [[*box, text] for box, text in zip(tasks.DEFAULT_BOXES, (a, b), strict=True)]
@@ -160,8 +160,8 @@ def build_app(settings: Settings):
     def start_generate(model, prompt, negative, rows, mode, start, seeds, seed, steps, guidance, layout, naive):
         none = gr.update()
         try:
-            compose = Compose(model=model or "", prompt=prompt, regions=tuple(map(tuple, boxes.clean_rows(rows))),
-                              negative=negative, mode=mode, start=float(start), seeds=int(seeds), seed=int(seed),
+            compose = Compose(model=model or "", prompt=prompt or "", regions=tuple(map(tuple, boxes.clean_rows(rows))),
+                              negative=negative or "", mode=mode, start=float(start), seeds=int(seeds), seed=int(seed),
                               steps=int(steps), guidance=float(guidance), layout=bool(layout), naive=bool(naive))
             if not compose.model:
                 raise FileNotFoundError("no merged model yet: merge on the Merge tab, or open a finished merge")
