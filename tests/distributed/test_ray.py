@@ -141,7 +141,7 @@ def test_ray_merge_writes_the_local_weights_sd1(cluster, sd1, local_merges, meth
     assert not [p for p in sd1.iterdir() if p.name.startswith((".ray-", "loraclr-"))]  # no temporaries left
 
 
-@pytest.mark.slow  # ~1 min on two shared cores: the SDXL text encoders and UNet; the SD1 tests cover the path
+@pytest.mark.slow  # 15-30 s each on two shared cores; the SD1 tests cover the same path
 @pytest.mark.parametrize("method", ["converged", "paper", "lstsq", "average"])
 def test_ray_merge_writes_the_local_weights_sdxl(cluster, sdxl, local_merges, method):
     _assert_same_weights(_ray_merge(sdxl, method, f"ray-{method}"), local_merges(sdxl, method))

@@ -70,11 +70,12 @@ def build_recipe(args):
         "method.name": args.method, "output.rank": args.rank, "features.steps": args.steps,
         "features.resolution": args.resolution, "features.seed": args.seed,
         "features.max_rows": args.max_rows, "allow_pickle": args.allow_pickle,
-        "executor.workers": args.ray_workers,
+        "executor.workers": getattr(args, "ray_workers", None),
     }
-    if args.ray is not None:
+    ray = getattr(args, "ray", None)  # callers may build args without the executor flags
+    if ray is not None:
         changes["executor.kind"] = "ray"
-        changes["executor.address"] = args.ray or None  # empty: keep the recipe's
+        changes["executor.address"] = ray or None  # empty: keep the recipe's
     if args.method and args.method != recipe.method.name:
         # settings belong to a method: a new method starts from its own defaults (or recommended preset)
         changes["method.settings"] = {}
