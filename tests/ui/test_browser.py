@@ -43,19 +43,20 @@ def _free_port() -> int:
 
 @pytest.fixture
 def server(tmp_path):
-    """`loraclr ui` in a child process on a free port: (url, work folder, seconds since start, log)."""
+    """`loraclr ui` as a newcomer starts it (no options but the port, in an empty folder), in a child process:
+    (url, work folder, time it started, log)."""
     _require(shutil.which(CHROMIUM) is not None or Path(CHROMIUM).is_file(), f"no Chromium at {CHROMIUM}")
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         _require(False, "playwright is not installed (pip install -e '.[browser]')")
     pytest.importorskip("gradio")
-    port, work, log = _free_port(), tmp_path / "work", tmp_path / "ui.log"
+    port, work, log = _free_port(), tmp_path / "loraclr-ui", tmp_path / "ui.log"  # the default work folder
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     started = time.monotonic()
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "loraclr", "ui", "--no-browser", "--port", str(port),
-                                 "--folder", str(work)], stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "loraclr", "ui", "--no-browser", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     url = f"http://127.0.0.1:{port}/"
     try:
         while True:
@@ -161,7 +162,7 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
 
             # Evaluate tab: the world's single-concept suite on the merge, smallest settings
             page.get_by_role("tab", name="Evaluate").click()
-            page.locator("input[aria-label='Steps']").last.fill("10")
+            page.locator("#evaluate-steps input").fill("10")
             page.click("#evaluate-button")
             _wait_status(page, "evaluate-status", 120)
             page.wait_for_function("document.querySelector('#evaluate-table')?.innerText.includes('identity')",

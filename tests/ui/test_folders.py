@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from loraclr.ui.folders import MERGES, WORLD_ASSETS, Folders
+from loraclr.ui.folders import MERGES, WORLD_ASSETS, Folders, display
 
 
 @pytest.fixture
@@ -14,10 +14,14 @@ def folders(tmp_path):
     return Folders.create([tmp_path / "work", tmp_path / "loras"])
 
 
-def test_paths_inside_the_named_folders(folders, tmp_path):
+def test_paths_inside_the_named_folders(folders, tmp_path, monkeypatch):
     assert folders.resolve(tmp_path / "loras" / "a.safetensors") == (tmp_path / "loras" / "a.safetensors").resolve()
-    assert folders.resolve("merges/x") == (tmp_path / "work" / "merges" / "x").resolve()  # relative: work folder
     assert (tmp_path / "work" / MERGES).is_dir()
+    # relative paths, as the page writes them into commands, are taken from the current folder
+    monkeypatch.chdir(tmp_path)
+    assert display(tmp_path / "work" / "merges" / "x") == "work/merges/x"
+    assert folders.resolve("work/merges/x") == (tmp_path / "work" / "merges" / "x").resolve()
+    assert display("/etc") == "/etc"
 
 
 @pytest.mark.parametrize("path", ["../outside.safetensors", "/etc/passwd", "merges/../../../etc"])

@@ -17,7 +17,7 @@ import gradio as gr
 from loraclr.regional import DEFAULT_START, MODES
 from loraclr.ui import boxes, tasks
 from loraclr.ui.canvas import region_canvas
-from loraclr.ui.folders import Folders
+from loraclr.ui.folders import Folders, display
 from loraclr.ui.jobs import DONE, JobRunner
 from loraclr.ui.tasks import Compose, Settings
 
@@ -56,7 +56,7 @@ def build_app(settings: Settings):
             files = folders.list_loras(folder)
         except Exception as e:
             return gr.update(choices=[], value=[]), error_text("inspect", e)
-        names = [str(p) for p in files]
+        names = [display(p) for p in files]
         by_stem = {Path(n).stem: n for n in names}
         picked = [by_stem[c] for c in tasks.DEFAULT_CONCEPTS if c in by_stem]
         return gr.update(choices=[(Path(n).name, n) for n in names], value=picked), f"{len(names)} LoRA files in {folder}"
@@ -65,14 +65,14 @@ def build_app(settings: Settings):
         paths, lines = [], []
         for f in files or []:
             try:
-                paths.append(str(tasks.store_upload(settings, f)))
+                paths.append(display(tasks.store_upload(settings, f)))
             except Exception as e:
                 lines.append(error_text("inspect", e))
         if not paths:
             return gr.update(), gr.update(), "\n".join(lines) or "nothing uploaded"
         up = folders.work / tasks.UPLOADS
-        choices = [(p.name, str(p)) for p in folders.list_loras(up)]
-        return (gr.update(value=str(up)), gr.update(choices=choices, value=paths),
+        choices = [(p.name, display(p)) for p in folders.list_loras(up)]
+        return (gr.update(value=display(up)), gr.update(choices=choices, value=paths),
                 "\n".join(lines + [f"uploaded {len(paths)} file(s) to {up}"]))
 
     def inspect_files(selected: list[str]):
@@ -114,7 +114,7 @@ def build_app(settings: Settings):
         view = job.result
         notes = "".join(f"\nwarning: {n}" for n in job.notes)
         yield (job.status_line() + notes, command, view.markdown(), [str(p) for p in view.files.values()],
-               view.recipe_text, gr.update(choices=merges(), value=str(view.path)))
+               view.recipe_text, gr.update(choices=merges(), value=display(view.path)))
 
     def cancel():
         job = runner.cancel()
@@ -125,7 +125,7 @@ def build_app(settings: Settings):
             view = tasks.open_merge(path, folders)
         except Exception as e:
             return error_text("merge", e), gr.update(), gr.update(), gr.update()
-        return (f"opened {view.path}", view.markdown(), [str(p) for p in view.files.values()], view.recipe_text)
+        return (f"opened {display(view.path)}", view.markdown(), [str(p) for p in view.files.values()], view.recipe_text)
 
     # --- Compose tab handlers -----------------------------------------------------------------------
 
@@ -186,7 +186,7 @@ def build_app(settings: Settings):
         if result is None:
             return "nothing generated yet"
         try:
-            return f"saved to {tasks.save_generated(settings, result)}"
+            return f"saved to {display(tasks.save_generated(settings, result))}"
         except Exception as e:
             return error_text("generate", e)
 
@@ -210,7 +210,7 @@ def build_app(settings: Settings):
     initial_merges: list[str] = []  # filled on load
     with gr.Blocks(title="loraclr") as page:
         gr.Markdown(INTRO)
-        gr.Markdown(f"Work folder: `{folders.work}`" + (f"; also `{'`, `'.join(map(str, folders.roots[1:]))}`"
+        gr.Markdown(f"Work folder: `{display(folders.work)}`" + (f"; also `{'`, `'.join(map(display, folders.roots[1:]))}`"
                                                          if len(folders.roots) > 1 else ""))
         with gr.Tabs():
             with gr.Tab("Merge", id="merge"):
@@ -289,7 +289,7 @@ def build_app(settings: Settings):
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     generate_cancel = gr.Button("Cancel", variant="stop", elem_id="generate-cancel")
                 compose_status = gr.Textbox(label="Status", interactive=False, elem_id="compose-status")
-                gallery = gr.Gallery(label="Images", columns=4, height="auto", elem_id="compose-gallery")
+                gallery = gr.Gallery(label="Images", columns=4, height=340, object_fit="contain", elem_id="compose-gallery")
                 generate_command = gr.Code(label="The same from the command line", language="shell",
                                            interactive=False, lines=2)
                 with gr.Row():
@@ -305,7 +305,8 @@ def build_app(settings: Settings):
                     suite = gr.Radio(["single", "multi"], value="single", label="Suite")
                     eval_prompts = gr.Number(1, label="Prompts per concept", precision=0, minimum=1)
                     eval_seeds = gr.Number(2, label="Seeds", precision=0, minimum=1)
-                    eval_steps = gr.Number(tasks.DEFAULT_STEPS, label="Steps", precision=0, minimum=1)
+                    eval_steps = gr.Number(tasks.DEFAULT_STEPS, label="Steps", precision=0, minimum=1,
+                                           elem_id="evaluate-steps")
                 with gr.Row():
                     eval_btn = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
                     eval_cancel = gr.Button("Cancel", variant="stop")

@@ -19,6 +19,16 @@ MERGES, IMAGES, UPLOADS, RECIPES, SCORES = "merges", "images", "uploads", "recip
 _PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
+def display(path: str | Path) -> str:
+    """A path as the page shows it and writes it into commands: relative to the folder `loraclr ui` was started
+    in when it lies inside it (the commands then run as shown from there), else absolute."""
+    p = Path(path).resolve()
+    try:
+        return str(p.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 @dataclass(frozen=True)
 class Folders:
     """roots: the folders the user named, resolved; the first is the work folder, where outputs go."""
@@ -49,13 +59,13 @@ class Folders:
         return (*self.roots, WORLD_ASSETS)
 
     def resolve(self, path: str | Path, *, write: bool = False) -> Path:
-        """``path`` (relative paths are taken inside the work folder) resolved, if it lies inside a named
-        folder (or, for reading, the world's assets); else PermissionError naming the folders."""
+        """``path`` (relative to the current folder, as in the commands the page shows) resolved, if it lies
+        inside a named folder (or, for reading, the world's assets); else PermissionError naming the folders."""
         text = str(path).strip()
         if not text:
             raise ValueError("no path given")
         p = Path(text).expanduser()
-        p = (p if p.is_absolute() else self.work / p).resolve()
+        p = p.resolve()
         roots = self.roots if write else self.readable_roots()
         if not any(p == r or p.is_relative_to(r) for r in roots):
             shown = ", ".join(str(r) for r in self.roots)

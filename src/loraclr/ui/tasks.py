@@ -21,7 +21,7 @@ import yaml
 
 from loraclr.cli import build_parser, error_line
 from loraclr.ui.boxes import region_arguments
-from loraclr.ui.folders import IMAGES, MERGES, RECIPES, SCORES, UPLOADS, Folders
+from loraclr.ui.folders import IMAGES, MERGES, RECIPES, SCORES, UPLOADS, Folders, display
 from loraclr.ui.jobs import Job, run_command
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,12 @@ def concept_row(settings: Settings, path: Path) -> tuple[list, str | None]:
     try:
         info = describe(settings, path)
     except Exception as e:  # an unreadable file is listed with the reason, not fatal to the page
-        return [path.stem, "", 1.0, str(path), "?", "?", "", ""], _error("inspect", e)
+        return [path.stem, "", 1.0, display(path), "?", "?", "", ""], _error("inspect", e)
     spec = world_specs().get(path.name) if path.parent == _world_concepts() else None
     tokens = [t["name"] for t in info["learned_tokens"]]
     trigger = spec.trigger if spec else " ".join(tokens) or (info["trigger_words"] or [""])[0]
     ranks = sorted({r for b in info["blocks"].values() for r in b["rank"]})
-    return [path.stem, trigger, 1.0, str(path), info["format"], info["family"],
+    return [path.stem, trigger, 1.0, display(path), info["format"], info["family"],
             ",".join(map(str, ranks)), " ".join(tokens)], None
 
 
@@ -115,7 +115,7 @@ def _world_concepts() -> Path:
 
 
 def default_folder() -> str:
-    return str(_world_concepts())
+    return display(_world_concepts())
 
 
 def _error(command: str, e: BaseException) -> str:
@@ -244,7 +244,7 @@ class MergePlan:
 def plan_merge(settings: Settings, recipe: dict[str, Any], name: str, overwrite: bool = False) -> MergePlan:
     out_dir = settings.folders.output(MERGES, name)
     recipe_path = settings.folders.output(RECIPES, f"{name}.yaml")
-    argv = ["merge", str(recipe_path), "-o", str(out_dir), *settings.child_flags("merge")]
+    argv = ["merge", display(recipe_path), "-o", display(out_dir), *settings.child_flags("merge")]
     if overwrite:
         argv.append("--overwrite")
     return MergePlan(recipe, recipe_path, out_dir, argv)
@@ -336,7 +336,7 @@ def open_merge(path: str | Path, folders: Folders | None = None) -> MergeView:
                                "unet_strength": c.get("unet_strength", 1.0),
                                "text_encoder_strength": c.get("text_encoder_strength", 1.0)}
     base = recipe.get("base", {})
-    return MergeView(p, merge_summary(report, str(p)), report, recipe_text,
+    return MergeView(p, merge_summary(report, display(p)), report, recipe_text,
                      {k: v for k, v in files.items() if v.is_file()},
                      base.get("path", DEFAULT_BASE) if isinstance(base, dict) else str(base), concepts)
 
@@ -347,7 +347,7 @@ def list_merges(folders: Folders) -> list[str]:
 
     root = folders.work / MERGES
     found = [p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and is_merged_output(p)]
-    return [str(p) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
+    return [display(p) for p in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)]
 
 
 # --- compose / generate --------------------------------------------------------------------------------------
@@ -386,7 +386,7 @@ def generate_argvs(settings: Settings, c: Compose) -> dict[str, list[str]]:
             shared += ["--region-start", f"{c.start:g}"]
         if c.layout:
             shared += ["--structure", "layout"]
-    out = {"merged": ["generate", str(model), c.prompt, *regions, *shared]}
+    out = {"merged": ["generate", display(model), c.prompt, *regions, *shared]}
     if c.naive:
         def spelled(text: str) -> str:
             for name, info in view.concepts.items():
@@ -398,14 +398,14 @@ def generate_argvs(settings: Settings, c: Compose) -> dict[str, list[str]]:
             if info["unet_strength"] != info["text_encoder_strength"]:
                 log.warning("naive stacking of %s uses its unet strength %s for the whole LoRA", name,
                             info["unet_strength"])
-            loras += ["--lora", f"{info['lora']}:{info['unet_strength']:g}"]
+            loras += ["--lora", f"{display(info['lora'])}:{info['unet_strength']:g}"]
         out["naive"] = ["generate", view.base, spelled(c.prompt), *loras,
                         *[spelled(a) for a in regions], *shared]
     return out
 
 
 def with_output(argv: list[str], out: Path, settings: Settings) -> list[str]:
-    return [*argv, *settings.child_flags("generate"), "-o", str(out)]
+    return [*argv, *settings.child_flags("generate"), "-o", display(out)]
 
 
 class ModelCache:
@@ -487,7 +487,7 @@ def save_generated(settings: Settings, result: Generated) -> Path:
         tmp.mkdir()
         commands = {}
         for column, images in result.images.items():
-            argv = [*result.commands[column][:-1], str(dest / column)]  # -o is the last argument
+            argv = [*result.commands[column][:-1], display(dest / column)]  # -o is the last argument
             commands[column] = "loraclr " + shlex.join(argv)
             (tmp / column).mkdir()
             for idx, image in enumerate(images):
@@ -507,9 +507,9 @@ def plan_evaluate(settings: Settings, model: str, suite: str = "single", prompts
                   steps: int = DEFAULT_STEPS) -> tuple[list[str], Path]:
     view = open_merge(model, settings.folders)
     out = settings.folders.output(SCORES, f"{view.path.name}-{suite}-{time.strftime('%Y%m%d-%H%M%S')}.md")
-    argv = ["evaluate", str(view.path), "--suite", suite, "--concepts", ",".join(view.concepts),
+    argv = ["evaluate", display(view.path), "--suite", suite, "--concepts", ",".join(view.concepts),
             "--prompts", str(prompts), "--seeds", str(seeds), "--pairs", "1", "--triples", "0",
-            "--steps", str(steps), "--md", str(out), *settings.child_flags("evaluate")]
+            "--steps", str(steps), "--md", display(out), *settings.child_flags("evaluate")]
     return argv, out
 
 
