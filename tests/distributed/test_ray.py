@@ -226,7 +226,8 @@ def test_unreachable_cluster_is_one_line(sd1, tmp_path):
                                "--ray", f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"loraclr merge: error: ray executor: cannot reach the Ray cluster at 127.0.0.1:{port}")
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"loraclr merge: error: ray executor: cannot reach the Ray cluster at 127.0.0.1:{port}")
     assert not out.exists() and not list(tmp_path.iterdir())
 
 

@@ -262,6 +262,8 @@ class RayExecutor:
         feats: list[list] = []  # [concept][layer] -> reference
         if stage.collect is not None:
             t = time.perf_counter()
+            if self.update:
+                self.update(stage.name, 0, len(names))
             pending = {}
             for i in range(len(names)):
                 refs = self.actors[i % n_workers].features.options(
