@@ -11,6 +11,7 @@ from PIL import Image
 
 from loraclr.cli import main
 from loraclr.ui import tasks
+from loraclr.ui.folders import display
 from loraclr.ui.jobs import CANCELLED, DONE, FAILED
 
 
@@ -23,8 +24,13 @@ def cli(argv):
 
 
 def test_merge_report_equals_what_the_command_printed(merged):
-    assert merged.printed is not None
-    assert merged.summary == merged.printed
+    assert merged.printed is not None and merged.summary == merged.printed
+    reopened = tasks.merge_summary(merged.report, merged.printed["out"])
+    timings = reopened.pop("timings_s")
+    printed = dict(merged.printed)
+    assert reopened == {k: v for k, v in printed.items() if k != "timings_s"}
+    assert timings.keys() == printed["timings_s"].keys()
+    assert all(abs(timings[k] - printed["timings_s"][k]) <= 0.011 for k in timings)
     assert set(merged.concepts) == set(tasks.DEFAULT_CONCEPTS)
     for label in ("merged LoRA (kohya)", "merged LoRA (diffusers)", "recipe (resolved)"):
         assert merged.files[label].is_file()
@@ -35,8 +41,8 @@ def test_merge_report_equals_what_the_command_printed(merged):
 
 def test_reopened_merge_is_the_same(settings, merged):
     again = tasks.open_merge(str(merged.path), settings.folders)
-    assert again.summary == merged.summary and again.files == merged.files
-    assert str(merged.path) in tasks.list_merges(settings.folders)
+    assert again.summary["fidelity"] == merged.summary["fidelity"] and again.files == merged.files
+    assert display(merged.path) in tasks.list_merges(settings.folders)
 
 
 def test_picker_inserts_the_words_the_lora_was_trained_with(merged):

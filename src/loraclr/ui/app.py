@@ -289,7 +289,8 @@ def build_app(settings: Settings):
                     generate_btn = gr.Button("Generate", variant="primary", elem_id="generate-button")
                     generate_cancel = gr.Button("Cancel", variant="stop", elem_id="generate-cancel")
                 compose_status = gr.Textbox(label="Status", interactive=False, elem_id="compose-status")
-                gallery = gr.Gallery(label="Images", columns=4, height=340, object_fit="contain", elem_id="compose-gallery")
+                gallery = gr.Gallery(label="Images", columns=4, height=340, object_fit="contain",
+                                     elem_id="compose-gallery")
                 generate_command = gr.Code(label="The same from the command line", language="shell",
                                            interactive=False, lines=2)
                 with gr.Row():

@@ -262,6 +262,7 @@ def run_merge(job: Job, plan: MergePlan) -> MergeView:
     job.report("done", 1.0)
     view = open_merge(plan.out_dir)
     view.printed = json.loads(printed)
+    view.summary = view.printed  # the command's own numbers (report.json keeps timings to 3 places, not 2)
     return view
 
 
@@ -305,7 +306,8 @@ class MergeView:
 
 
 def merge_summary(report: dict[str, Any], out: str) -> dict[str, Any]:
-    """The summary ``loraclr merge`` prints, from a finished merge's report.json (same rounding)."""
+    """The summary ``loraclr merge`` prints, from a finished merge's report.json (same rounding; a timing can
+    differ in its last digit, as report.json holds it rounded to 3 places already)."""
     return {
         "out": out, "method": report["method"], "layers": len(report.get("layers", {})),
         "timings_s": {k: round(v, 2) for k, v in report.get("timings_s", {}).items()},
@@ -393,13 +395,15 @@ def generate_argvs(settings: Settings, c: Compose) -> dict[str, list[str]]:
                 text = text.replace("{" + name + "}", info["trigger"])
             return text
 
+        base = view.base if view.base == "mini" else display(settings.folders.resolve(view.base))
         loras = []
         for name, info in view.concepts.items():
+            settings.folders.resolve(info["lora"])  # a merge made elsewhere may name files outside the folders
             if info["unet_strength"] != info["text_encoder_strength"]:
                 log.warning("naive stacking of %s uses its unet strength %s for the whole LoRA", name,
                             info["unet_strength"])
             loras += ["--lora", f"{display(info['lora'])}:{info['unet_strength']:g}"]
-        out["naive"] = ["generate", view.base, spelled(c.prompt), *loras,
+        out["naive"] = ["generate", base, spelled(c.prompt), *loras,
                         *[spelled(a) for a in regions], *shared]
     return out
 
