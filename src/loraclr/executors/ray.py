@@ -187,11 +187,11 @@ def _connect(settings: ExecutorSettings, progress: bool) -> bool:
     if not local and settings.address != "auto":
         _check_reachable(settings.address)
     try:
+        quiet = {} if progress else {"log_to_driver": False, "logging_level": logging.ERROR}
         if local:
-            ray.init(num_cpus=settings.workers * settings.cpus_per_worker, include_dashboard=False,
-                     log_to_driver=progress)
+            ray.init(num_cpus=settings.workers * settings.cpus_per_worker, include_dashboard=False, **quiet)
         else:
-            ray.init(address=settings.address, log_to_driver=progress)
+            ray.init(address=settings.address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = "start a local Ray instance" if local else f"join the Ray cluster at {settings.address}"
         raise ExecutorError(f"ray executor: could not {where}: {_first_line(e)}") from None
