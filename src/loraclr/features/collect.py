@@ -7,10 +7,11 @@ Y_i = X_i (W0 + dW_i)^T are implied (closed form), so no layer output is ever st
 (:meth:`StageFeatures.problems`), so dense deltas and (spilled) rows exist for one layer at a time.
 
 ``keys`` (each collector): the stage's layers; default every layer of the stage that any of ``concepts`` has a
-LoRA on. A worker that collects one concept (:mod:`loraclr.executors`) passes the whole merge's keys, so it also
-records the layers where only other concepts have LoRAs; a layer's rows do not depend on which other layers are
-recorded (each layer's subsample is seeded by its key alone), so the rows equal those of a collection over all
-concepts at once. :func:`concept_features` / :func:`features_from` carry one concept's rows to another process.
+LoRA on. A worker that collects one concept (:mod:`loraclr.executors`) passes the whole merge's keys, so it
+records the same layers as a collection over all concepts at once (also those where only other concepts have
+LoRAs) and keeps the same rows: a layer's subsample is seeded by the layer (the first of siblings fed one
+tensor, among the recorded keys), never by the concept. :func:`concept_features` / :func:`features_from` carry
+one concept's rows to another process.
 
 Subsampling tolerance: the rows kept are a uniform deterministic sample of each call (every position and
 timestep is equally likely), so Gram statistics are unbiased up to a scale; ``features.max_rows`` bounds
