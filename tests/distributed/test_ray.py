@@ -46,9 +46,11 @@ def cluster():
 
 
 def _inputs(tmp: Path, pipe, family: str) -> Path:
+    """Three concept LoRAs; the third only on attention layers, so some layers have LoRAs of only some concepts
+    (each worker collects one concept, but over every layer of the stage)."""
     pipe.save_pretrained(str(tmp / "base"))
     for i in range(3):
-        lora = random_loraset(pipe, seed=10 + i, scale=0.1)
+        lora = random_loraset(pipe, seed=10 + i, scale=0.1, only=(lambda k: "attn" in k) if i == 2 else None)
         save_lora(lora.layers, tmp / f"c{i}.safetensors", format="kohya", family=family,
                   unet_config=dict(pipe.unet.config))
     return tmp
