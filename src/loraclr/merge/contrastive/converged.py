@@ -50,7 +50,15 @@ from loraclr.merge._common import (
 )
 from loraclr.merge.api import Callback, LayerProblem, LowRankDeltas
 from loraclr.merge.contrastive.objective import LoraclrConfig, Weights, floats, objective_weights
-from loraclr.merge.linalg import QuadSolver, gram_matrix, gram_sum, relative_ridge, row_basis, symmetrize
+from loraclr.merge.linalg import (
+    QuadSolver,
+    gram_matrix,
+    gram_sum,
+    gram_sum_rows,
+    relative_ridge,
+    row_basis,
+    symmetrize,
+)
 
 
 class _Converged:
@@ -247,8 +255,10 @@ def _block_hardest(P: Tensor, T: Tensor, mu: float) -> tuple[Tensor, Tensor]:
     """
     n = P.shape[0]
     Pf, Tf = P.reshape(n, -1), T.reshape(n, -1)
-    pn = Pf.pow(2).sum(1, dtype=torch.float64)
-    tn = Tf.pow(2).sum(1, dtype=torch.float64)
+    # squared block norms: float32 norms of the rows, summed in float64 (as accurate as a float64 sum of squares
+    # at a tenth of its cost: no float64 copy of the blocks)
+    pn = torch.linalg.vector_norm(P, dim=-1).double().pow(2).sum(1)
+    tn = torch.linalg.vector_norm(T, dim=-1).double().pow(2).sum(1)
     d2 = pn[:, None] + tn[None, :] - 2 * (Pf @ Tf.T).double()
     slack = 1e-4 * (pn[:, None] + tn[None, :])  # far above the rounding error of the expansion
     near = d2 < (mu * mu + slack)
@@ -426,12 +436,18 @@ def lowrank_applies(problem: LayerProblem, cfg: LoraclrConfig) -> bool:
 
 
 def _output_coordinates(W0: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
-    """(L_W (in, k), L_U (R, k)) with ||A W0^T + B U^T|| = ||A L_W + B L_U|| row by row for any A, B: from
-    the eigendecomposition of F^T F, F = [W0, U] (float64), k its positive eigenvalues (at most in + R)."""
+    """(L_W (in, k), L_U (R, k)) with ||A W0^T + B U^T|| = ||A L_W + B L_U|| row by row for any A, B: a factor
+    L L^T = F^T F of F = [W0, U] (float64): its Cholesky factor (k = in + R) when F has full column rank, else
+    the eigendecomposition's positive part (k its positive eigenvalues). Cholesky costs a small fraction of
+    the eigendecomposition, and both factors give the same norms."""
     F = torch.cat([W0, U], 1).double()
-    evals, vecs = torch.linalg.eigh(F.T @ F)
-    keep = evals > 0
-    L = (vecs[:, keep] * evals[keep].sqrt()).to(W0.dtype)
+    H = F.T @ F
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        evals, vecs = torch.linalg.eigh(H)
+        keep = evals > 0
+        L = vecs[:, keep] * evals[keep].sqrt()
+    L = L.to(W0.dtype)
     return L[: W0.shape[1]], L[W0.shape[1] :]
 
 
@@ -462,19 +478,19 @@ def solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, di
     V = torch.cat([d.to(device=dev, dtype=dtype) for d in lr.downs], 0)  # (R, in)
     ends = torch.tensor([0] + [int(u.shape[1]) for u in lr.ups]).cumsum(0).tolist()
     blocks = [slice(ends[i], ends[i + 1]) for i in range(n)]
-    # A0 = sum_i a_i G_i and M's own-concept rows a_i V_i G_i, one Gram at a time (no (N, in, in) stack).
+    # A0 = sum_i a_i G_i, accumulated in the compute dtype into one buffer and converted once (a float64 copy
+    # per Gram cost as much as the Grams on the widest layers), and M's own-concept rows a_i V_i G_i.
     # V_i G_i = (V_i X_i^T) X_i: rank_i x rows x in multiply-adds in the compute dtype instead of
-    # rank_i x in x in in the solve dtype (fewer where rows < in, and float32), as exact as the Gram itself,
-    # which is accumulated in the compute dtype too.
-    A0 = torch.zeros(in_dim, in_dim, dtype=sd, device=dev)
+    # rank_i x in x in in the solve dtype (fewer where rows < in, and float32), as exact as the Gram itself.
+    G = gram_sum_rows(xs, a)  # (in, in), exactly symmetric
     M = torch.zeros(V.shape[0], in_dim, dtype=sd, device=dev)
     for i, x in enumerate(xs):
-        A0.add_(gram_matrix(x).to(sd), alpha=a[i])
         M[blocks[i]] = (a[i] * ((V[blocks[i]] @ x.T) @ x)).to(sd)
-    A0 = symmetrize(A0)
     c = {"sum": 1.0, "mean": 1.0 / n}.get(cfg.anchor, 0.0)  # the anchor is c U V
     if c:  # C_i = V_i-rows - c V: subtract c V sum_i a_i G_i (the product in the compute dtype, as above)
-        M -= c * (V @ A0.to(dtype)).to(sd)
+        M -= c * (V @ G).to(sd)
+    A0 = G.to(sd)
+    del G
     ridge_abs = relative_ridge(A0, cfg.ridge, in_dim)
     if ridge_abs > 0:
         A0.diagonal().add_(ridge_abs)
@@ -490,32 +506,42 @@ def solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, di
         Yd = Y.to(sd)
         return float(((Yd @ K) * Yd).sum())
 
-    # per-concept errors on all rows: X_i (D - dW_i)^T = X_i (Zp - C_i)^T U^T
-    sq_list = []
-    for i, x in enumerate(xs):
-        C = Zp.clone()
-        C[blocks[i]] -= V[blocks[i]]
-        sq_list.append(sq_u(x @ C.T))
-    sq = torch.tensor(sq_list, dtype=torch.float64)
     needs_hinge = cfg.lambda_con > 0 and n > 1
     neg = None
+    common = len(set(n_rows)) == 1  # every row is a common row: the hinge products give the errors too
+    RZ = RV = None
     if n > 1:  # exact negative distances (for the report also when lambda_con = 0, like the dense path)
         idx = common_row_index(n_rows, device=dev)
-        R = torch.stack([x if len(set(n_rows)) == 1 else x[i] for x, i in zip(xs, idx, strict=True)])
+        R = torch.stack([x if common else x[i] for x, i in zip(xs, idx, strict=True)])
         # P_i = R_i (W0 + U Zp)^T and T_j = R_j (W0 + U C_j)^T are rows [R, R Y^T] [W0, U]^T; where the layer
         # has more outputs than inputs + R (GEGLU ff.net.0.proj: 8x), distances are taken in the coordinates
         # of a factor L of [W0, U]^T [W0, U] instead: ||y [W0, U]^T|| = ||y L|| per row, so every block and
         # row distance is unchanged and the products shrink by (in + R) / out
         Wl, Ul = (W0.T, U.T) if in_dim + U.shape[1] >= out_dim else _output_coordinates(W0, U)
         base = R @ Wl  # (N, m, out or k): the one dense product
-        P = base + (R @ Zp.T) @ Ul
+        RZ = R @ Zp.T  # (N, m, R)
+        RV = [R[i] @ V[blocks[i]].T for i in range(n)]  # (m, r_i)
+        P = torch.baddbmm(base, RZ, Ul.expand(n, *Ul.shape))
         T = base
         for i in range(n):
-            T[i] += (R[i] @ V[blocks[i]].T) @ Ul[blocks[i]]
+            T[i].addmm_(RV[i], Ul[blocks[i]])
         neg, _ = _block_hardest(P, T, w.mu) if cfg.distance == "block" else _token_hardest(P, T)
         del P, T, base
         if needs_hinge and bool((neg < w.mu).any()):
             return None  # a hinge acts: the dense path runs the majorise-minimise steps
+    # per-concept errors on all rows: X_i (D - dW_i)^T = X_i (Zp - C_i)^T U^T, from the hinge check's products
+    # when they cover every row (Zp - C_i is Zp with V_i taken off concept i's own block)
+    sq_list = []
+    for i, x in enumerate(xs):
+        if RZ is not None and common:
+            Y = RZ[i].clone()
+            Y[:, blocks[i]] -= RV[i]
+        else:
+            C = Zp.clone()
+            C[blocks[i]] -= V[blocks[i]]
+            Y = x @ C.T
+        sq_list.append(sq_u(Y))
+    sq = torch.tensor(sq_list, dtype=torch.float64)
     e_norm = math.sqrt(max(sq_u(Z.mT), 0.0))  # ||E||_F = ||U Z||_F
     report = _converged_report(cfg, w, sq, neg, 0.0, e_norm, ridge_abs, out_dim, n_rows, steps=1, converged=True,
                                rel=0.0, note="closed form (no active hinge: global minimum); LoRA-factor path")
