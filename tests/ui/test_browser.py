@@ -169,6 +169,19 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
                                    timeout=10_000)
             _screenshot(page, "ui_evaluate.png")
 
+            # Cancel: a long generation stops, with the CLI-style line and nothing saved
+            page.get_by_role("tab", name="Compose").click()
+            page.locator("#compose-steps input").fill("500")
+            page.click("#generate-button")
+            page.wait_for_function("document.querySelector('#compose-status textarea')?.value.includes('drawing')",
+                                   timeout=60_000)
+            page.click("#generate-cancel")
+            page.wait_for_function("document.querySelector('#compose-status textarea')?.value.includes('cancelled')",
+                                   timeout=60_000)
+            status = page.locator("#compose-status textarea").input_value()
+            assert status == "loraclr generate: cancelled; nothing was written"
+            assert not any((work / "images").iterdir())
+
             assert "Traceback" not in page.locator("body").inner_text()
             # files outside the named folders are not served
             assert page.request.get(url + "gradio_api/file=/etc/hostname").status >= 400

@@ -277,7 +277,7 @@ def build_app(settings: Settings):
                 with gr.Row():
                     seeds = gr.Number(tasks.DEFAULT_SEEDS, label="Images (seeds)", precision=0, minimum=1)
                     seed = gr.Number(0, label="First seed", precision=0)
-                    steps = gr.Number(tasks.DEFAULT_STEPS, label="Steps", precision=0, minimum=1)
+                    steps = gr.Number(tasks.DEFAULT_STEPS, label="Steps", precision=0, minimum=1, elem_id="compose-steps")
                     guidance = gr.Number(tasks.DEFAULT_GUIDANCE, label="Guidance")
                 with gr.Row():
                     mode = gr.Radio(list(MODES), value=MODES[0], label="Region mode")
