@@ -128,7 +128,8 @@ class Worker:
 
     def features(self, stage: Stage, i: int, fused: list, shared: str | None) -> tuple:
         """Concept ``i``'s features for every layer of ``stage``: one object (or file in ``shared``) per layer,
-        then this process's stats."""
+        None for a layer whose rows are another's (siblings fed one tensor, e.g. q / k / v: stored once), then
+        this process's stats with ``same_rows`` {layer: the layer whose object holds its rows}."""
         self.tasks += 1
         job = self.job
         c = job.concepts[i]
@@ -136,18 +137,26 @@ class Worker:
         self._fuse(fused)
         feats = stage.collect(job.pipe, [c], job.table, job.recipe.features, None, keys=list(stage.keys))
         out: list[Any] = [concept_features(feats, 0, k) for k in stage.keys]
+        first: dict[int, str] = {}  # id of a rows tensor -> the first layer holding it (all alive in `out`)
+        same = {}
+        for j, (k, f) in enumerate(zip(stage.keys, out, strict=True)):
+            owner = first.setdefault(id(f[k]), k)
+            if owner != k:  # one tensor: the same rows, row count and Gram statistics
+                same[k], out[j] = owner, None
         if shared:
             folder = Path(shared) / stage.name / f"concept{i}"
             folder.mkdir(parents=True, exist_ok=True)
             for j, f in enumerate(out):
-                path = folder / f"{j:06d}.safetensors"
-                save_file({k: v.contiguous() for k, v in f.items()}, str(path))
-                out[j] = str(path)
-        return (*out, self.stats())
+                if f is not None:
+                    path = folder / f"{j:06d}.safetensors"
+                    save_file({k: v.contiguous() for k, v in f.items()}, str(path))
+                    out[j] = str(path)
+        return (*out, {**self.stats(), "same_rows": same})
 
-    def solve(self, stage: Stage, key: str, *features) -> tuple:
-        """One layer: its problem from the N concepts' features (none for a feature-free method) and this
-        worker's model, solved as locally; returns (offset (out, in), report, stats)."""
+    def solve(self, stage: Stage, key: str, owners: list[str], *features) -> tuple:
+        """One layer: its problem from the N concepts' features (``features[i]``: concept i's, stored under
+        the layer ``owners[i]``; none for a feature-free method) and this worker's model, solved as locally;
+        returns (offset (out, in), report, stats)."""
         self.tasks += 1
         job = self.job
         inject_fault(self.fault, f"solve/{stage.name}/{key}")
@@ -155,6 +164,7 @@ class Worker:
             problems = plain_problems(job.pipe, job.concepts, [key])
         else:
             rows = [load_file(f) if isinstance(f, str) else f for f in features]
+            rows = [{key + k[len(o):]: v for k, v in r.items()} for r, o in zip(rows, owners, strict=True)]
             problems = features_from(job.pipe, stage.name, [key], job.concepts, rows).problems()
         reports: dict[str, dict] = {}
         offsets = solve_problems(problems, job.spec, job.config, stage.name, False, reports, 1)
@@ -260,7 +270,9 @@ class RayExecutor:
         keys, n_workers = list(stage.keys), len(self.actors)
         names = [c.name for c in self.job.concepts]
         feats: list[list] = []  # [concept][layer] -> reference
+        same_rows: list[dict[str, str]] = []  # [concept]: layer -> the layer holding its rows
         if stage.collect is not None:
+            same_rows = [{} for _ in names]
             t = time.perf_counter()
             if self.update:
                 self.update(stage.name, 0, len(names))
@@ -274,13 +286,19 @@ class RayExecutor:
             while pending:  # a task's returns are ready together: its stats mean its features are stored
                 (ready,), _ = ray.wait(list(pending), num_returns=1)
                 i = pending.pop(ready)
-                self._record(self._get(ready, f"features/{stage.name}/{names[i]}"))
+                stats = self._get(ready, f"features/{stage.name}/{names[i]}")
+                same_rows[i] = stats.pop("same_rows")
+                self._record(stats)
                 if self.update:
                     self.update(stage.name, len(names) - len(pending), len(names))
             timings["features"] += time.perf_counter() - t
         t = time.perf_counter()
-        calls = [self.actors[j % n_workers].solve.options(num_returns=3, retry_exceptions=[InjectedFault]).remote(
-                     stage, key, *(f[j] for f in feats)) for j, key in enumerate(keys)]
+        index = {k: j for j, k in enumerate(keys)}
+        calls = []
+        for j, key in enumerate(keys):
+            owners = [same.get(key, key) for same in same_rows]
+            calls.append(self.actors[j % n_workers].solve.options(num_returns=3, retry_exceptions=[InjectedFault])
+                         .remote(stage, key, owners, *(f[index[o]] for f, o in zip(feats, owners, strict=True))))
         del feats  # each solve task holds its layer's features until it is done; then the store frees them
         bar = tqdm(total=len(keys), desc=f"solve ({stage.name}, {self.job.spec.name})", unit="layer",
                    disable=not self.progress)
