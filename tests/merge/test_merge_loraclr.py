@@ -413,8 +413,8 @@ def test_anchor_is_checked():
 
 
 def _factored(n_rows=(40, 40, 40), out=24, inn=16, rank=2, scale=1.0, seed=5):
-    """The same layer twice: deltas as LoRA factors (the factored closed form applies: N * rank < out and
-    at least `inn` rows) and as dense deltas (the dense path)."""
+    """The same layer twice: deltas as LoRA factors (the factored closed form applies: N * rank < out) and
+    as dense deltas (the dense path)."""
     from loraclr.merge.api import LowRankDeltas
 
     g = torch.Generator().manual_seed(seed)
@@ -439,8 +439,10 @@ def _factored(n_rows=(40, 40, 40), out=24, inn=16, rank=2, scale=1.0, seed=5):
         dict(mode="converged", anchor="mean", ridge=0.1),
     ],
 )
-@pytest.mark.parametrize("n_rows", [(40, 40, 40), (40, 31, 52), (30,)])
+@pytest.mark.parametrize("n_rows", [(40, 40, 40), (40, 31, 52), (30,), (5, 5, 5), (5, 4, 6)])
 def test_factored_closed_form_equals_the_dense_path(cfg, n_rows):
+    """Also with fewer rows in all than inputs ((5, 5, 5), (5, 4, 6) against 16 inputs): both paths then solve
+    in the span of the rows."""
     from loraclr.merge.contrastive import merge_loraclr
 
     low, dense = _factored(n_rows)

@@ -24,10 +24,10 @@ It needs the Grams (from ``gram`` or ``X``) and, for the negatives, the raw rows
 equal row counts, block distances are bounded below by | ||P_i|| - ||Y_j|| | (both norms come from the
 Grams); if that certifies every hinge inactive the closed form is the exact answer, else it raises.
 LoRA factors: when the deltas come as :class:`loraclr.merge.api.LowRankDeltas` (what ``loraclr merge``
-passes) of total rank R < out, and the rows are at least as many as the inputs, steps 1-2 run in factored
-form (:func:`solve_lowrank`: the right-hand side is U M with U the scaled ups, so D = U Z with R instead
-of out right-hand sides, and one base-output product serves predictions and targets); the same minimiser.
-If a hinge is active there, the dense path above takes over.
+passes) of total rank R < out, steps 1-2 run in factored form (:func:`solve_lowrank`: the right-hand side
+is U M with U the scaled ups, so D = U Z with R instead of out right-hand sides, one base-output product
+serves predictions and targets, and fewer rows than inputs are solved in their span as above); the same
+minimiser. If a hinge is active there, the dense path above takes over.
 """
 
 from __future__ import annotations
@@ -426,13 +426,11 @@ def solve_converged(
 
 def lowrank_applies(problem: LayerProblem, cfg: LoraclrConfig) -> bool:
     """The factored closed form pays off: deltas are LoRA factors of total rank R below the layer's outputs,
-    the raw rows are there (no Grams-only statistics), and they are not fewer than the inputs (where the
-    row-space path is already small)."""
+    and the raw rows are there (no Grams-only statistics)."""
     if not isinstance(problem.deltas, LowRankDeltas) or problem.gram is not None or not has_rows(problem):
         return False
-    out_dim, in_dim = problem.W0.shape
     rank = sum(int(u.shape[1]) for u in problem.deltas.ups)
-    return 0 < rank < out_dim and sum(int(x.shape[0]) for x in problem.X) >= in_dim
+    return 0 < rank < problem.W0.shape[0]
 
 
 def _output_coordinates(W0: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
@@ -482,12 +480,26 @@ def solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, di
     # per Gram cost as much as the Grams on the widest layers), and M's own-concept rows a_i V_i G_i.
     # V_i G_i = (V_i X_i^T) X_i: rank_i x rows x in multiply-adds in the compute dtype instead of
     # rank_i x in x in in the solve dtype (fewer where rows < in, and float32), as exact as the Gram itself.
-    G = gram_sum_rows(xs, a)  # (in, in), exactly symmetric
-    M = torch.zeros(V.shape[0], in_dim, dtype=sd, device=dev)
-    for i, x in enumerate(xs):
-        M[blocks[i]] = (a[i] * ((V[blocks[i]] @ x.T) @ x)).to(sd)
+    # Fewer rows than inputs (text-encoder fc2, the UNet's lowest resolution): solve in the span of the rows,
+    # coordinates xq_i = X_i Q (Q (in, k) orthonormal, k = all rows), exactly as the dense path does (see
+    # _Converged); E = D - anchor = U Z Q^T and ||E||_F = ||U Z||_F.
+    Q = row_basis(xs)  # (in, k) or None
+    xq = [x @ Q for x in xs] if Q is not None else xs
+    G = gram_sum_rows(xq, a)  # (k, k), exactly symmetric
+    M = torch.zeros(V.shape[0], G.shape[0], dtype=sd, device=dev)
     c = {"sum": 1.0, "mean": 1.0 / n}.get(cfg.anchor, 0.0)  # the anchor is c U V
-    if c:  # C_i = V_i-rows - c V: subtract c V sum_i a_i G_i (the product in the compute dtype, as above)
+    for i, x in enumerate(xs):
+        if Q is None:
+            M[blocks[i]] = (a[i] * ((V[blocks[i]] @ x.T) @ x)).to(sd)
+        elif not c:
+            M[blocks[i]] = (a[i] * ((V[blocks[i]] @ x.T) @ xq[i])).to(sd)
+        else:  # M = sum_i a_i (C_i X_i^T) X_i Q, C_i = V_i-rows - c V: (1 - c) V_i on concept i's rows, -c V off
+            CX = V @ x.T  # (R, n_i)
+            own = CX[blocks[i]] * (1 - c)
+            CX.mul_(-c)
+            CX[blocks[i]] = own
+            M += (a[i] * (CX @ xq[i])).to(sd)
+    if c and Q is None:  # C_i = V_i-rows - c V: subtract c V sum_i a_i G_i (the product in the compute dtype)
         M -= c * (V @ G).to(sd)
     A0 = G.to(sd)
     del G
@@ -497,8 +509,9 @@ def solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, di
     sol = QuadSolver(A0, cfg.rcond, cfg.solver).solve_factored(U.to(sd), M, cfg.lambda_reg)
     if sol is None:
         return None
-    Z = sol.offset  # E = U Z, the offset from the anchor
-    Zp = Z.to(dtype) + c * V if c else Z.to(dtype)  # D = U Zp, the offset from W0
+    Z = sol.offset  # E = U Z (Q^T), the offset from the anchor
+    Zf = Z.to(dtype) @ Q.T if Q is not None else Z.to(dtype)  # (R, in)
+    Zp = Zf + c * V if c else Zf  # D = U Zp, the offset from W0
     Ud = U.to(sd)
     K = Ud.mT @ Ud
 
@@ -542,7 +555,7 @@ def solve_lowrank(problem: LayerProblem, cfg: LoraclrConfig) -> tuple[Tensor, di
             Y = x @ C.T
         sq_list.append(sq_u(Y))
     sq = torch.tensor(sq_list, dtype=torch.float64)
-    e_norm = math.sqrt(max(sq_u(Z.mT), 0.0))  # ||E||_F = ||U Z||_F
+    e_norm = math.sqrt(max(sq_u(Z.mT), 0.0))  # ||E||_F = ||U Z||_F (Q orthonormal)
     report = _converged_report(cfg, w, sq, neg, 0.0, e_norm, ridge_abs, out_dim, n_rows, steps=1, converged=True,
                                rel=0.0, note="closed form (no active hinge: global minimum); LoRA-factor path")
     if c:
