@@ -6,8 +6,9 @@ What runs where (every task runs the local path's code, :mod:`loraclr.executors.
   :func:`~loraclr.executors.job.load_job`, as the driver does; Ray restarts a worker whose process dies and
   retries its tasks (``executor.max_retries``).
 - features: one task per concept and stage; it runs the stage's collector on that one concept over all of the
-  stage's layers and returns one object per layer (rows, row count, Gram statistics when kept), stored in the
-  object store of the worker's node (or as files in ``executor.shared_dir``). The driver holds references only.
+  stage's layers and returns one object per layer (rows, row count, Gram statistics when kept; layers fed one
+  tensor share one), stored in the object store of the worker's node (or as files in ``executor.shared_dir``).
+  The driver holds references only.
 - solves: one task per layer; Ray brings that layer's N concept objects to the worker, which rebuilds the
   layer's problem against its own copy of the model (W0, the concepts' deltas) and solves it as the local
   executor does.
