@@ -24,6 +24,8 @@ CHROMIUM = os.environ.get("LORACLR_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 DOCS = Path(__file__).resolve().parents[2] / "docs"
+# wait_for_function polls on this timer (ms): its default, animation frames, can stall while the page is busy
+POLL_MS = 250
 NEWCOMER_BUDGET_S = 180  # the goal: a two-character regional image within three minutes
 
 
@@ -105,7 +107,7 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.goto(url)
             # Merge tab: the page starts on the world's shipped concepts with two of them picked
-            page.wait_for_function("document.querySelector('#merge-concepts')?.innerText.includes('rika')",
+            page.wait_for_function("document.querySelector('#merge-concepts')?.innerText.includes('rika')", polling=POLL_MS,
                                    timeout=60_000)
             table = page.locator("#merge-concepts").inner_text()
             assert "rubo" in table and "kohya" in table and "<rubo1> <rubo2> <rubo3>" in table  # inspect's view
@@ -123,10 +125,10 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
 
             # Compose tab: two boxes drawn by dragging, each given its concept by the picker
             page.get_by_role("tab", name="Compose").click()
-            page.wait_for_function("document.querySelector('#compose-prompt textarea')?.value.length > 0",
+            page.wait_for_function("document.querySelector('#compose-prompt textarea')?.value.length > 0", polling=POLL_MS,
                                    timeout=30_000)
             page.click("#clear-regions")
-            page.wait_for_function("!document.querySelector('#region-canvas .lc-box')")
+            page.wait_for_function("!document.querySelector('#region-canvas .lc-box')", polling=POLL_MS)
             canvas = page.locator("#region-canvas .lc-canvas").bounding_box()
 
             def drag(x0, y0, x1, y1):
@@ -145,14 +147,14 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
                 page.locator("input[aria-label='Region']").fill(str(region))
                 page.click("#insert-trigger")
                 page.wait_for_function(
-                    f"document.querySelector('#compose-regions')?.innerText.includes('<{name}1>')", timeout=10_000)
+                    f"document.querySelector('#compose-regions')?.innerText.includes('<{name}1>')", polling=POLL_MS, timeout=10_000)
             regions = page.locator("#compose-regions").inner_text()
             assert "0.25" in regions and "0.5" in regions  # the drawn boxes, in fractions of the image
             page.locator("#compose-prompt textarea").fill(
                 "a <rubo1> <rubo2> <rubo3> creature on the left and a <rika1> <rika2> <rika3> creature on the right")
             page.click("#generate-button")
             _wait_status(page, "compose-status", 120)
-            page.wait_for_function("document.querySelectorAll('#compose-gallery img').length >= 4", timeout=10_000)
+            page.wait_for_function("document.querySelectorAll('#compose-gallery img').length >= 4", polling=POLL_MS, timeout=10_000)
             newcomer_s = time.monotonic() - started
             _screenshot(page, "ui_compose.png")
             print(f"\nnewcomer path: `loraclr ui` start -> merged two-character regional images in {newcomer_s:.0f} s")
@@ -165,7 +167,7 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
             page.locator("#evaluate-steps input").fill("10")
             page.click("#evaluate-button")
             _wait_status(page, "evaluate-status", 120)
-            page.wait_for_function("document.querySelector('#evaluate-table')?.innerText.includes('identity')",
+            page.wait_for_function("document.querySelector('#evaluate-table')?.innerText.includes('identity')", polling=POLL_MS,
                                    timeout=10_000)
             _screenshot(page, "ui_evaluate.png")
 
@@ -173,10 +175,10 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
             page.get_by_role("tab", name="Compose").click()
             page.locator("#compose-steps input").fill("500")
             page.click("#generate-button")
-            page.wait_for_function("document.querySelector('#compose-status textarea')?.value.includes('drawing')",
+            page.wait_for_function("document.querySelector('#compose-status textarea')?.value.includes('drawing')", polling=POLL_MS,
                                    timeout=60_000)
             page.click("#generate-cancel")
-            page.wait_for_function("document.querySelector('#compose-status textarea')?.value.includes('cancelled')",
+            page.wait_for_function("document.querySelector('#compose-status textarea')?.value.includes('cancelled')", polling=POLL_MS,
                                    timeout=60_000)
             status = page.locator("#compose-status textarea").input_value()
             assert status == "loraclr generate: cancelled; nothing was written"

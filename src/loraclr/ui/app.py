@@ -99,7 +99,8 @@ def build_app(settings: Settings):
         none = gr.update()
         try:
             recipe = tasks.recipe_dict(settings, boxes_rows(concepts), method, boxes_rows(method_rows),
-                                       feature_steps=int(feature_steps), rank=int(rank))
+                                       feature_steps=_number(feature_steps, "feature steps", int),
+                                       rank=_number(rank, "rank", int))
             plan = tasks.plan_merge(settings, recipe, name.strip(), bool(overwrite))
             job = runner.start("merge", lambda job: tasks.run_merge(job, plan))
         except Exception as e:
@@ -130,21 +131,22 @@ def build_app(settings: Settings):
     # --- Compose tab handlers -----------------------------------------------------------------------
 
     def model_changed(model: str, prompt: str, rows):
-        """The concepts of the chosen merge; an empty page gets a two-character layout to start from."""
+        """The concepts of the chosen merge, the layout adapter where the base is the world's; an empty page gets
+        a two-character layout to start from."""
         if not model:
-            return gr.update(choices=[]), gr.update(), gr.update(), gr.update()
+            return gr.update(choices=[]), gr.update(), gr.update(), gr.update(), gr.update()
         try:
             view = tasks.open_merge(model, folders)
         except Exception as e:
-            return gr.update(choices=[]), gr.update(), gr.update(), gr.update(value=error_text("generate", e))
+            return gr.update(choices=[]), gr.update(), gr.update(), gr.update(), error_text("generate", e)
         names = list(view.concepts)
-        layout = view.base == "mini"  # the world's layout adapter draws a character in each box
+        picker = gr.update(choices=names, value=names[0] if names else None)
+        layout = gr.update(value=view.base == "mini")  # the world's adapter fits the world's base only
         if (prompt or "").strip() or boxes.clean_rows(rows) or len(names) < 2:
-            return gr.update(choices=names, value=names[0] if names else None), gr.update(), gr.update(), ""
+            return picker, gr.update(), gr.update(), layout, ""
         a, b = (view.insert_text(n) for n in names[:2])
         new_rows = [[*box, text] for box, text in zip(tasks.DEFAULT_BOXES, (a, b), strict=True)]
-        return (gr.update(choices=names, value=names[0]), f"{a} on the left and {b} on the right", new_rows,
-                gr.update(value="" if not layout else "layout adapter on: a character in each box"))
+        return picker, f"{a} on the left and {b} on the right", new_rows, layout, "a box for each of two concepts"
 
     def drawn(rows, evt: gr.EventData):
         box = getattr(evt, "box", None) or (evt._data or {}).get("box")
@@ -161,8 +163,10 @@ def build_app(settings: Settings):
         none = gr.update()
         try:
             compose = Compose(model=model or "", prompt=prompt or "", regions=tuple(map(tuple, boxes.clean_rows(rows))),
-                              negative=negative or "", mode=mode, start=float(start), seeds=int(seeds), seed=int(seed),
-                              steps=int(steps), guidance=float(guidance), layout=bool(layout), naive=bool(naive))
+                              negative=negative or "", mode=mode, start=_number(start, "regions act from", float),
+                              seeds=_number(seeds, "images", int), seed=_number(seed, "first seed", int),
+                              steps=_number(steps, "steps", int), guidance=_number(guidance, "guidance", float),
+                              layout=bool(layout), naive=bool(naive))
             if not compose.model:
                 raise FileNotFoundError("no merged model yet: merge on the Merge tab, or open a finished merge")
             job = runner.start("generate", lambda job: tasks.run_generate(job, settings, compose, cache))
@@ -194,7 +198,8 @@ def build_app(settings: Settings):
 
     def start_evaluate(model, suite, prompts, seeds, steps):
         try:
-            argv, out = tasks.plan_evaluate(settings, model or "", suite, int(prompts), int(seeds), int(steps))
+            argv, out = tasks.plan_evaluate(settings, model or "", suite, _number(prompts, "prompts", int),
+                                            _number(seeds, "seeds", int), _number(steps, "steps", int))
             job = runner.start("evaluate", lambda job: tasks.run_evaluate(job, argv, out))
         except Exception as e:
             yield error_text("evaluate", e), gr.update(), gr.update()
@@ -330,7 +335,7 @@ def build_app(settings: Settings):
         finished.change(lambda v: (gr.update(choices=merges(), value=v), gr.update(choices=merges(), value=v)),
                         finished, [model, eval_model])
 
-        model.change(model_changed, [model, prompt, regions], [concept, prompt, regions, compose_status])
+        model.change(model_changed, [model, prompt, regions], [concept, prompt, regions, layout, compose_status])
         regions.change(boxes.canvas_boxes, regions, canvas)
         canvas.submit(drawn, regions, regions)
         remove_last.click(lambda rows: boxes.clean_rows(rows)[:-1], regions, regions)
@@ -355,6 +360,14 @@ def build_app(settings: Settings):
 
         page.load(refresh_merges, None, [finished, model, eval_model])
     return page
+
+
+def _number(value, label: str, kind: type):
+    """A number field's value as ``kind``; an emptied field gets one line naming it."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{label}: give a number, got {value!r}") from None
 
 
 def boxes_rows(value) -> list[list]:

@@ -149,7 +149,8 @@ def store_upload(settings: Settings, uploaded: str | Path) -> Path:
 def method_choices() -> list[tuple[str, str]]:
     from loraclr.merge.api import all_methods
 
-    return [(f"{m.name}: {m.summary}", m.name) for m in all_methods().values()]
+    methods = sorted(all_methods().values(), key=lambda m: m.name != "loraclr")  # the project's method first
+    return [(f"{m.name}: {m.summary}", m.name) for m in methods]
 
 
 def method_defaults(name: str) -> dict[str, Any]:
