@@ -18,7 +18,7 @@ from loraclr.regional import DEFAULT_START, MODES
 from loraclr.ui import boxes, tasks
 from loraclr.ui.canvas import region_canvas
 from loraclr.ui.folders import Folders, display
-from loraclr.ui.jobs import DONE, JobRunner
+from loraclr.ui.jobs import DONE, JobRunner, error_message
 from loraclr.ui.tasks import Compose, Settings
 
 POLL_S = 0.3
@@ -43,9 +43,6 @@ def build_app(settings: Settings):
     folders = settings.folders
     last_generated: dict[str, Any] = {}
 
-    def error_text(command: str, e: BaseException) -> str:
-        return tasks._error(command, e)
-
     def merges() -> list[str]:
         return tasks.list_merges(folders)
 
@@ -55,19 +52,19 @@ def build_app(settings: Settings):
         try:
             files = folders.list_loras(folder)
         except Exception as e:
-            return gr.update(choices=[], value=[]), error_text("inspect", e)
+            return gr.update(choices=[], value=[]), error_message("inspect", e)
         names = [display(p) for p in files]
         by_stem = {Path(n).stem: n for n in names}
         picked = [by_stem[c] for c in tasks.DEFAULT_CONCEPTS if c in by_stem]
         return gr.update(choices=[(Path(n).name, n) for n in names], value=picked), f"{len(names)} LoRA files in {folder}"
 
-    def upload(files, folder_choices):
+    def upload(files, _picked):
         paths, lines = [], []
         for f in files or []:
             try:
                 paths.append(display(tasks.store_upload(settings, f)))
             except Exception as e:
-                lines.append(error_text("inspect", e))
+                lines.append(error_message("inspect", e))
         if not paths:
             return gr.update(), gr.update(), "\n".join(lines) or "nothing uploaded"
         up = folders.work / tasks.UPLOADS
@@ -81,7 +78,7 @@ def build_app(settings: Settings):
             try:
                 row, err = tasks.concept_row(settings, path)
             except Exception as e:
-                row, err = None, error_text("inspect", e)
+                row, err = None, error_message("inspect", e)
             if row is not None:
                 rows.append(row)
             if err:
@@ -104,7 +101,7 @@ def build_app(settings: Settings):
             plan = tasks.plan_merge(settings, recipe, name.strip(), bool(overwrite))
             job = runner.start("merge", lambda job: tasks.run_merge(job, plan))
         except Exception as e:
-            yield error_text("merge", e), none, none, none, none, none
+            yield error_message("merge", e), none, none, none, none, none
             return
         command = plan.command
         while not job.wait(POLL_S):
@@ -125,7 +122,7 @@ def build_app(settings: Settings):
         try:
             view = tasks.open_merge(path, folders)
         except Exception as e:
-            return error_text("merge", e), gr.update(), gr.update(), gr.update()
+            return error_message("merge", e), gr.update(), gr.update(), gr.update()
         return (f"opened {display(view.path)}", view.markdown(), [str(p) for p in view.files.values()], view.recipe_text)
 
     # --- Compose tab handlers -----------------------------------------------------------------------
@@ -138,7 +135,7 @@ def build_app(settings: Settings):
         try:
             view = tasks.open_merge(model, folders)
         except Exception as e:
-            return gr.update(choices=[]), gr.update(), gr.update(), gr.update(), error_text("generate", e)
+            return gr.update(choices=[]), gr.update(), gr.update(), gr.update(), error_message("generate", e)
         names = list(view.concepts)
         picker = gr.update(choices=names, value=names[0] if names else None)
         layout = gr.update(value=view.base == "mini")  # the world's adapter fits the world's base only
@@ -157,7 +154,7 @@ def build_app(settings: Settings):
             view = tasks.open_merge(model, folders)
             return boxes.insert_text(rows, int(region), view.insert_text(concept)), ""
         except Exception as e:
-            return gr.update(), error_text("generate", e)
+            return gr.update(), error_message("generate", e)
 
     def start_generate(model, prompt, negative, rows, mode, start, seeds, seed, steps, guidance, layout, naive):
         none = gr.update()
@@ -171,7 +168,7 @@ def build_app(settings: Settings):
                 raise FileNotFoundError("no merged model yet: merge on the Merge tab, or open a finished merge")
             job = runner.start("generate", lambda job: tasks.run_generate(job, settings, compose, cache))
         except Exception as e:
-            yield error_text("generate", e), none, none
+            yield error_message("generate", e), none, none
             return
         while not job.wait(POLL_S):
             yield job.status_line(), none, none
@@ -192,7 +189,7 @@ def build_app(settings: Settings):
         try:
             return f"saved to {display(tasks.save_generated(settings, result))}"
         except Exception as e:
-            return error_text("generate", e)
+            return error_message("generate", e)
 
     # --- Evaluate tab handlers ----------------------------------------------------------------------
 
@@ -202,7 +199,7 @@ def build_app(settings: Settings):
                                             _number(seeds, "seeds", int), _number(steps, "steps", int))
             job = runner.start("evaluate", lambda job: tasks.run_evaluate(job, argv, out))
         except Exception as e:
-            yield error_text("evaluate", e), gr.update(), gr.update()
+            yield error_message("evaluate", e), gr.update(), gr.update()
             return
         while not job.wait(POLL_S):
             yield job.status_line(), _pretty_command(argv), gr.update()

@@ -131,14 +131,19 @@ def _run(job: Job, work: Callable[[Job], Any]) -> None:
         job.state, job.message = CANCELLED, f"loraclr {job.command}: cancelled; nothing was written"
     except CommandFailed as e:
         job.state, job.message = FAILED, str(e)
-    except USER_ERRORS as e:
-        job.state, job.message = FAILED, error_line(job.command, e)
-    except Exception as e:  # a bug, not the user's input: the traceback goes to the console, one line to the page
-        log.exception("%s failed", job.command)
-        job.state = FAILED
-        job.message = f"loraclr {job.command}: unexpected error: {type(e).__name__}: {e} (details in the console)"
+    except Exception as e:
+        job.state, job.message = FAILED, error_message(job.command, e)
     finally:
         job.finished = time.monotonic()
+
+
+def error_message(command: str, e: BaseException) -> str:
+    """The CLI's line for a user error (``loraclr COMMAND: error: ...``). A bug, not the user's input, gets one
+    line too, and its traceback goes to the console."""
+    if isinstance(e, USER_ERRORS):
+        return error_line(command, e)
+    log.exception("%s failed", command)
+    return f"loraclr {command}: unexpected error: {type(e).__name__}: {e} (details in the console)"
 
 
 class CommandFailed(Exception):

@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from loraclr.cli import build_parser, error_line
+from loraclr.cli import build_parser
 from loraclr.ui.boxes import region_arguments
 from loraclr.ui.folders import IMAGES, MERGES, RECIPES, SCORES, UPLOADS, Folders, display
-from loraclr.ui.jobs import Job, run_command
+from loraclr.ui.jobs import Job, error_message, run_command
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def concept_row(settings: Settings, path: Path) -> tuple[list, str | None]:
     try:
         info = describe(settings, path)
     except Exception as e:  # an unreadable file is listed with the reason, not fatal to the page
-        return [path.stem, "", 1.0, display(path), "?", "?", "", ""], _error("inspect", e)
+        return [path.stem, "", 1.0, display(path), "?", "?", "", ""], error_message("inspect", e)
     spec = world_specs().get(path.name) if path.parent == _world_concepts() else None
     tokens = [t["name"] for t in info["learned_tokens"]]
     trigger = spec.trigger if spec else " ".join(tokens) or (info["trigger_words"] or [""])[0]
@@ -116,15 +116,6 @@ def _world_concepts() -> Path:
 
 def default_folder() -> str:
     return display(_world_concepts())
-
-
-def _error(command: str, e: BaseException) -> str:
-    from loraclr.cli import USER_ERRORS
-
-    if isinstance(e, USER_ERRORS):
-        return error_line(command, e)
-    log.exception("%s failed", command)
-    return f"loraclr {command}: unexpected error: {type(e).__name__}: {e} (details in the console)"
 
 
 def store_upload(settings: Settings, uploaded: str | Path) -> Path:
