@@ -11,8 +11,6 @@ import sys
 
 from loraclr.runtime import choose_threads
 
-log = logging.getLogger(__name__)
-
 DEFAULT_FOLDER = "loraclr-ui"
 LOCALHOST = "127.0.0.1"
 
@@ -42,6 +40,8 @@ def run(args) -> int:
     from loraclr.ui.app import launch, make_settings
 
     choose_threads(args.threads)
+    if getattr(args, "verbose", 0) < 1:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a log line per page request buries the rest
     settings = make_settings(args.folder or [DEFAULT_FOLDER], allow_pickle=args.allow_pickle, threads=args.threads)
     if args.host not in (LOCALHOST, "localhost", "::1"):
         bar = "!" * 78
