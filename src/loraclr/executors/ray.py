@@ -204,8 +204,11 @@ def _connect(settings: ExecutorSettings, progress: bool) -> bool:
         else:
             ray.init(address=settings.address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        where = "start a local Ray instance" if local else f"join the Ray cluster at {settings.address}"
-        raise ExecutorError(f"ray executor: could not {where}: {_first_line(e)}") from None
+        if local:
+            raise ExecutorError(f"ray executor: could not start a local Ray instance: {_first_line(e)}") from None
+        # a cluster started by `ray start` may require token authentication, which a driver only uses when told
+        raise ExecutorError(f"ray executor: could not join the Ray cluster at {settings.address}: {_first_line(e)} "
+                            "(a cluster with token authentication needs RAY_AUTH_MODE=token here too)") from None
     return True
 
 
