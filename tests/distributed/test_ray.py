@@ -40,7 +40,7 @@ METHODS = {
 @pytest.fixture(scope="module")
 def cluster():
     """A local Ray instance with two CPUs: two workers of one CPU each, as CI has two cores."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -200,7 +200,9 @@ def _connect(settings: ExecutorSettings, progress: bool) -> bool:
     try:
         quiet = {} if progress else {"log_to_driver": False, "logging_level": logging.ERROR}
         if local:
-            ray.init(num_cpus=settings.workers * settings.cpus_per_worker, include_dashboard=False, **quiet)
+            # address "local": a new instance even where `ray start` left a cluster that ray.init would join
+            ray.init(address="local", num_cpus=settings.workers * settings.cpus_per_worker,
+                     include_dashboard=False, **quiet)
         else:
             ray.init(address=settings.address, **quiet)
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -306,7 +308,8 @@ class RayExecutor:
         del feats  # each solve task holds its layer's features until it is done; then the store frees them
         bar = tqdm(total=len(keys), desc=f"solve ({stage.name}, {self.job.spec.name})", unit="layer",
                    disable=not self.progress)
-        for key, (off, rep, stats) in zip(keys, calls, strict=True):
+        for j, key in enumerate(keys):
+            (off, rep, stats), calls[j] = calls[j], None  # a layer's results leave the store once taken
             task = f"solve/{stage.name}/{key}"
             offsets[key] = self._get(off, task)  # one layer at a time: the OffsetStore spills beyond its budget
             reports[key] = self._get(rep, task)
