@@ -39,7 +39,7 @@ concepts:
     assert r.method.name == "loraclr" and r.method.settings == {}
     assert r.method.resolved == {"mode": "converged", "anchor": "mean", "ridge": 0.1}
     assert r.features.steps == 5 and r.features.spatial_prompts == 2  # the session-12 feature run
-    assert r.features.max_rows == 2048 and r.features.precision == "float32"
+    assert r.features.max_rows == 2048 and r.features.precision == "auto"
     assert r.features.resolution is None and r.features.max_resolution == 256
     assert r.output.lora_formats == ("kohya", "diffusers")
 

@@ -146,7 +146,8 @@ def test_spatial_rows_reproduce_outputs_and_are_deterministic(tiny_sd1):
     pipe = tiny_sd1
     concepts = _concepts(pipe)
     table = TokenTable(n_layers=len(cross_attention_modules(pipe.unet)))
-    settings = FeatureSettings(steps=2, max_rows=0, spatial_prompts=1)  # one prompt: the run re-done below
+    # one prompt, fp32 (what sample_latents runs below): the run re-done below
+    settings = FeatureSettings(steps=2, max_rows=0, spatial_prompts=1, precision="float32")
     key = "unet.down_blocks.0.attentions.0.proj_in"  # a 1x1 conv in the tiny SD1 UNet
     module = find_module(pipe, key)
     feats = collect_spatial(pipe, concepts[:2], table, settings)

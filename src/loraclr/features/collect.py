@@ -39,6 +39,7 @@ from loraclr.lora import DenseDelta, Layer, LoraLayer, split_key
 from loraclr.merge.api import LayerProblem, LowRankDeltas
 from loraclr.models import find_module
 from loraclr.recipe import FeatureSettings
+from loraclr.runtime import PRECISION_NAMES, choose_precision
 from loraclr.surgery.hooks import apply_layers, cross_attention_modules, layerwise_states
 from loraclr.surgery.tokens import TokenTable, encode, is_sdxl, text_components, token_ids, trigger_positions
 
@@ -311,6 +312,10 @@ def spatial_resolution(pipe, settings: FeatureSettings) -> int:
 
 @contextlib.contextmanager
 def _autocast(precision: str, device: torch.device):
+    """Autocast for the feature run in ``precision``; "auto": bf16 where ``device`` computes it natively, else
+    fp32 (:func:`loraclr.runtime.choose_precision`), so each machine of a distributed merge decides for itself."""
+    if precision == "auto":
+        precision = PRECISION_NAMES[choose_precision("auto", device)]
     if precision == "float32":
         yield
         return

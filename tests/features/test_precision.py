@@ -1,0 +1,42 @@
+"""The feature run's precision: "auto" autocasts to bf16 only where the device computes it natively."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loraclr.features import collect
+from loraclr.recipe import FeatureSettings, Recipe
+
+
+def _autocast_dtype(precision: str) -> torch.dtype | None:
+    with collect._autocast(precision, torch.device("cpu")):
+        return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_follows_the_cpu(native, monkeypatch):
+    chosen = torch.bfloat16 if native else torch.float32
+    monkeypatch.setattr(collect, "choose_precision", lambda name, device: chosen)
+    assert _autocast_dtype("auto") == (torch.bfloat16 if native else None)
+
+
+def test_explicit_precisions_are_kept(monkeypatch):
+    monkeypatch.setattr(collect, "choose_precision", lambda name, device: pytest.fail("auto was not asked for"))
+    assert _autocast_dtype("float32") is None
+    assert _autocast_dtype("bfloat16") == torch.bfloat16
+    assert not torch.is_autocast_enabled("cpu")  # left as it was
+
+
+def test_recipe_accepts_auto_and_refuses_unknown(tmp_path):
+    import dataclasses
+
+    from loraclr.recipe import BaseModel, Concept
+
+    lora = tmp_path / "a.safetensors"
+    lora.write_bytes(b"")
+    recipe = Recipe(base=BaseModel(str(tmp_path)), concepts=(Concept(name="a", lora=str(lora), trigger="a"),),
+                    features=FeatureSettings(precision="auto"))
+    recipe.validate()
+    with pytest.raises(ValueError, match="features.precision"):
+        dataclasses.replace(recipe, features=FeatureSettings(precision="half")).validate()
