@@ -40,3 +40,16 @@ def test_recipe_accepts_auto_and_refuses_unknown(tmp_path):
     recipe.validate()
     with pytest.raises(ValueError, match="features.precision"):
         dataclasses.replace(recipe, features=FeatureSettings(precision="half")).validate()
+
+
+def test_bf16_inputs_are_recorded_as_fp32_rows_of_the_same_values():
+    """A bf16 feature run's layer inputs: the recorder keeps fp32 rows, the same ones and values as when the
+    whole input is converted first (it converts only the rows it keeps)."""
+    from loraclr.features.hooks import RowRecorder
+
+    x = torch.randn(3, 50, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    half, full = RowRecorder(cap=20, expected_calls=2, seed=3), RowRecorder(cap=20, expected_calls=2, seed=3)
+    for _ in range(2):
+        half.add(x.reshape(-1, 8))
+        full.add(x.reshape(-1, 8).float())
+    assert half.rows().dtype == torch.float32 and torch.equal(half.rows(), full.rows())

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def module_rows(module: nn.Module, x: Tensor) -> Tensor:
-    """The rows a layer multiplies by its (flattened) weight: (n, d_in) in fp32.
+    """The rows a layer multiplies by its (flattened) weight: (n, d_in) in the input's dtype (a bf16 feature
+    run's rows are converted to fp32 by the recorder after subsampling, not all of them).
 
     Linear: every position of ``x`` (..., in). Conv2d: unfolded patches (B*H'*W', in*kh*kw), in the order of
     ``weight.reshape(out, -1)``; a 1x1 conv gives per-pixel channel vectors.
@@ -34,11 +35,11 @@ def module_rows(module: nn.Module, x: Tensor) -> Tensor:
         if module.groups != 1:
             raise ValueError(f"grouped convolutions (groups={module.groups}) are not supported")
         if module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid"):
-            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]).float()
+            return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding,
                         stride=module.stride)  # (B, in*kh*kw, L)
-        return cols.transpose(1, 2).reshape(-1, cols.shape[1]).float()
-    return x.reshape(-1, x.shape[-1]).float()
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
 
 
 class RowRecorder:
@@ -61,16 +62,19 @@ class RowRecorder:
         self.calls = 0
 
     def add(self, rows: Tensor) -> None:
-        rows = rows.detach().float()  # (n, d_in)
+        rows = rows.detach()  # (n, d_in)
         if self.keep_gram:
+            rows = rows.float()
             g = rows.T @ rows  # (d_in, d_in), fp32
             self.gram = g if self.gram is None else self.gram + g
         self.n_rows += rows.shape[0]
         if self.per_call and rows.shape[0] > self.per_call:
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.calls)
             idx = torch.randperm(rows.shape[0], generator=gen)[: self.per_call].sort().values
-            rows = rows[idx]
-        self.chunks.append(rows.clone())
+            rows = rows[idx]  # a copy: nothing is kept of the layer's input
+            self.chunks.append(rows.float())  # fp32 of the kept rows only (the same values as converting all)
+        else:
+            self.chunks.append(rows.float() if rows.dtype != torch.float32 else rows.clone())
         self.calls += 1
 
     def rows(self) -> Tensor:
