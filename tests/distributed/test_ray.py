@@ -60,7 +60,9 @@ def _recipe(folder: Path, method: str, **executor) -> Path:
     recipe = {
         "base": "base", "method": METHODS[method],
         "concepts": [{"name": f"c{i}", "lora": f"c{i}.safetensors", "trigger": TRIGGERS[i]} for i in range(3)],
-        "features": {"steps": 2, "max_rows": 256},
+        # fp32 pinned: with bf16 autocast ("auto" on machines with native bf16) a worker's one thread and the
+        # local merge's many sum in different orders, and bf16 rounding can make that visible
+        "features": {"steps": 2, "max_rows": 256, "precision": "float32"},
         "output": {"rank": 256},
         "executor": executor or "local",
     }
