@@ -78,18 +78,18 @@ def server(tmp_path):
             proc.kill()
 
 
-def _wait_status(page, elem_id: str, timeout_s: float) -> str:
-    """The status box's text once it says done; fails with it on an error line."""
+def _wait_status(page, elem_id: str, timeout_s: float, until: str = ": done") -> str:
+    """The status box's text once it holds ``until``; fails with it on an error line or a timeout."""
     end = time.monotonic() + timeout_s
     text = ""
     while time.monotonic() < end:
         text = page.locator(f"#{elem_id} textarea").input_value()
-        if ": done" in text:
+        if until in text:
             return text
-        if "error" in text or "cancelled" in text:
+        if "error" in text or ("cancelled" in text and until != "cancelled"):
             pytest.fail(f"{elem_id}: {text}")
         time.sleep(0.25)
-    pytest.fail(f"{elem_id} not done after {timeout_s} s: {text!r}")
+    pytest.fail(f"{elem_id} has no {until!r} after {timeout_s} s: {text!r}")
 
 
 def _screenshot(page, name: str) -> None:
@@ -107,8 +107,8 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.goto(url)
             # Merge tab: the page starts on the world's shipped concepts with two of them picked
-            page.wait_for_function("document.querySelector('#merge-concepts')?.innerText.includes('rika')", polling=POLL_MS,
-                                   timeout=60_000)
+            page.wait_for_function("document.querySelector('#merge-concepts')?.innerText.includes('rika')",
+                                   polling=POLL_MS, timeout=60_000)
             table = page.locator("#merge-concepts").inner_text()
             assert "rubo" in table and "kohya" in table and "<rubo1> <rubo2> <rubo3>" in table  # inspect's view
             page.click("#merge-button")
@@ -123,10 +123,20 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
             assert page.request.get(kohya if kohya.startswith("http") else url + kohya.lstrip("/")).ok
             _screenshot(page, "ui_merge.png")
 
-            # Compose tab: two boxes drawn by dragging, each given its concept by the picker
+            # Compose tab: a two-character start, replaced by two boxes drawn by dragging, each given its
+            # concept by the picker
             page.get_by_role("tab", name="Compose").click()
-            page.wait_for_function("document.querySelector('#compose-prompt textarea')?.value.length > 0", polling=POLL_MS,
-                                   timeout=30_000)
+            page.wait_for_function("document.querySelector('#compose-prompt textarea')?.value.length > 0",
+                                   polling=POLL_MS, timeout=30_000)
+            # numbers typed into the table move the box on the canvas
+            page.wait_for_selector("#region-canvas .lc-box-1")
+            page.locator("#compose-regions [data-testid='cell-0-2']").dblclick()
+            page.keyboard.press("Control+A")
+            page.keyboard.type("0.3")
+            page.keyboard.press("Enter")
+            page.wait_for_function(
+                "document.querySelector('#region-canvas .lc-box-1')?.style.width === '30%'", polling=POLL_MS,
+                timeout=10_000)
             page.click("#clear-regions")
             page.wait_for_function("!document.querySelector('#region-canvas .lc-box')", polling=POLL_MS)
             canvas = page.locator("#region-canvas .lc-canvas").bounding_box()
@@ -167,19 +177,17 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
             page.locator("#evaluate-steps input").fill("10")
             page.click("#evaluate-button")
             _wait_status(page, "evaluate-status", 120)
-            page.wait_for_function("document.querySelector('#evaluate-table')?.innerText.includes('identity')", polling=POLL_MS,
-                                   timeout=10_000)
+            page.wait_for_function("document.querySelector('#evaluate-table')?.innerText.includes('identity')",
+                                   polling=POLL_MS, timeout=10_000)
             _screenshot(page, "ui_evaluate.png")
 
             # Cancel: a long generation stops, with the CLI-style line and nothing saved
             page.get_by_role("tab", name="Compose").click()
             page.locator("#compose-steps input").fill("500")
             page.click("#generate-button")
-            page.wait_for_function("document.querySelector('#compose-status textarea')?.value.includes('drawing')", polling=POLL_MS,
-                                   timeout=60_000)
+            _wait_status(page, "compose-status", 120, until="drawing")
             page.click("#generate-cancel")
-            page.wait_for_function("document.querySelector('#compose-status textarea')?.value.includes('cancelled')", polling=POLL_MS,
-                                   timeout=60_000)
+            _wait_status(page, "compose-status", 120, until="cancelled")
             status = page.locator("#compose-status textarea").input_value()
             assert status == "loraclr generate: cancelled; nothing was written"
             assert not any((work / "images").iterdir())

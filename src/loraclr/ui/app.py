@@ -115,8 +115,11 @@ def build_app(settings: Settings):
                view.recipe_text, gr.update(choices=merges(), value=display(view.path)))
 
     def cancel():
+        """Set the running job's flag; its own status line then says it is cancelling. (Written into that
+        status box from here too, the line could race with the running job's updates of it.)"""
         job = runner.cancel()
-        return "cancelling..." if job is not None and not job.done else "nothing is running"
+        if job is None or job.done:
+            gr.Info("nothing is running")
 
     def reopen(path: str):
         try:
@@ -326,7 +329,7 @@ def build_app(settings: Settings):
         method.change(method_changed, method, method_rows).then(merge_name, [concepts, method], name)
         merge_btn.click(start_merge, [concepts, method, method_rows, feature_steps, rank, name, overwrite],
                         [merge_status, merge_command, report, downloads, recipe_view, finished])
-        merge_cancel.click(cancel, None, merge_status)
+        merge_cancel.click(cancel, None, None)
         open_btn.click(reopen, finished, [merge_status, report, downloads, recipe_view])
         # a new merge becomes the model of the other tabs
         finished.change(lambda v: (gr.update(choices=merges(), value=v), gr.update(choices=merges(), value=v)),
@@ -340,12 +343,12 @@ def build_app(settings: Settings):
         insert.click(insert_concept, [model, concept, region_no, regions], [regions, compose_status])
         generate_btn.click(start_generate, [model, prompt, negative, regions, mode, start, seeds, seed, steps,
                                             guidance, layout, naive], [compose_status, gallery, generate_command])
-        generate_cancel.click(cancel, None, compose_status)
+        generate_cancel.click(cancel, None, None)
         save_btn.click(save, None, saved)
 
         eval_btn.click(start_evaluate, [eval_model, suite, eval_prompts, eval_seeds, eval_steps],
                        [eval_status, eval_command, scores])
-        eval_cancel.click(cancel, None, eval_status)
+        eval_cancel.click(cancel, None, None)
 
         page.load(list_files, folder, [files, inspect_note])
 
