@@ -129,6 +129,7 @@ def write_merged(recipe: Recipe, out_dir: Path, m: MergedModel, inputs: list[str
             "fidelity": summary.fidelity,
             "lora_export": summary.lora_errors,
             "timings_s": {k: round(v, 3) for k, v in timings.items()},
+            "stages": {name: {k: round(v, 3) for k, v in st.items()} for name, st in m.stages.items()},
             "layers": m.reports,
         }
         if m.workers:

@@ -107,8 +107,8 @@ class MergedModel:
     """The result of :func:`merge_model`, in memory: the pipeline with merged weights and added tokens, the
     offsets D (out, in) per layer (an :class:`OffsetStore`: large models keep some on disk until the
     store is closed), the token table, each concept's resolved trigger, per-layer reports,
-    timings per phase (load, features, solve; a distributed executor adds ``workers``: starting them) and,
-    for a distributed executor, each worker process's tasks and peak memory."""
+    timings per phase (load, features, solve; a distributed executor adds ``workers``: starting them) and per
+    stage, and, for a distributed executor, each worker process's tasks and peak memory."""
 
     pipe: Any
     family: str
@@ -119,6 +119,7 @@ class MergedModel:
     reports: dict[str, dict]
     timings: dict[str, float]
     workers: list[dict] = field(default_factory=list)
+    stages: dict[str, dict] = field(default_factory=dict)  # stage -> features_s, solve_s, layers
 
     def model(self):
         """A :class:`loraclr.pipeline.Model` (for ``generate`` and the evaluators); triggers are the renamed ones."""
@@ -142,13 +143,18 @@ def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Pa
     budget = default_offset_budget(job.pipe) if offsets_max_bytes == "auto" else offsets_max_bytes
     offsets = OffsetStore(budget, spill_parent)
     timings.update(features=0.0, solve=0.0)
+    stage_timings: dict[str, dict] = {}
     executor = None
     try:
         executor = open_executor(recipe.executor, job, progress=progress, spill_parent=spill_parent)
         fuse_last: list[str] = []
         for stage in stages(job):
             # features per concept -> a problem per layer -> a solve per layer, where the executor runs them
+            before = {k: timings.get(k, 0.0) for k in ("features", "solve")}
             solved = executor.run_stage(stage, offsets, reports, timings)
+            # each stage's own seconds: what bench/scale.py builds its task costs from
+            stage_timings[stage.name] = {"features_s": timings["features"] - before["features"],
+                                         "solve_s": timings["solve"] - before["solve"], "layers": len(solved)}
             if stage.fuse_now:
                 _fuse(job.pipe, offsets, solved)
                 executor.fused(solved)
@@ -163,7 +169,7 @@ def merge_model(recipe: Recipe, *, progress: bool = True, spill_parent: str | Pa
         if executor is not None:
             executor.close()
     return MergedModel(job.pipe, job.family, job.config, offsets, job.table, job.concepts, reports, timings,
-                       workers)
+                       workers, stage_timings)
 
 
 def merge(recipe: Recipe, out_dir: str | Path, *, progress: bool = True, overwrite: bool = False) -> MergeSummary:
