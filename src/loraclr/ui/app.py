@@ -155,7 +155,7 @@ def build_app(settings: Settings):
     def insert_concept(model, concept, region, rows):
         try:
             view = tasks.open_merge(model, folders)
-            return boxes.insert_text(rows, int(region), view.insert_text(concept)), ""
+            return boxes.insert_text(rows, int(region), view.insert_text(concept)), gr.update()
         except Exception as e:
             return gr.update(), error_message("generate", e)
 
