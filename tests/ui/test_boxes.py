@@ -44,3 +44,20 @@ def test_insert_text_goes_into_the_chosen_region():
     assert rows[1][4] == "a <rika1> creature" and rows[0][4] == "on the left"
     with pytest.raises(ValueError, match="there are 2 regions"):
         boxes.insert_text(rows, 3, "x")
+
+
+def test_canvas_shows_the_last_image_behind_the_boxes():
+    import base64
+    import io
+
+    from PIL import Image
+
+    from loraclr.ui.canvas import canvas_value, data_uri
+
+    assert canvas_value([[0, 0, 1, 1, "a"]]) == {"boxes": boxes.canvas_boxes([[0, 0, 1, 1, "a"]]), "image": ""}
+    image = Image.new("RGB", (8, 8), (10, 200, 30))
+    uri = data_uri(image)
+    assert uri.startswith("data:image/png;base64,")
+    back = Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
+    assert back.getpixel((3, 3)) == (10, 200, 30)
+    assert canvas_value([], uri)["image"] == uri

@@ -166,6 +166,7 @@ def test_newcomer_merges_draws_two_regions_and_generates(server):
             _wait_status(page, "compose-status", 120)
             page.wait_for_function("document.querySelectorAll('#compose-gallery img').length >= 4", polling=POLL_MS, timeout=10_000)
             newcomer_s = time.monotonic() - started
+            page.wait_for_selector("#region-canvas img.lc-image")  # the image now lies behind the boxes
             _screenshot(page, "ui_compose.png")
             print(f"\nnewcomer path: `loraclr ui` start -> merged two-character regional images in {newcomer_s:.0f} s")
             assert newcomer_s < NEWCOMER_BUDGET_S

@@ -16,7 +16,7 @@ import gradio as gr
 
 from loraclr.regional import DEFAULT_START, MODES
 from loraclr.ui import boxes, tasks
-from loraclr.ui.canvas import region_canvas
+from loraclr.ui.canvas import canvas_value, data_uri, region_canvas
 from loraclr.ui.folders import Folders, display
 from loraclr.ui.jobs import DONE, JobRunner, error_message
 from loraclr.ui.tasks import Compose, Settings
@@ -171,19 +171,20 @@ def build_app(settings: Settings):
                 raise FileNotFoundError("no merged model yet: merge on the Merge tab, or open a finished merge")
             job = runner.start("generate", lambda job: tasks.run_generate(job, settings, compose, cache))
         except Exception as e:
-            yield error_message("generate", e), none, none
+            yield error_message("generate", e), none, none, none
             return
         while not job.wait(POLL_S):
-            yield job.status_line(), none, none
+            yield job.status_line(), none, none, none
         if job.state != DONE:
-            yield job.status_line(), none, none
+            yield job.status_line(), none, none, none
             return
         result = job.result
         last_generated["result"] = result
         gallery = [(im, f"{column} · seed {compose.seed + i % compose.seeds}")
                    for column, images in result.images.items() for i, im in enumerate(images)]
         commands = "\n".join(_pretty_command(v) for v in result.commands.values())
-        yield job.status_line(), gallery, commands
+        first = next(iter(result.images.values()))[0]  # the merged model's first seed, behind the boxes
+        yield job.status_line(), gallery, commands, data_uri(first)
 
     def save():
         result = last_generated.get("result")
@@ -267,6 +268,7 @@ def build_app(settings: Settings):
                 with gr.Row():
                     with gr.Column(scale=2):
                         canvas = region_canvas(elem_id="region-canvas")
+                        backdrop = gr.State("")  # the last image drawn, as a data URI
                     with gr.Column(scale=3):
                         regions = gr.Dataframe(headers=boxes.COLUMNS, datatype=["number"] * 4 + ["str"],
                                                type="array", column_count=5, interactive=True,
@@ -336,13 +338,15 @@ def build_app(settings: Settings):
                         finished, [model, eval_model])
 
         model.change(model_changed, [model, prompt, regions], [concept, prompt, regions, layout, compose_status])
-        regions.change(boxes.canvas_boxes, regions, canvas)
+        regions.change(canvas_value, [regions, backdrop], canvas)
         canvas.submit(drawn, regions, regions)
         remove_last.click(lambda rows: boxes.clean_rows(rows)[:-1], regions, regions)
         clear.click(lambda: [], None, regions)
         insert.click(insert_concept, [model, concept, region_no, regions], [regions, compose_status])
         generate_btn.click(start_generate, [model, prompt, negative, regions, mode, start, seeds, seed, steps,
-                                            guidance, layout, naive], [compose_status, gallery, generate_command])
+                                            guidance, layout, naive],
+                           [compose_status, gallery, generate_command, backdrop]
+                           ).then(canvas_value, [regions, backdrop], canvas)
         generate_cancel.click(cancel, None, None)
         save_btn.click(save, None, saved)
 

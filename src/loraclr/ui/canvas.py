@@ -1,17 +1,25 @@
 """The box-drawing canvas: a square standing for the image, on which a drag draws a region.
 
 A Gradio HTML component (gradio >= 6 custom HTML: a template, scoped CSS and a script run on load). Its value is
-:func:`loraclr.ui.boxes.canvas_boxes` of the region table, so it only draws; a finished drag sends
-``submit`` with ``{box: [x0, y0, x1, y1]}`` (fractions of the square) and the page appends that row to the
-table, which redraws the canvas. Listeners sit on the component's root element, which outlives re-renders.
+:func:`canvas_value`: the boxes of the region table and, faintly behind them, the last image drawn, so it only
+draws; a finished drag sends ``submit`` with ``{box: [x0, y0, x1, y1]}`` (fractions of the square) and the page
+appends that row to the table, which redraws the canvas. Listeners sit on the component's root element, which
+outlives re-renders.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+from typing import Any
+
+from loraclr.ui.boxes import canvas_boxes
+
 TEMPLATE = """
 <div class="lc-canvas" data-testid="region-canvas" title="drag to draw a region">
+  {{#if value.image}}<img class="lc-image" src="{{value.image}}" alt="the last image drawn">{{/if}}
   <div class="lc-hint">drag to draw a region</div>
-  {{#each value}}
+  {{#each value.boxes}}
   <div class="lc-box lc-box-{{this.n}}" style="left:{{this.left}}%;top:{{this.top}}%;width:{{this.width}}%;height:{{this.height}}%"><span>{{this.label}}</span></div>
   {{/each}}
   <div class="lc-draft"></div>
@@ -24,6 +32,8 @@ CSS = """
   background-color: #f4f4f4;
   background-image: linear-gradient(#ddd 1px, transparent 1px), linear-gradient(90deg, #ddd 1px, transparent 1px);
   background-size: 25% 25%; }
+.lc-image { position: absolute; inset: 0; width: 100%; height: 100%; opacity: 0.45; pointer-events: none;
+  image-rendering: pixelated; }
 .lc-hint { position: absolute; bottom: 4px; right: 6px; font-size: 11px; color: #888; pointer-events: none; }
 .lc-box, .lc-draft { position: absolute; box-sizing: border-box; pointer-events: none; }
 .lc-box { border: 2px solid #d9480f; background: rgba(217, 72, 15, 0.12); }
@@ -67,8 +77,20 @@ window.addEventListener('mouseup', (e) => {
 """
 
 
-def region_canvas(value: list[dict] | None = None, **kw):
+def canvas_value(rows: Any, image: str = "") -> dict[str, Any]:
+    """What the canvas shows: the table's boxes and an image behind them (a data URI, or "" for none)."""
+    return {"boxes": canvas_boxes(rows), "image": image or ""}
+
+
+def data_uri(image) -> str:
+    """A PIL image as a PNG data URI (small: the page's images are the model's native size)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def region_canvas(value: dict[str, Any] | None = None, **kw):
     """The canvas component (imports gradio: the ``ui`` extra)."""
     import gradio as gr
 
-    return gr.HTML(value or [], html_template=TEMPLATE, css_template=CSS, js_on_load=JS, **kw)
+    return gr.HTML(value or canvas_value([]), html_template=TEMPLATE, css_template=CSS, js_on_load=JS, **kw)
