@@ -66,3 +66,7 @@ def test_generate_cli_errors(tmp_path, capsys):
     rc = main(["generate", str(tmp_path / "base"), "a cat", "--lora", str(tmp_path / "x.safetensors:0.5"),
                "-o", str(tmp_path / "o"), "--quiet"])
     assert rc == 2 and "x.safetensors: LoRA file not found" in capsys.readouterr().err
+    # more steps than the scheduler's training timesteps: one line before any sampling, not an IndexError
+    rc = main(["generate", "mini", "a creature", "--steps", "1001", "-o", str(tmp_path / "o"), "--quiet"])
+    assert rc == 2 and "1001 denoising steps asked; this model's scheduler takes 1 to 1000" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

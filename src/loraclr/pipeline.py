@@ -255,6 +255,9 @@ def generate(
         side = int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
         size = (side, side)
     height, width = size
+    most = int(pipe.scheduler.config.num_train_timesteps)  # the scheduler indexes its training timesteps
+    if not 1 <= steps <= most:
+        raise ValueError(f"steps: {steps} denoising steps asked; this model's scheduler takes 1 to {most}")
     if regions is not None:
         check_plan(m, regions, size, prompts)
     else:
