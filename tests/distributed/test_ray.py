@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "features"))
 from lora_factory import random_loraset  # noqa: E402
 
 from loraclr.cli import main  # noqa: E402
-from loraclr.executors.ray import FAULT_ENV  # noqa: E402
+from loraclr.executors.ray import FAULT_ENV, assign_solves  # noqa: E402
 from loraclr.io import save_lora  # noqa: E402
 from loraclr.merging import merge  # noqa: E402
 from loraclr.recipe import load_recipe  # noqa: E402
@@ -249,3 +249,13 @@ class socket_nobody_listens:
 
     def __exit__(self, *exc) -> None:
         return None
+
+
+def test_solves_are_spread_by_cost_not_by_position():
+    # a block of two layers, repeated: round-robin on 2 workers gives every wide layer to worker 1
+    shapes = [(320, 320), (1280, 5120)] * 4
+    assigned = assign_solves(shapes, 2)
+    wide = [assigned[j] for j, s in enumerate(shapes) if s == (1280, 5120)]
+    assert sorted(wide) == [0, 0, 1, 1]
+    assert sorted(set(assigned)) == [0, 1] and len(assigned) == len(shapes)
+    assert assign_solves(shapes, 1) == [0] * len(shapes)

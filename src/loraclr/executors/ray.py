@@ -52,6 +52,7 @@ from loraclr.executors.job import (
 )
 from loraclr.features.collect import SPILL_PREFIX, concept_features, features_from
 from loraclr.io.safe import owner_tag
+from loraclr.models import find_module
 from loraclr.recipe import ExecutorSettings, Recipe
 
 log = logging.getLogger(__name__)
@@ -170,6 +171,20 @@ class Worker:
         reports: dict[str, dict] = {}
         offsets = solve_problems(problems, job.spec, job.config, stage.name, False, reports, 1)
         return offsets[key], reports[key], self.stats()
+
+
+def assign_solves(shapes: list[tuple[int, int]], n_workers: int) -> list[int]:
+    """A worker per layer, longest first to the least-loaded worker, by an estimate of the solve's cost from the
+    weight's shape (out, in): in x (in + out), the Gram and the solve in input space. Actors run their tasks in
+    order, so a static round-robin piles every layer of one kind (e.g. each block's ``ff.net.2``) onto one
+    worker when a block has as many layers as there are workers."""
+    loads = [0.0] * n_workers
+    worker = [0] * len(shapes)
+    for j in sorted(range(len(shapes)), key=lambda j: -shapes[j][1] * (shapes[j][0] + shapes[j][1])):
+        w = loads.index(min(loads))
+        worker[j] = w
+        loads[w] += shapes[j][1] * (shapes[j][0] + shapes[j][1])
+    return worker
 
 
 def _first_line(e: BaseException) -> str:
@@ -300,10 +315,12 @@ class RayExecutor:
             timings["features"] += time.perf_counter() - t
         t = time.perf_counter()
         index = {k: j for j, k in enumerate(keys)}
+        shapes = [tuple(find_module(self.job.pipe, k).weight.flatten(1).shape) for k in keys]
+        assigned = assign_solves(shapes, n_workers)
         calls = []
         for j, key in enumerate(keys):
             owners = [same.get(key, key) for same in same_rows]
-            calls.append(self.actors[j % n_workers].solve.options(num_returns=3, retry_exceptions=[InjectedFault])
+            calls.append(self.actors[assigned[j]].solve.options(num_returns=3, retry_exceptions=[InjectedFault])
                          .remote(stage, key, owners, *(f[index[o]] for f, o in zip(feats, owners, strict=True))))
         del feats  # each solve task holds its layer's features until it is done; then the store frees them
         bar = tqdm(total=len(keys), desc=f"solve ({stage.name}, {self.job.spec.name})", unit="layer",
