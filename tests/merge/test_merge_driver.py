@@ -153,3 +153,21 @@ def test_merge_and_merge_offsets_run_the_same_driver():
     assert set(got) == set(want) == set(reports)
     for k in want:
         assert torch.equal(got[k], want[k].offset.float().reshape(got[k].shape))
+
+
+def test_fidelity_from_lora_factors_equals_the_dense_computation():
+    """Factored deltas (LowRankDeltas, one concept with rank 0) give the dense path's numbers."""
+    from loraclr.merge.api import LowRankDeltas
+    from loraclr.merge.fidelity import fidelity
+
+    g = torch.Generator().manual_seed(4)
+    W0 = torch.randn(7, 5, generator=g)
+    ups = [torch.randn(7, r, generator=g) for r in (2, 0, 3)]
+    downs = [torch.randn(r, 5, generator=g) for r in (2, 0, 3)]
+    factors = LowRankDeltas(ups, downs, [0.5, 1.0, 2.0])
+    xs = [torch.randn(6, 5, generator=g) for _ in range(3)]
+    D = torch.randn(7, 5, generator=g)
+    low = fidelity(LayerProblem("unet.layer", W0, factors, X=xs), D, None)
+    dense = fidelity(LayerProblem("unet.layer", W0, [factors[i] for i in range(3)], X=xs), D, None)
+    for k in ("merged", "sum"):
+        assert low[k] == pytest.approx(dense[k], rel=1e-5)

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no progress bars, no notices from the model libraries")
     add_runtime_arguments(p, precision_default=None,
                           precision_help="here the spatial feature run's (default: the recipe's features.precision, "
-                                         "float32 unless it says otherwise)")
+                                         "auto unless it says otherwise: bf16 only where the CPU computes it "
+                                         "natively)")
 
 
 def _parse_sets(items: list[str]) -> dict:
