@@ -240,15 +240,17 @@ def check_model(runs: list[dict]) -> list[dict]:
 
 
 def project(runs: list[dict], solve_cells: list[dict] | None, ns: list[int], workers: list[int],
-            overhead_s: float) -> list[dict]:
+            overhead_s: float, exponent_runs: list[dict] | None = None) -> list[dict]:
     """Makespan and memory for each (N, W) from the largest local run's costs: feature runs as measured,
-    solves scaled by N with exponents from the solve part (per shape) where given, else from the local runs
-    (per layer type)."""
+    solves scaled by N with exponents per layer type from the solve part (per shape) where given, else from
+    the local runs at several N, else from ``exponent_runs`` (another family's local runs)."""
     ok = [r for r in runs if "error" not in r and r.get("stages") and r["executor"] == "local"]
     if not ok:
         return []
     ref = max(ok, key=lambda r: r["N"])
-    fits = type_exponents(ok)
+    fits = type_exponents([r for r in exponent_runs or [] if "error" not in r and r["executor"] == "local"])
+    if len({r["N"] for r in ok}) > 1:
+        fits.update(type_exponents(ok))
     if solve_cells:
         ms = _load("merge_speed")
         pts: dict[str, list] = {}
@@ -363,7 +365,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resolution", type=int, default=None, help="features.resolution override")
     ap.add_argument("--project-n", default="12,50,100")
     ap.add_argument("--project-workers", default="1,2,8,32")
-    ap.add_argument("--from", dest="from_json", help="take the whole / solve parts from this results .json")
+    ap.add_argument("--from", dest="from_json", help="start from the whole / solve parts of this results .json "
+                    "(new whole runs are added to its runs)")
+    ap.add_argument("--exponents-from", help="a results .json whose local runs at several N give the solve "
+                    "times' growth with N (e.g. the SD 1.5 file for an SDXL run at one N)")
+    ap.add_argument("--overhead-from", help="a results .json whose Ray runs give the per-task overhead")
     ap.add_argument("--quick", action="store_true", help="tiny config, N = 2,3, 64 px, 2 steps")
     ap.add_argument("--cache", default=os.environ.get("LORACLR_BENCH_CACHE", str(Path(tempfile.gettempdir())
                                                                               / "loraclr-bench-cache")))
@@ -391,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         old = json.loads(Path(args.from_json).read_text())
         res.update({k: old[k] for k in ("whole", "solve_cells") if old.get(k)})
-    if "whole" in parts:
-        res["whole"] = run_whole(args, ms)
+    if "whole" in parts:  # added to the runs of --from, replacing its failed runs and those run again
+        again = {(n, e) for n in args.ns for e in args.executors}
+        kept = [r for r in res.get("whole", []) if "error" not in r and (r["N"], r["executor"]) not in again]
+        res["whole"] = kept + run_whole(args, ms)
     if "solve" in parts:
         from loraclr.recipe import FeatureSettings
 
@@ -406,13 +414,18 @@ def main(argv: list[str] | None = None) -> int:
     if res.get("whole"):
         res["check"] = check_model(res["whole"])
     if "project" in parts and res.get("whole"):
-        overhead = max([c["overhead_per_task_s"] for c in res.get("check", [])] or [0.0])
+        checks = res.get("check", []) + (json.loads(Path(args.overhead_from).read_text()).get("check", [])
+                                         if args.overhead_from else [])
+        overhead = max([c["overhead_per_task_s"] for c in checks] or [0.0])
+        other = json.loads(Path(args.exponents_from).read_text())["whole"] if args.exponents_from else None
         res["projection"] = project(res["whole"], res.get("solve_cells"), _ints(args.project_n),
-                                    _ints(args.project_workers), overhead)
+                                    _ints(args.project_workers), overhead, other)
         res["projection_note"] = (
             "Task costs from the largest local run of this file (one concept's feature run per stage, each "
             "layer's solve), solves scaled to N by a power law per layer type fitted to the measured N"
-            f"{' (solve part)' if res.get('solve_cells') else ' (whole runs)'}; per-task overhead "
+            f"{' (solve part)' if res.get('solve_cells') else ' (whole runs)'}"
+            f"{f', exponents from the local runs of {args.exponents_from}' if args.exponents_from else ''}"
+            "; per-task overhead "
             f"{overhead:.3f} s (the largest measured on Ray); CPU workers with one thread each, as measured. "
             "Not modelled: moving features between machines, object-store capacity, GPU workers (no GPU was "
             "measured).")
