@@ -46,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="identity alignment with dlib's face descriptor (pip install 'loraclr[face]'); "
                         "concepts need 'references' folders in the manifest")
     p.add_argument("--allow-pickle", action="store_true",
-                   help="allow .pt/.pth LoRA files (ED-LoRA; loaded weights-only)")
+                   help="allow .pt/.pth/.ckpt/.bin LoRA files (ED-LoRA; loaded weights-only)")
     p.add_argument("--evaluators", metavar="DIR", help="folder of world evaluator weights (default: built-in)")
     p.add_argument("--json", metavar="OUT", help="write the results (every image's scores too) as JSON")
     p.add_argument("--md", metavar="OUT", help="write the markdown table here too")

@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=25, help="denoising steps")
     p.add_argument("--size", help="HxW in pixels (default: the model's native size)")
     p.add_argument("--grid", help="also save a grid image here (rows = prompts, columns = seeds)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .pt/.pth LoRA files (weights-only)")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .pt/.pth/.ckpt/.bin LoRA files (weights-only)")
     p.add_argument("--base-config", help="diffusers folder with the configs of a single-file checkpoint")
     r = p.add_argument_group("regions (one box and prompt per character; see loraclr.regional)")
     r.add_argument("--region", action="append", default=[], metavar="X0,Y0,X1,Y1:PROMPT",

@@ -13,7 +13,7 @@ from loraclr.lora import LoraLayer, split_key
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("file", help="LoRA or embedding file (.safetensors; .pt/.pth/.ckpt need --allow-pickle)")
+    parser.add_argument("file", help="LoRA or embedding file (.safetensors; .pt/.pth/.ckpt/.bin need --allow-pickle)")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--allow-pickle", action="store_true", help="load pickle files (weights only)")
     parser.add_argument("--family", choices=["sd1", "sd2", "sdxl"], help="expected base family (checked)")

@@ -28,7 +28,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed of the spatial feature run")
     p.add_argument("--max-rows", type=int, help="rows kept per layer and concept (0 = all)")
     p.add_argument("--allow-pickle", action="store_true", default=None,
-                   help="allow .pt/.pth/.ckpt LoRA files (loaded weights-only)")
+                   help="allow .pt/.pth/.ckpt/.bin LoRA files (loaded weights-only)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
                    help="run feature collection and solves as tasks on Ray (pip install -e '.[ray]'); without "
