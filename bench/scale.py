@@ -426,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{' (solve part)' if res.get('solve_cells') else ' (whole runs)'}"
             f"{f', exponents from the local runs of {args.exponents_from}' if args.exponents_from else ''}"
             "; per-task overhead "
-            f"{overhead:.3f} s (the largest measured on Ray); CPU workers with one thread each, as measured. "
+            f"{overhead:.3f} s (the largest measured on Ray); CPU workers with the measured run's threads "
+            f"({args.threads} per process here), each holding one copy of the model. "
             "Not modelled: moving features between machines, object-store capacity, GPU workers (no GPU was "
             "measured).")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE)
