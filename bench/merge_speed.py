@@ -153,22 +153,30 @@ def solve_time_by_type(layers: dict) -> dict:
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["seconds"]))
 
 
+def spec_recipe(spec: dict):
+    """The recipe of one benchmark merge from its spec (base, concepts, method and settings, features and,
+    optionally, executor); bench/scale.py builds its merges with it too."""
+    from loraclr.recipe import BaseModel, Concept, ExecutorSettings, FeatureSettings, MethodSpec, Recipe
+
+    return Recipe(
+        base=BaseModel(spec["base"]),
+        concepts=tuple(Concept(name=c["name"], lora=c["lora"], trigger=c["trigger"]) for c in spec["concepts"]),
+        method=MethodSpec(spec["method"], spec.get("settings", {})),
+        features=FeatureSettings(**spec["features"]),
+        executor=ExecutorSettings(**spec.get("executor", {})),
+        source="bench",
+    )
+
+
 def worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
     torch.set_num_threads(spec["threads"])
     from loraclr.merging import merge
-    from loraclr.recipe import BaseModel, Concept, FeatureSettings, MethodSpec, Recipe
 
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    recipe = Recipe(
-        base=BaseModel(spec["base"]),
-        concepts=tuple(Concept(name=c["name"], lora=c["lora"], trigger=c["trigger"]) for c in spec["concepts"]),
-        method=MethodSpec(spec["method"], spec["settings"]),
-        features=FeatureSettings(**spec["features"]),
-        source="bench",
-    )
+    recipe = spec_recipe(spec)
     t = time.perf_counter()
     s = merge(recipe, spec["out_dir"], progress=True, overwrite=True)
     wall = time.perf_counter() - t

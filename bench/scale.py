@@ -112,16 +112,8 @@ def worker(spec_path: str) -> None:
 
     torch.set_num_threads(spec["threads"])
     from loraclr.merging import merge
-    from loraclr.recipe import BaseModel, Concept, ExecutorSettings, FeatureSettings, MethodSpec, Recipe
 
-    recipe = Recipe(
-        base=BaseModel(spec["base"]),
-        concepts=tuple(Concept(name=c["name"], lora=c["lora"], trigger=c["trigger"]) for c in spec["concepts"]),
-        method=MethodSpec(spec["method"], {}),
-        features=FeatureSettings(**spec["features"]),
-        executor=ExecutorSettings(**spec["executor"]),
-        source="bench",
-    )
+    recipe = _load("merge_speed").spec_recipe(spec)
     t = time.perf_counter()
     s = merge(recipe, spec["out_dir"], progress=True, overwrite=True)
     wall = time.perf_counter() - t
