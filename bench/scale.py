@@ -175,18 +175,19 @@ def run_whole(args, ms) -> list[dict]:
 def stage_costs(run: dict, fits: dict[str, tuple[float, float]] | None = None) -> dict[str, StageCosts]:
     """Task costs of one whole run (local executor): per stage one concept's feature seconds (the stage's
     feature time / N) and each layer's solve time as (c, e): ``fits`` by layer type where given, else the
-    layer's own time with e = 1 anchored at this N."""
+    layer's own time with e = 1 anchored at this N. A layer's time is its solve's share of the stage's solve
+    phase, which also builds each problem and its fidelity report (work a Ray solve task does too)."""
     ms = _load("merge_speed")
     n = run["N"]
     out = {}
     for name, st in run["stages"].items():
+        own = {k: r["time_s"] for k, r in run["layers"].items() if r["stage"] == name and r["time_s"] is not None}
+        share = st["solve_s"] / sum(own.values()) if sum(own.values()) > 0 else 1.0
         layers = []
-        for key, r in run["layers"].items():
-            if r["stage"] != name or r["time_s"] is None:
-                continue
+        for key, t in own.items():
             fit = (fits or {}).get(ms.layer_type(key))
             e = fit[1] if fit else 1.0
-            layers.append((r["time_s"] / n**e, e))
+            layers.append((t * share / n**e, e))
         out[name] = StageCosts(feature_s=st["features_s"] / n, layers=layers)
     return out
 
@@ -408,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     if "project" in parts and res.get("whole"):
         checks = res.get("check", []) + (json.loads(Path(args.overhead_from).read_text()).get("check", [])
                                          if args.overhead_from else [])
-        overhead = max([c["overhead_per_task_s"] for c in checks] or [0.0])
+        # the Ray run at the largest N: the closest to the projected sizes
+        overhead = max(checks, key=lambda c: (c["N"], c["workers"]))["overhead_per_task_s"] if checks else 0.0
         other = json.loads(Path(args.exponents_from).read_text())["whole"] if args.exponents_from else None
         res["projection"] = project(res["whole"], res.get("solve_cells"), _ints(args.project_n),
                                     _ints(args.project_workers), overhead, other)
@@ -418,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{' (solve part)' if res.get('solve_cells') else ' (whole runs)'}"
             f"{f', exponents from the local runs of {args.exponents_from}' if args.exponents_from else ''}"
             "; per-task overhead "
-            f"{overhead:.3f} s (the largest measured on Ray); CPU workers with the measured run's threads "
+            f"{overhead:.3f} s (from the Ray run at the largest N); CPU workers with the measured run's threads "
             f"({args.threads} per process here), each holding one copy of the model. "
             "Not modelled: moving features between machines, object-store capacity, GPU workers (no GPU was "
             "measured).")
