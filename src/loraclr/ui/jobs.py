@@ -192,8 +192,8 @@ def run_command(job: Job, argv: list[str], *, env: dict[str, str] | None = None)
         time.sleep(0.1)
     for t in readers:
         t.join(5)
-    if interrupted_at is not None:
-        raise Cancelled
+    if interrupted_at is not None and proc.returncode != 0:
+        raise Cancelled  # a command that finished before the Ctrl-C reached it exits 0: its output is whole
     if proc.returncode != 0:
         errors = [line for line in err_lines if line.startswith(prefix)]
         if errors:
