@@ -3,8 +3,12 @@ own merge task (the merge command in a child process), shared by the session."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import pytest
 
+from loraclr.cli import main
 from loraclr.ui import tasks
 from loraclr.ui.folders import WORLD_ASSETS, Folders
 from loraclr.ui.jobs import DONE, JobRunner
@@ -52,3 +56,16 @@ def concept_rows():
 def run_job():
     """Run work as a page job and wait for it."""
     return _run_job
+
+
+@pytest.fixture
+def cli():
+    """``cli(argv) -> (exit code, stderr)`` of ``loraclr ARGV`` run in this process."""
+
+    def run(argv):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            code = main(list(argv))
+        return code, err.getvalue()
+
+    return run

@@ -2,29 +2,18 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import pytest
 
-from loraclr.cli import main
 from loraclr.ui import tasks
 from loraclr.ui.folders import WORLD_ASSETS, Folders
 
 
-def run_cli(argv):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(list(argv))
-    return code, err.getvalue()
-
-
-def test_without_gradio_one_line_names_the_extra(monkeypatch):
+def test_without_gradio_one_line_names_the_extra(monkeypatch, cli):
     import loraclr.commands.ui as command
 
     real = command.importlib.util.find_spec
     monkeypatch.setattr(command.importlib.util, "find_spec", lambda name: None if name == "gradio" else real(name))
-    code, err = run_cli(["ui", "--no-browser"])
+    code, err = cli(["ui", "--no-browser"])
     assert code == 2
     assert err.strip() == 'loraclr ui: error: the web page needs gradio: pip install -e ".[ui]"'
 
@@ -43,8 +32,8 @@ def launched(monkeypatch):
     return seen
 
 
-def test_localhost_by_default_and_only_the_named_folders_served(launched, tmp_path):
-    code, err = run_cli(["ui", "--no-browser", "--folder", str(tmp_path / "a"), "--folder", str(tmp_path / "b"),
+def test_localhost_by_default_and_only_the_named_folders_served(launched, tmp_path, cli):
+    code, err = cli(["ui", "--no-browser", "--folder", str(tmp_path / "a"), "--folder", str(tmp_path / "b"),
                          "--max-upload-mb", "5"])
     assert code == 0 and "WARNING" not in err
     assert launched["server_name"] == "127.0.0.1" and launched["inbrowser"] is False
@@ -52,17 +41,17 @@ def test_localhost_by_default_and_only_the_named_folders_served(launched, tmp_pa
     assert launched["max_file_size"] == "5mb" and launched["show_error"] is False
 
 
-def test_another_host_is_announced_loudly(launched, tmp_path):
-    code, err = run_cli(["ui", "--no-browser", "--host", "0.0.0.0", "--folder", str(tmp_path)])
+def test_another_host_is_announced_loudly(launched, tmp_path, cli):
+    code, err = cli(["ui", "--no-browser", "--host", "0.0.0.0", "--folder", str(tmp_path)])
     assert code == 0 and launched["server_name"] == "0.0.0.0"
     assert "ANYONE who can reach this address can use the page" in err
 
 
-def test_pickles_refused_unless_allowed(tmp_path):
+def test_pickles_refused_unless_allowed(tmp_path, cli):
     pth = WORLD_ASSETS / "concepts" / "ruzi.pth"
     plain = tasks.Settings(Folders.create([tmp_path / "w1"]))
     row, error = tasks.concept_row(plain, pth)
-    code, err = run_cli(["inspect", str(pth)])
+    code, err = cli(["inspect", str(pth)])
     assert code == 2 and error == err.strip()
     assert "--allow-pickle" in error
     allowed = tasks.Settings(Folders.create([tmp_path / "w2"]), allow_pickle=True)

@@ -2,25 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
 from PIL import Image
 
-from loraclr.cli import main
 from loraclr.ui import tasks
 from loraclr.ui.folders import display
 from loraclr.ui.jobs import CANCELLED, DONE, FAILED
-
-
-def cli(argv):
-    """(exit code, stderr) of ``loraclr ARGV`` run in this process."""
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        code = main(list(argv))
-    return code, err.getvalue()
 
 
 def test_merge_report_equals_what_the_command_printed(merged):
@@ -56,7 +44,7 @@ def compose(merged, **kw):
     return tasks.Compose(**{**base, **kw})
 
 
-def test_page_images_equal_the_command_images(settings, merged, tmp_path, run_job):
+def test_page_images_equal_the_command_images(settings, merged, tmp_path, run_job, cli):
     import torch
 
     torch.set_num_threads(1)  # the commands below say --threads 1 (Settings.threads)
@@ -87,7 +75,7 @@ def test_page_images_equal_the_command_images(settings, merged, tmp_path, run_jo
     (dict(prompt="a <nothing1> creature", regions=()), "unknown token"),
     (dict(regions=(("left", 0, 0.5, 1, "a creature"),)), "four numbers"),
 ])
-def test_generate_errors_are_the_command_lines(settings, merged, change, expected_in, run_job):
+def test_generate_errors_are_the_command_lines(settings, merged, change, expected_in, run_job, cli):
     c = compose(merged, naive=False, **change)
     job = run_job("generate", lambda job: tasks.run_generate(job, settings, c, tasks.ModelCache()))
     assert job.state == FAILED
@@ -99,7 +87,7 @@ def test_generate_errors_are_the_command_lines(settings, merged, change, expecte
     assert "Traceback" not in job.message
 
 
-def test_merge_errors_are_the_command_lines(settings, concept_rows, run_job):
+def test_merge_errors_are_the_command_lines(settings, concept_rows, run_job, cli):
     rows = concept_rows(settings)
     rows[1][0] = rows[0][0]  # two concepts of the same name
     recipe = tasks.recipe_dict(settings, rows, "loraclr", [])

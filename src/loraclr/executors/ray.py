@@ -178,12 +178,13 @@ def assign_solves(shapes: list[tuple[int, int]], n_workers: int) -> list[int]:
     weight's shape (out, in): in x (in + out), the Gram and the solve in input space. Actors run their tasks in
     order, so a static round-robin piles every layer of one kind (e.g. each block's ``ff.net.2``) onto one
     worker when a block has as many layers as there are workers."""
+    cost = [n_in * (n_out + n_in) for n_out, n_in in shapes]
     loads = [0.0] * n_workers
     worker = [0] * len(shapes)
-    for j in sorted(range(len(shapes)), key=lambda j: -shapes[j][1] * (shapes[j][0] + shapes[j][1])):
+    for j in sorted(range(len(shapes)), key=lambda j: -cost[j]):
         w = loads.index(min(loads))
         worker[j] = w
-        loads[w] += shapes[j][1] * (shapes[j][0] + shapes[j][1])
+        loads[w] += cost[j]
     return worker
 
 
